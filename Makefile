@@ -1,0 +1,34 @@
+# nz_lightning developer targets. Everything runs inside .venv.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: setup run test lint typecheck bench clean
+
+$(STAMP): pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+# Main job on the embedded default: a random-init Llama-style checkpoint, compressed, inspected and restored.
+run: $(STAMP)
+	$(BIN)/nz-lightning demo --out-dir runs/demo
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+
+test: lint
+	TRITON_INTERPRET=1 $(BIN)/pytest -q -n 2
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/codec.py
+
+clean:
+	rm -rf $(VENV) runs build *.egg-info
