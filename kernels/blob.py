@@ -1,0 +1,182 @@
+"""Serialization of ``CompressedTensor`` to portable bytes and back, with full validation (docs/FORMAT.md)."""
+
+from __future__ import annotations
+
+import math
+import struct
+import zlib
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+
+from .freqtable import FreqTable
+from .layout import (
+    DEFAULT_STEPS_PER_LANE,
+    LANES_PER_SEGMENT,
+    MAX_PROB_BITS,
+    MAX_STEPS_PER_LANE,
+    MIN_PROB_BITS,
+    STATE_LOWER,
+    effective_steps,
+    lane_lengths,
+    num_lanes,
+)
+from .spec import spec_for, spec_for_code
+from .streams import Streams
+
+if TYPE_CHECKING:
+    from .compressed import CompressedTensor
+
+MAGIC = b"NZCT"
+VERSION = 1
+MAX_NDIM = 64
+_HEAD = struct.Struct("<4sBBBB")  # magic, version, dtype code, mode, ndim
+_RANS = struct.Struct("<BBHIQ")  # prob_bits, reserved, n_symbols, steps_per_lane, n_words
+_CRC = struct.Struct("<I")
+
+
+def header_size(ndim: int, mode: int) -> int:
+    """Bytes of fixed header (without table and arrays) plus the trailing checksum."""
+    return _HEAD.size + 8 * ndim + (_RANS.size if mode == 1 else 0) + _CRC.size
+
+
+def serialized_size(ct: CompressedTensor) -> int:
+    """Exact length of ``ct.to_bytes()`` without building it."""
+    size = header_size(len(ct.shape), ct.mode)
+    if ct.mode == 0:
+        return size + ct.numel() * ct.spec.itemsize
+    assert ct.streams is not None and ct.table is not None
+    return size + 3 * len(ct.table.symbols) + ct.streams.nbytes()
+
+
+def raw_serialized_size(shape: torch.Size, dtype: torch.dtype) -> int:
+    """Length of the raw (uncoded) serialization of a tensor: its bytes plus the header."""
+    return header_size(len(shape), 0) + math.prod(shape) * spec_for(dtype).itemsize
+
+
+def _le(t: torch.Tensor, np_dtype: str) -> bytes:
+    return t.detach().cpu().numpy().astype(np_dtype, copy=False).tobytes()
+
+
+def dumps(ct: CompressedTensor) -> bytes:
+    """Serialize ``ct`` (see docs/FORMAT.md)."""
+    parts = [_HEAD.pack(MAGIC, VERSION, ct.spec.code, ct.mode, len(ct.shape))]
+    parts.append(struct.pack(f"<{len(ct.shape)}Q", *ct.shape))
+    if ct.mode == 0:
+        assert ct.raw is not None
+        parts.append(ct.raw.cpu().numpy().tobytes())
+    else:
+        assert ct.streams is not None and ct.table is not None
+        st, tb = ct.streams, ct.table
+        parts.append(_RANS.pack(tb.prob_bits, 0, len(tb.symbols), ct.steps_per_lane, st.words.numel()))
+        parts.append(bytes(tb.symbols))
+        parts.append(struct.pack(f"<{len(tb.freqs)}H", *tb.freqs))
+        parts.append(_le(st.states.view(torch.int32), "<i4"))
+        parts.append(_le(st.counts.to(torch.int32), "<u2"))
+        parts.append(_le(st.words.view(torch.int16), "<i2"))
+        parts.append(st.sm.cpu().numpy().tobytes())
+    body = b"".join(parts)
+    return body + _CRC.pack(zlib.crc32(body))
+
+
+class _Reader:
+    """Bounds-checked cursor over a blob body."""
+
+    def __init__(self, data: memoryview) -> None:
+        self.data = data
+        self.pos = 0
+
+    def take(self, nbytes: int, what: str) -> memoryview:
+        if nbytes < 0 or self.pos + nbytes > len(self.data):
+            raise ValueError(f"truncated blob: {what} needs {nbytes} bytes at offset {self.pos}, blob has {len(self.data)}")
+        view = self.data[self.pos : self.pos + nbytes]
+        self.pos += nbytes
+        return view
+
+    def unpack(self, fmt: struct.Struct, what: str) -> tuple[Any, ...]:
+        return fmt.unpack(self.take(fmt.size, what))
+
+    def array(self, count: int, np_dtype: str, what: str) -> np.ndarray:
+        itemsize = np.dtype(np_dtype).itemsize
+        return np.frombuffer(self.take(count * itemsize, what), dtype=np_dtype).copy()
+
+
+def loads(cls: type[CompressedTensor], data: bytes | bytearray | memoryview, device: torch.device) -> CompressedTensor:
+    """Parse and validate a blob. Raises ``ValueError`` on any inconsistency."""
+    view = memoryview(data).cast("B")
+    if len(view) < _HEAD.size + _CRC.size:
+        raise ValueError(f"truncated blob: {len(view)} bytes is shorter than any header")
+    magic, version, code, mode, ndim = _HEAD.unpack(view[: _HEAD.size])
+    if magic != MAGIC:
+        raise ValueError(f"not an nz_lightning blob: magic {bytes(magic)!r}, expected {MAGIC!r}")
+    if version != VERSION:
+        raise ValueError(f"unsupported blob version {version}; this build reads version {VERSION}")
+    (crc,) = _CRC.unpack(view[-_CRC.size :])
+    body = view[: -_CRC.size]
+    if zlib.crc32(body) != crc:
+        raise ValueError("corrupt blob: checksum mismatch")
+    spec = spec_for_code(code)
+    if ndim > MAX_NDIM:
+        raise ValueError(f"corrupt blob: ndim {ndim} exceeds {MAX_NDIM}")
+    rd = _Reader(body)
+    rd.take(_HEAD.size, "header")
+    shape = torch.Size(struct.unpack(f"<{ndim}Q", rd.take(8 * ndim, "shape")))
+    n = math.prod(shape)
+    if mode == 0:
+        raw = torch.from_numpy(rd.array(n * spec.itemsize, "u1", "raw payload"))
+        _finish(rd)
+        return cls(shape, spec.dtype, 0, None, DEFAULT_STEPS_PER_LANE, raw=raw.to(device))
+    if mode != 1:
+        raise ValueError(f"corrupt blob: unknown mode {mode}")
+    if n == 0:
+        raise ValueError("corrupt blob: coded mode with no elements")
+    prob_bits, _, nsym, steps, nwords = rd.unpack(_RANS, "coder header")
+    if not MIN_PROB_BITS <= prob_bits <= MAX_PROB_BITS:
+        raise ValueError(f"corrupt blob: prob_bits {prob_bits} out of range")
+    if not 1 <= steps <= MAX_STEPS_PER_LANE:
+        raise ValueError(f"corrupt blob: steps_per_lane {steps} out of range")
+    table = _read_table(rd, nsym, prob_bits, spec.alphabet)
+    k = effective_steps(n, steps)
+    lanes = num_lanes(n, k)
+    if nwords > n:
+        raise ValueError(f"corrupt blob: {nwords} words for {n} symbols")
+    sm_len = (n * spec.sm_bits + 7) // 8
+    if rd.pos + 4 * lanes + 2 * lanes + 2 * nwords + sm_len != len(body):
+        raise ValueError("corrupt blob: section sizes do not add up to the blob length")
+    states = rd.array(lanes, "<u4", "lane states")
+    counts = rd.array(lanes, "<u2", "lane word counts")
+    words = rd.array(nwords, "<i2", "words")
+    sm = rd.array(sm_len, "u1", "sign+mantissa")
+    _finish(rd)
+    if (states < STATE_LOWER).any():
+        raise ValueError("corrupt blob: a lane state is below the rANS lower bound")
+    if int(counts.astype(np.int64).sum()) != nwords:
+        raise ValueError("corrupt blob: lane word counts do not sum to the word count")
+    if (torch.from_numpy(counts.astype(np.int64)) > lane_lengths(n, k)).any():
+        raise ValueError("corrupt blob: a lane holds more words than symbols")
+    streams = Streams(
+        states=torch.from_numpy(states.view(np.int32)),
+        counts=torch.from_numpy(counts.astype(np.int32)),
+        words=torch.from_numpy(words),
+        sm=torch.from_numpy(sm),
+    )
+    assert lanes % LANES_PER_SEGMENT == 0
+    return cls(shape, spec.dtype, 1, table, steps, streams.to(device))
+
+
+def _read_table(rd: _Reader, nsym: int, prob_bits: int, alphabet: int) -> FreqTable:
+    symbols = rd.array(nsym, "u1", "table symbols").tolist()
+    freqs = rd.array(nsym, "<u2", "table frequencies").tolist()
+    if not 1 <= nsym <= alphabet:
+        raise ValueError(f"corrupt blob: {nsym} table symbols for an alphabet of {alphabet}")
+    if any(s >= alphabet for s in symbols) or any(a >= b for a, b in zip(symbols, symbols[1:], strict=False)):
+        raise ValueError("corrupt blob: table symbols out of range or not ascending")
+    if min(freqs) < 1 or sum(freqs) != 1 << prob_bits:
+        raise ValueError(f"corrupt blob: table frequencies do not sum to 2^{prob_bits}")
+    return FreqTable(prob_bits, tuple(symbols), tuple(freqs))
+
+
+def _finish(rd: _Reader) -> None:
+    if rd.pos != len(rd.data):
+        raise ValueError(f"corrupt blob: {len(rd.data) - rd.pos} trailing bytes")

@@ -1,0 +1,210 @@
+"""``CompressedTensor`` and ``compress``: the public codec API (re-exported by ``nz_lightning``)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+from . import blob
+from .backends import get_backend
+from .freqtable import FreqTable, quantize_counts
+from .layout import (
+    DEFAULT_PROB_BITS,
+    DEFAULT_STEPS_PER_LANE,
+    MAX_PROB_BITS,
+    MAX_STEPS_PER_LANE,
+    MIN_PROB_BITS,
+    num_lanes,
+)
+from .spec import FloatSpec, spec_for
+from .streams import Streams
+
+MODE_RAW = 0
+MODE_RANS = 1
+
+
+@dataclass
+class CompressedTensor:
+    """A float tensor held compressed: rANS-coded exponents plus raw sign+mantissa bits, or raw bytes.
+
+    Build one with :func:`compress` or :meth:`from_bytes`; get the exact original back with :meth:`decompress`.
+
+    Attributes:
+        shape: Shape of the original tensor.
+        dtype: Dtype of the original tensor.
+        mode: ``MODE_RANS`` (coded) or ``MODE_RAW`` (the original bytes, when coding would not win).
+        table: The static frequency table (``None`` in raw mode).
+        steps_per_lane: Symbols per rANS lane (see docs/FORMAT.md).
+        streams: The coded arrays (``None`` in raw mode).
+        raw: The original bytes as uint8 (raw mode only).
+    """
+
+    shape: torch.Size
+    dtype: torch.dtype
+    mode: int
+    table: FreqTable | None
+    steps_per_lane: int
+    streams: Streams | None = None
+    raw: torch.Tensor | None = None
+    _tables: torch.Tensor | None = field(default=None, repr=False)
+
+    @property
+    def spec(self) -> FloatSpec:
+        """Bit layout of the dtype."""
+        return spec_for(self.dtype)
+
+    @property
+    def device(self) -> torch.device:
+        """Device the compressed arrays (and the decompressed tensor) live on."""
+        if self.raw is not None:
+            return self.raw.device
+        assert self.streams is not None
+        return self.streams.sm.device
+
+    def numel(self) -> int:
+        """Number of elements of the original tensor."""
+        return math.prod(self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        """Every byte this compressed form holds: header, table, lane states and counts, payload, checksum,
+        plus the cached decoder table once a decode has built it."""
+        cached = 0 if self._tables is None else self._tables.numel() * 4
+        return blob.serialized_size(self) + cached
+
+    @property
+    def bits_per_weight(self) -> float:
+        """Serialized bits per element (header included)."""
+        return 8 * blob.serialized_size(self) / max(self.numel(), 1)
+
+    def decoder_tables(self) -> torch.Tensor:
+        """The decoder's lookup table ``[lut | freq | cum]`` (int32), built once and cached."""
+        assert self.table is not None
+        if self._tables is None or self._tables.device != self.device:
+            self._tables = self.table.decode_tables(self.spec.alphabet, self.device)
+        return self._tables
+
+    def decompress(self, out: torch.Tensor | None = None, *, backend: str | None = None) -> torch.Tensor:
+        """Decode to a contiguous tensor bit-identical to the original.
+
+        Args:
+            out: Optional preallocated contiguous tensor of the same shape, dtype and device to decode into.
+            backend: Force ``"torch"``, ``"cpu"`` or ``"triton"``; default picks by device.
+
+        Returns:
+            ``out`` if given, otherwise a new tensor.
+
+        Raises:
+            ValueError: ``out`` does not match, or the coded data is inconsistent (corrupt).
+        """
+        if out is None:
+            out = torch.empty(self.shape, dtype=self.dtype, device=self.device)
+        else:
+            self._check_out(out)
+        if self.numel() == 0:
+            return out
+        flat = out.view(-1)
+        if self.mode == MODE_RAW:
+            assert self.raw is not None
+            flat.view(torch.uint8).copy_(self.raw)
+            return out
+        assert self.streams is not None and self.table is not None
+        impl = get_backend(backend, self.device)
+        impl.decode(self.streams, self.spec, self.decoder_tables(), self.table.prob_bits, self.steps_per_lane, flat)
+        return out
+
+    def _check_out(self, out: torch.Tensor) -> None:
+        if out.shape != self.shape or out.dtype != self.dtype or out.device != self.device:
+            raise ValueError(
+                f"out must have shape {tuple(self.shape)}, dtype {self.dtype}, device {self.device}; got "
+                f"{tuple(out.shape)}, {out.dtype}, {out.device}"
+            )
+        if not out.is_contiguous():
+            raise ValueError("out must be contiguous")
+
+    def to(self, device: torch.device | str) -> CompressedTensor:
+        """Copy of this compressed tensor with its arrays on ``device``."""
+        return CompressedTensor(
+            self.shape,
+            self.dtype,
+            self.mode,
+            self.table,
+            self.steps_per_lane,
+            None if self.streams is None else self.streams.to(device),
+            None if self.raw is None else self.raw.to(device),
+        )
+
+    def to_bytes(self) -> bytes:
+        """Portable serialization (docs/FORMAT.md): header, arrays, CRC32; no pickle."""
+        return blob.dumps(self)
+
+    @classmethod
+    def from_bytes(cls, data: bytes | bytearray | memoryview, device: torch.device | str = "cpu") -> CompressedTensor:
+        """Parse and validate a blob written by :meth:`to_bytes`.
+
+        Raises:
+            ValueError: Bad magic or version, truncated or corrupt data (checksum or structure mismatch).
+        """
+        return blob.loads(cls, data, torch.device(device))
+
+    def __repr__(self) -> str:
+        kind = "raw" if self.mode == MODE_RAW else "rans"
+        return (
+            f"CompressedTensor(shape={tuple(self.shape)}, dtype={self.dtype}, device={self.device}, mode={kind}, "
+            f"nbytes={self.nbytes}, bits_per_weight={self.bits_per_weight:.3f})"
+        )
+
+
+def _raw(x: torch.Tensor, steps: int) -> CompressedTensor:
+    raw = x.reshape(-1).view(torch.uint8).clone()
+    return CompressedTensor(x.shape, x.dtype, MODE_RAW, None, steps, raw=raw)
+
+
+def compress(
+    t: torch.Tensor,
+    *,
+    backend: str | None = None,
+    prob_bits: int = DEFAULT_PROB_BITS,
+    steps_per_lane: int = DEFAULT_STEPS_PER_LANE,
+) -> CompressedTensor:
+    """Compress a float tensor losslessly.
+
+    Args:
+        t: A bfloat16, float16 or float32 tensor of any shape and strides, on CPU or CUDA.
+        backend: Force ``"torch"`` (reference), ``"cpu"`` (numba) or ``"triton"``; default picks by device.
+        prob_bits: log2 of the rANS frequency total (8..15).
+        steps_per_lane: Symbols per rANS lane (1..65535); fewer means more parallel lanes and more overhead.
+
+    Returns:
+        The compressed tensor; raw bytes are kept instead when coding would not make it smaller.
+
+    Raises:
+        TypeError: ``t`` is not a tensor or has an unsupported dtype.
+        ValueError: An option is out of range or the backend cannot run on the tensor's device.
+    """
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"compress expects a torch.Tensor, got {type(t).__name__}")
+    spec = spec_for(t.dtype)
+    if not MIN_PROB_BITS <= prob_bits <= MAX_PROB_BITS:
+        raise ValueError(f"prob_bits must be in [{MIN_PROB_BITS}, {MAX_PROB_BITS}], got {prob_bits}")
+    if not 1 <= steps_per_lane <= MAX_STEPS_PER_LANE:
+        raise ValueError(f"steps_per_lane must be in [1, {MAX_STEPS_PER_LANE}], got {steps_per_lane}")
+    impl = get_backend(backend, t.device)
+    x = t.detach().contiguous()
+    n = x.numel()
+    if n == 0:
+        return _raw(x, steps_per_lane)
+    counts = impl.exponent_histogram(x, spec).tolist()
+    table = quantize_counts(counts, prob_bits)
+    raw_size = n * spec.itemsize
+    lanes = num_lanes(n, steps_per_lane)
+    estimate = table.cost_bits(counts) / 8 + (n * spec.sm_bits) / 8 + 6 * lanes + 3 * len(table.symbols)
+    if estimate >= raw_size:
+        return _raw(x, steps_per_lane)
+    streams = impl.encode(x, spec, table, steps_per_lane)
+    coded = CompressedTensor(x.shape, x.dtype, MODE_RANS, table, steps_per_lane, streams)
+    if blob.serialized_size(coded) >= blob.raw_serialized_size(x.shape, x.dtype):
+        return _raw(x, steps_per_lane)
+    return coded

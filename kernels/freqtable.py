@@ -1,0 +1,95 @@
+"""Static per-tensor frequency tables: quantization of symbol counts to a power-of-two total."""
+
+from __future__ import annotations
+
+import heapq
+import math
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class FreqTable:
+    """A quantized frequency table: present symbols (ascending) and their frequencies summing to 2^prob_bits.
+
+    Attributes:
+        prob_bits: log2 of the frequency total.
+        symbols: Present symbols, strictly ascending.
+        freqs: Frequency of each present symbol, each >= 1.
+    """
+
+    prob_bits: int
+    symbols: tuple[int, ...]
+    freqs: tuple[int, ...]
+
+    def dense(self, alphabet: int) -> tuple[list[int], list[int]]:
+        """Frequencies and cumulative starts indexed by symbol (0 for absent symbols)."""
+        freq = [0] * alphabet
+        for s, f in zip(self.symbols, self.freqs, strict=True):
+            freq[s] = f
+        cum = [0] * alphabet
+        acc = 0
+        for s in range(alphabet):
+            cum[s] = acc
+            acc += freq[s]
+        return freq, cum
+
+    def decode_tables(self, alphabet: int, device: torch.device | str) -> torch.Tensor:
+        """Decoder tables packed in one int32 tensor: ``[lut (2^prob_bits) | freq (alphabet) | cum (alphabet)]``."""
+        freq, cum = self.dense(alphabet)
+        sym = torch.tensor(self.symbols, dtype=torch.int32)
+        lut = torch.repeat_interleave(sym, torch.tensor(self.freqs, dtype=torch.int64))
+        packed = torch.cat([lut, torch.tensor(freq, dtype=torch.int32), torch.tensor(cum, dtype=torch.int32)])
+        return packed.to(device)
+
+    def cost_bits(self, counts: list[int]) -> float:
+        """Ideal coded size in bits of symbols with these counts under this table."""
+        freq = dict(zip(self.symbols, self.freqs, strict=True))
+        return sum(c * (self.prob_bits - math.log2(freq[s])) for s, c in enumerate(counts) if c)
+
+
+def entropy_bits(counts: list[int]) -> float:
+    """Shannon entropy (bits per symbol) of a histogram."""
+    n = sum(counts)
+    if n == 0:
+        return 0.0
+    return -sum(c / n * math.log2(c / n) for c in counts if c)
+
+
+def quantize_counts(counts: list[int], prob_bits: int) -> FreqTable:
+    """Quantize a histogram to frequencies summing to ``2**prob_bits``, every present symbol >= 1.
+
+    Deterministic (pure integer/float Python, ties broken by symbol), so every backend gets the same table.
+    Starts from proportional rounding, then moves single units where they cost the fewest coded bits.
+
+    Raises:
+        ValueError: More symbols are present than ``2**prob_bits`` can hold, or the histogram is empty.
+    """
+    total = 1 << prob_bits
+    present = [s for s, c in enumerate(counts) if c > 0]
+    if not present:
+        raise ValueError("cannot build a frequency table from an empty histogram")
+    if len(present) > total:
+        raise ValueError(f"{len(present)} distinct symbols do not fit a 2^{prob_bits} frequency table")
+    n = sum(counts[s] for s in present)
+    freq = {s: max(1, (counts[s] * total + n // 2) // n) for s in present}
+    diff = total - sum(freq.values())
+    if diff > 0:
+        # Give units to the symbols whose coded size shrinks the most.
+        gain = [(-counts[s] * math.log2((freq[s] + 1) / freq[s]), s) for s in present]
+        heapq.heapify(gain)
+        for _ in range(diff):
+            _, s = heapq.heappop(gain)
+            freq[s] += 1
+            heapq.heappush(gain, (-counts[s] * math.log2((freq[s] + 1) / freq[s]), s))
+    elif diff < 0:
+        # Take units from the symbols whose coded size grows the least (never below 1).
+        loss = [(counts[s] * math.log2(freq[s] / (freq[s] - 1)), s) for s in present if freq[s] > 1]
+        heapq.heapify(loss)
+        for _ in range(-diff):
+            _, s = heapq.heappop(loss)
+            freq[s] -= 1
+            if freq[s] > 1:
+                heapq.heappush(loss, (counts[s] * math.log2(freq[s] / (freq[s] - 1)), s))
+    return FreqTable(prob_bits, tuple(present), tuple(freq[s] for s in present))
