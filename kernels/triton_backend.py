@@ -1,0 +1,241 @@
+"""Triton backend: the reference codec (``kernels/reference.py``) as GPU kernels, byte for byte identical.
+
+Runs on CUDA tensors, or on CPU tensors under the Triton interpreter (``TRITON_INTERPRET=1`` set before this module
+is imported). Kernels live in ``kernels/triton_kernels.py``:
+
+* ``exponent_histogram``: per-program ``tl.histogram`` partials, summed on the device.
+* ``encode``: one thread per rANS lane encoding backwards into a ``k``-word scratch slot per lane, then the word
+  counts' prefix sum and a compaction copy into the final lane-major word stream; a byte-per-thread kernel packs
+  the sign+mantissa fields.
+* ``decode``: one fused kernel, one thread per lane, that decodes the exponents, reads the packed sign+mantissa
+  fields and writes the merged float bits straight into ``out``; per-lane consistency flags are checked on the
+  host once at the end.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+import triton
+
+from . import triton_kernels as tk
+from .freqtable import FreqTable
+from .layout import effective_steps, num_lanes
+from .spec import FloatSpec
+from .streams import Streams, word_offsets
+
+_INTERP_MAX_TILE = 1 << 16
+"""Largest block (elements) a program handles under the interpreter, where few large programs are fastest."""
+
+
+def _check_device(device: torch.device) -> bool:
+    """Whether kernels run compiled on a GPU (True) or in the interpreter (False).
+
+    Raises:
+        ValueError: A non-CUDA tensor without ``TRITON_INTERPRET=1``.
+    """
+    if device.type == "cuda":
+        return True
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError(
+            f"backend 'triton' needs a CUDA tensor (got {device}); on CPU it runs only under TRITON_INTERPRET=1"
+        )
+    return False
+
+
+@functools.lru_cache(maxsize=16)
+def _sm_count_of(index: int) -> int:
+    return int(torch.cuda.get_device_properties(index).multi_processor_count)
+
+
+def _sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA device."""
+    return _sm_count_of(device.index if device.index is not None else torch.cuda.current_device())
+
+
+def _lanes_per_program(nl: int, device: torch.device, gpu: bool) -> int:
+    """Lanes (threads) per program: as many as keep every SM busy on a GPU, as many as possible in the interpreter."""
+    if not gpu:
+        return min(triton.next_power_of_2(nl), 8192)
+    sms = _sm_count(device)
+    for lanes in (128, 64):
+        if nl >= 4 * sms * lanes:
+            return lanes
+    return 32
+
+
+def _flat_bits(x: torch.Tensor, spec: FloatSpec) -> torch.Tensor:
+    """Flat signed-int view of a float tensor's bits (no copy when ``x`` is contiguous)."""
+    return x.contiguous().reshape(-1).view(spec.int_dtype)
+
+
+def exponent_histogram(x: torch.Tensor, spec: FloatSpec) -> torch.Tensor:
+    """Counts of each exponent symbol.
+
+    Args:
+        x: A float tensor of dtype ``spec.dtype`` (CUDA, or CPU under the interpreter).
+        spec: Its bit layout.
+
+    Returns:
+        int64 tensor ``[spec.alphabet]`` on ``x``'s device.
+
+    Raises:
+        ValueError: ``x`` cannot run on this backend (see module docstring).
+    """
+    gpu = _check_device(x.device)
+    bits = _flat_bits(x, spec)
+    n = bits.numel()
+    if n == 0:
+        return torch.zeros(spec.alphabet, dtype=torch.int64, device=x.device)
+    block = 4096 if gpu else min(triton.next_power_of_2(n), _INTERP_MAX_TILE)
+    num_blocks = triton.cdiv(n, block)
+    grid = min(num_blocks, 4 * _sm_count(bits.device) if gpu else 1)
+    part = torch.empty((grid, spec.alphabet), dtype=torch.int32, device=x.device)
+    tk.histogram_kernel[(grid,)](
+        bits, part, n, num_blocks, MAN_BITS=spec.man_bits, ALPHABET=spec.alphabet, BLOCK=block, num_warps=8
+    )
+    return part.sum(0, dtype=torch.int64)
+
+
+def _pack_sm(bits: torch.Tensor, spec: FloatSpec, gpu: bool) -> torch.Tensor:
+    n = bits.numel()
+    nbytes = (n * spec.sm_bits + 7) // 8
+    sm = torch.empty(nbytes, dtype=torch.uint8, device=bits.device)
+    if nbytes == 0:
+        return sm
+    block = 1024 if gpu else min(triton.next_power_of_2(nbytes), _INTERP_MAX_TILE)
+    tk.pack_sm_kernel[(triton.cdiv(nbytes, block),)](
+        bits, sm, n, nbytes, MAN_BITS=spec.man_bits, TOTAL_BITS=spec.total_bits, BLOCK=block, num_warps=4
+    )
+    return sm
+
+
+def encode(x: torch.Tensor, spec: FloatSpec, table: FreqTable, steps: int) -> Streams:
+    """rANS-encode the exponents of ``x`` and pack its sign+mantissa fields (same output as the reference).
+
+    Args:
+        x: A float tensor of dtype ``spec.dtype`` with at least one element (CUDA, or CPU under the interpreter).
+        spec: Its bit layout.
+        table: Frequency table covering every exponent present in ``x``.
+        steps: Symbols per lane (``steps_per_lane``).
+
+    Returns:
+        The coded streams, on ``x``'s device.
+
+    Raises:
+        ValueError: ``x`` cannot run on this backend.
+    """
+    gpu = _check_device(x.device)
+    device = x.device
+    bits = _flat_bits(x, spec)
+    n = bits.numel()
+    k = effective_steps(n, steps)
+    nl = num_lanes(n, k)
+    freq_l, cum_l = table.dense(spec.alphabet)
+    freq = torch.tensor(freq_l, dtype=torch.int32).to(device)
+    cum = torch.tensor(cum_l, dtype=torch.int32).to(device)
+    states = torch.empty(nl, dtype=torch.int32, device=device)
+    counts = torch.empty(nl, dtype=torch.int32, device=device)
+    scratch = torch.empty(nl * k, dtype=torch.int16, device=device)
+    lanes = _lanes_per_program(nl, device, gpu)
+    tk.encode_kernel[(triton.cdiv(nl, lanes),)](
+        bits,
+        freq,
+        cum,
+        states,
+        counts,
+        scratch,
+        n,
+        nl,
+        k,
+        PB=table.prob_bits,
+        MAN_BITS=spec.man_bits,
+        ALPHABET=spec.alphabet,
+        LANES=lanes,
+        num_warps=max(1, lanes // 32) if gpu else 1,
+    )
+    offsets = word_offsets(counts)
+    total = int(offsets[-1])
+    words = torch.empty(total, dtype=torch.int16, device=device)
+    if total:
+        wblk = min(triton.next_power_of_2(k), 512 if gpu else 4096)
+        lblk = max(1, (2048 if gpu else _INTERP_MAX_TILE) // wblk)
+        if not gpu:
+            lblk = min(lblk, triton.next_power_of_2(nl))
+        tk.compact_kernel[(triton.cdiv(nl, lblk), triton.cdiv(k, wblk))](
+            scratch, counts, offsets, words, nl, k, LB=lblk, W=wblk, num_warps=4
+        )
+    return Streams(states=states, counts=counts, words=words, sm=_pack_sm(bits, spec, gpu))
+
+
+def decode(
+    streams: Streams, spec: FloatSpec, tables: torch.Tensor, prob_bits: int, steps: int, out: torch.Tensor
+) -> None:
+    """Decode into the flat contiguous float tensor ``out`` (``numel`` = n).
+
+    Args:
+        streams: Coded streams on ``out``'s device.
+        spec: Bit layout of ``out``'s dtype.
+        tables: Decoder tables ``[lut (2^prob_bits) | freq (alphabet) | cum (alphabet)]`` (int32).
+        prob_bits: log2 of the frequency total.
+        steps: Symbols per lane (``steps_per_lane``).
+        out: Contiguous destination tensor of dtype ``spec.dtype``.
+
+    Raises:
+        ValueError: The arrays do not have the sizes the layout implies, a lane reads past its words, or does not
+            end in the initial state with all words used (``out`` may then hold partial garbage).
+    """
+    gpu = _check_device(out.device)
+    device = out.device
+    n = out.numel()
+    if n == 0:
+        return
+    if not out.is_contiguous() or out.dtype != spec.dtype:
+        raise ValueError(f"out must be a contiguous {spec.dtype} tensor, got {out.dtype}")
+    k = effective_steps(n, steps)
+    nl = num_lanes(n, k)
+    nbytes = (n * spec.sm_bits + 7) // 8
+    m = 1 << prob_bits
+    if streams.states.numel() != nl or streams.counts.numel() != nl:
+        raise ValueError(
+            f"corrupt blob: expected {nl} lanes, got {streams.states.numel()} states and "
+            f"{streams.counts.numel()} counts"
+        )
+    if streams.sm.numel() != nbytes:
+        raise ValueError(f"corrupt blob: expected {nbytes} sign+mantissa bytes, got {streams.sm.numel()}")
+    if tables.numel() != m + 2 * spec.alphabet:
+        raise ValueError(f"decoder tables must hold {m + 2 * spec.alphabet} entries, got {tables.numel()}")
+    states = streams.states.to(device=device, dtype=torch.int32).contiguous()
+    counts = streams.counts.to(device=device, dtype=torch.int32).contiguous()
+    words = streams.words.to(device=device, dtype=torch.int16).contiguous()
+    sm = streams.sm.to(device=device, dtype=torch.uint8).contiguous()
+    tab = tables.to(device=device, dtype=torch.int32).contiguous()
+    offsets = word_offsets(counts)
+    nwords = words.numel()
+    status = torch.empty(nl, dtype=torch.int32, device=device)
+    lanes = _lanes_per_program(nl, device, gpu)
+    tk.decode_kernel[(triton.cdiv(nl, lanes),)](
+        states,
+        counts,
+        offsets,
+        words,
+        nwords,
+        tab,
+        sm,
+        nbytes,
+        out.view(-1).view(spec.int_dtype),
+        status,
+        n,
+        nl,
+        k,
+        PB=prob_bits,
+        ALPHABET=spec.alphabet,
+        MAN_BITS=spec.man_bits,
+        TOTAL_BITS=spec.total_bits,
+        LANES=lanes,
+        num_warps=max(1, lanes // 32) if gpu else 1,
+    )
+    if bool(status.any() | (offsets[-1] != nwords)):
+        raise ValueError("corrupt blob: rANS lanes do not decode consistently")
