@@ -57,48 +57,56 @@ def exponent_histogram(x: torch.Tensor, spec: FloatSpec) -> torch.Tensor:
 def _encode_lanes(
     bits: np.ndarray, shift: int, mask: int, freq: np.ndarray, cum: np.ndarray, pb: int, k: int
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:  # pragma: no cover - jitted
+    u = np.uint64
     n = bits.size
     seg = _W * k
     nseg = (n + seg - 1) // seg
     states = np.empty(nseg * _W, dtype=np.uint32)
     counts = np.empty(nseg * _W, dtype=np.int32)
-    words = np.empty(max(n, 1), dtype=np.uint16)
-    scratch = np.empty((_W, k), dtype=np.uint16)
+    cap = max(n // 4, 1024)
+    words = np.empty(cap, dtype=np.uint16)
+    scratch = np.empty((_W, k + 1), dtype=np.uint16)
     x = np.empty(_W, dtype=np.uint64)
     pos = np.empty(_W, dtype=np.int64)
     length = np.empty(_W, dtype=np.int64)
-    top = np.uint64(32 - pb)
-    upb = np.uint64(pb)
+    top = u(32 - pb)
+    upb = u(pb)
     wp = 0
     for g in range(nseg):
         base = g * seg
         rest = min(seg, n - base)
+        full = rest // _W
         for j in range(_W):
             x[j] = _L
-            pos[j] = k
+            pos[j] = k + 1
             length[j] = (rest - j + _W - 1) // _W if j < rest else 0
         for s in range((rest + _W - 1) // _W - 1, -1, -1):
             row = base + s * _W
             for j in range(_W):
-                if s >= length[j]:
+                if s >= full and s >= length[j]:
                     continue
                 sym = (bits[row + j] >> shift) & mask
-                f = np.uint64(freq[sym])
+                f = u(freq[sym])
                 xs = x[j]
-                if xs >= (f << top):
-                    pos[j] -= 1
-                    scratch[j, pos[j]] = np.uint16(xs & np.uint64(0xFFFF))
-                    xs >>= np.uint64(16)
+                emit = u(xs >= (f << top))
+                pj = pos[j] - 1
+                scratch[j, pj] = np.uint16(xs & u(0xFFFF))
+                pos[j] = pj + 1 - np.int64(emit)
+                xs >>= emit << u(4)
                 x32 = np.uint32(xs)
                 f32 = np.uint32(f)
                 q = x32 // f32
-                x[j] = (np.uint64(q) << upb) + np.uint64(x32 - q * f32) + np.uint64(cum[sym])
+                x[j] = (u(q) << upb) + u(x32 - q * f32) + u(cum[sym])
         for j in range(_W):
             lane = g * _W + j
             states[lane] = np.uint32(x[j])
-            cnt = k - pos[j]
+            cnt = k + 1 - pos[j]
             counts[lane] = cnt
-            words[wp : wp + cnt] = scratch[j, pos[j] : k]
+            if wp + cnt > words.size:
+                grown = np.empty(max(2 * words.size, wp + cnt), dtype=np.uint16)
+                grown[:wp] = words[:wp]
+                words = grown
+            words[wp : wp + cnt] = scratch[j, pos[j] : k + 1]
             wp += cnt
     return states, counts, words[:wp].copy()
 
