@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from types import ModuleType
 
 import torch
 
@@ -48,7 +49,7 @@ class CompressedTensor:
     steps_per_lane: int
     streams: Streams | None = None
     raw: torch.Tensor | None = None
-    _tables: torch.Tensor | None = field(default=None, repr=False)
+    _tables: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
 
     @property
     def spec(self) -> FloatSpec:
@@ -70,8 +71,8 @@ class CompressedTensor:
     @property
     def nbytes(self) -> int:
         """Every byte this compressed form holds: header, table, lane states and counts, payload, checksum,
-        plus the cached decoder table once a decode has built it."""
-        cached = 0 if self._tables is None else self._tables.numel() * 4
+        plus the decoder lookup tables that decodes have built and cached (one per backend used)."""
+        cached = sum(t.numel() * t.element_size() for t in self._tables.values())
         return blob.serialized_size(self) + cached
 
     @property
@@ -79,12 +80,18 @@ class CompressedTensor:
         """Serialized bits per element (header included)."""
         return 8 * blob.serialized_size(self) / max(self.numel(), 1)
 
-    def decoder_tables(self) -> torch.Tensor:
-        """The decoder's lookup table ``[lut | freq | cum]`` (int32), built once and cached."""
+    def decoder_tables(self, impl: ModuleType) -> torch.Tensor:
+        """The lookup tables backend ``impl`` decodes with, built once per backend and cached."""
         assert self.table is not None
-        if self._tables is None or self._tables.device != self.device:
-            self._tables = self.table.decode_tables(self.spec.alphabet, self.device)
-        return self._tables
+        key = impl.__name__
+        cached = self._tables.get(key)
+        if cached is None or cached.device != self.device:
+            cached = self._tables[key] = impl.decode_tables(self.table, self.spec, self.device)
+        return cached
+
+    def drop_caches(self) -> None:
+        """Free the cached decoder tables (they are rebuilt on the next decode)."""
+        self._tables.clear()
 
     def decompress(self, out: torch.Tensor | None = None, *, backend: str | None = None) -> torch.Tensor:
         """Decode to a contiguous tensor bit-identical to the original.
@@ -112,7 +119,7 @@ class CompressedTensor:
             return out
         assert self.streams is not None and self.table is not None
         impl = get_backend(backend, self.device)
-        impl.decode(self.streams, self.spec, self.decoder_tables(), self.table.prob_bits, self.steps_per_lane, flat)
+        impl.decode(self.streams, self.spec, self.decoder_tables(impl), self.table.prob_bits, self.steps_per_lane, flat)
         return out
 
     def _check_out(self, out: torch.Tensor) -> None:

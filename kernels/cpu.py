@@ -274,19 +274,25 @@ def _decoder(code: int) -> Callable[..., int]:
     return _DECODERS[code]
 
 
-def slot_table(tables: torch.Tensor, spec: FloatSpec, prob_bits: int) -> np.ndarray:
-    """Per-slot decoder entries (uint64): ``freq << 48 | (symbol << man_bits) << 16 | (slot - cum)``."""
-    m = 1 << prob_bits
-    tab = tables.numpy().astype(np.uint64)
-    lut = tab[:m]
-    freq = tab[m : m + spec.alphabet]
-    cum = tab[m + spec.alphabet :]
+def decode_tables(table: FreqTable, spec: FloatSpec, device: torch.device) -> torch.Tensor:
+    """Per-slot decoder entries (uint64 bits in int64): ``freq << 48 | (symbol << man_bits) << 16 | (slot - cum)``.
+
+    One lookup per decoded symbol gives the frequency, the exponent already shifted into place, and the bias.
+    """
+    m = 1 << table.prob_bits
+    freq_l, cum_l = table.dense(spec.alphabet)
+    freq = np.asarray(freq_l, dtype=np.uint64)
+    cum = np.asarray(cum_l, dtype=np.uint64)
+    lut = np.repeat(np.asarray(table.symbols, dtype=np.uint64), table.freqs)
     bias = np.arange(m, dtype=np.uint64) - cum[lut]
-    return (freq[lut] << np.uint64(48)) | ((lut << np.uint64(spec.man_bits)) << np.uint64(16)) | bias
+    entries = (freq[lut] << np.uint64(48)) | ((lut << np.uint64(spec.man_bits)) << np.uint64(16)) | bias
+    return torch.from_numpy(entries.view(np.int64))
 
 
-def decode(streams: Streams, spec: FloatSpec, tables: torch.Tensor, prob_bits: int, steps: int, out: torch.Tensor) -> None:
-    """Decode into the flat contiguous CPU float tensor ``out``.
+def decode(
+    streams: Streams, spec: FloatSpec, tables: torch.Tensor, prob_bits: int, steps: int, out: torch.Tensor
+) -> None:
+    """Decode into the flat contiguous CPU float tensor ``out`` (``tables`` from :func:`decode_tables`).
 
     Raises:
         ValueError: A lane reads past its words, or does not end in the initial state with all words used.
@@ -307,7 +313,7 @@ def decode(streams: Streams, spec: FloatSpec, tables: torch.Tensor, prob_bits: i
         streams.states.numpy().view(np.uint32),
         offsets,
         words,
-        slot_table(tables, spec, prob_bits),
+        tables.numpy().view(np.uint64),
         prob_bits,
         k,
     )

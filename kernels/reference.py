@@ -141,7 +141,14 @@ def _as_int32(u32: torch.Tensor) -> torch.Tensor:
     return (u32 - ((u32 >> 31) << 32)).to(torch.int32)
 
 
-def decode(streams: Streams, spec: FloatSpec, tables: torch.Tensor, prob_bits: int, steps: int, out: torch.Tensor) -> None:
+def decode_tables(table: FreqTable, spec: FloatSpec, device: torch.device) -> torch.Tensor:
+    """Decoder tables for :func:`decode`: int32 ``[lut (2^prob_bits) | freq (alphabet) | cum (alphabet)]``."""
+    return table.decode_tables(spec.alphabet, device)
+
+
+def decode(
+    streams: Streams, spec: FloatSpec, tables: torch.Tensor, prob_bits: int, steps: int, out: torch.Tensor
+) -> None:
     """Decode into the flat contiguous float tensor ``out`` (``numel`` = n).
 
     Raises:

@@ -170,6 +170,11 @@ def encode(x: torch.Tensor, spec: FloatSpec, table: FreqTable, steps: int) -> St
     return Streams(states=states, counts=counts, words=words, sm=_pack_sm(bits, spec, gpu))
 
 
+def decode_tables(table: FreqTable, spec: FloatSpec, device: torch.device) -> torch.Tensor:
+    """Decoder tables for :func:`decode`: int32 ``[lut (2^prob_bits) | freq (alphabet) | cum (alphabet)]``."""
+    return table.decode_tables(spec.alphabet, device)
+
+
 def decode(
     streams: Streams, spec: FloatSpec, tables: torch.Tensor, prob_bits: int, steps: int, out: torch.Tensor
 ) -> None:
