@@ -89,7 +89,9 @@ class _Reader:
 
     def take(self, nbytes: int, what: str) -> memoryview:
         if nbytes < 0 or self.pos + nbytes > len(self.data):
-            raise ValueError(f"truncated blob: {what} needs {nbytes} bytes at offset {self.pos}, blob has {len(self.data)}")
+            raise ValueError(
+                f"truncated blob: {what} needs {nbytes} bytes at offset {self.pos}, blob has {len(self.data)}"
+            )
         view = self.data[self.pos : self.pos + nbytes]
         self.pos += nbytes
         return view

@@ -21,7 +21,6 @@ from .layout import LANES_PER_SEGMENT, STATE_LOWER, effective_steps, num_segment
 from .spec import FloatSpec
 from .streams import Streams
 
-_JIT = {"nogil": True, "cache": True, "boundscheck": False}
 _W = LANES_PER_SEGMENT
 _L = STATE_LOWER
 
@@ -32,7 +31,7 @@ def _bits_array(x: torch.Tensor, spec: FloatSpec) -> np.ndarray:
     return arr.view(np.uint16 if spec.total_bits == 16 else np.uint32)
 
 
-@numba.njit(**_JIT)
+@numba.njit(nogil=True, cache=True, boundscheck=False)
 def _histogram(bits: np.ndarray, shift: int, mask: int, alphabet: int) -> np.ndarray:  # pragma: no cover - jitted
     hist = np.zeros((4, alphabet), dtype=np.int64)
     n = bits.size
@@ -53,7 +52,7 @@ def exponent_histogram(x: torch.Tensor, spec: FloatSpec) -> torch.Tensor:
     return torch.from_numpy(hist)
 
 
-@numba.njit(**_JIT)
+@numba.njit(nogil=True, cache=True, boundscheck=False)
 def _encode_lanes(
     bits: np.ndarray, shift: int, mask: int, freq: np.ndarray, cum: np.ndarray, pb: int, k: int
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:  # pragma: no cover - jitted
@@ -111,7 +110,7 @@ def _encode_lanes(
     return states, counts, words[:wp].copy()
 
 
-@numba.njit(**_JIT)
+@numba.njit(nogil=True, cache=True, boundscheck=False)
 def _pack_sm16(bits: np.ndarray, man_bits: int, width: int) -> np.ndarray:  # pragma: no cover - jitted
     """Pack 16-bit floats' sign+mantissa fields (width = man_bits + 1) LSB-first."""
     n = bits.size
@@ -119,8 +118,8 @@ def _pack_sm16(bits: np.ndarray, man_bits: int, width: int) -> np.ndarray:  # pr
     mmask = (1 << man_bits) - 1
     if width == 8:
         for i in range(n):
-            b = np.uint32(bits[i])
-            out[i] = np.uint8(((b >> 15) << man_bits) | (b & mmask))
+            b32 = np.uint32(bits[i])
+            out[i] = np.uint8(((b32 >> 15) << man_bits) | (b32 & mmask))
         return out
     acc = np.uint64(0)
     nacc = 0
@@ -140,7 +139,7 @@ def _pack_sm16(bits: np.ndarray, man_bits: int, width: int) -> np.ndarray:  # pr
     return out
 
 
-@numba.njit(**_JIT)
+@numba.njit(nogil=True, cache=True, boundscheck=False)
 def _pack_sm32(bits: np.ndarray) -> np.ndarray:  # pragma: no cover - jitted
     n = bits.size
     out = np.empty(3 * n, dtype=np.uint8)
@@ -176,16 +175,13 @@ def encode(x: torch.Tensor, spec: FloatSpec, table: FreqTable, steps: int) -> St
     )
 
 
-_INLINE = {k: v for k, v in _JIT.items() if k != "cache"}
-
-
-@numba.njit(inline="always", **_INLINE)
+@numba.njit(inline="always", nogil=True, boundscheck=False)
 def _sm_bf16(sm: np.ndarray, i: np.uint64) -> np.uint64:  # pragma: no cover - jitted
     v = np.uint64(sm[i])
     return ((v & np.uint64(0x80)) << np.uint64(8)) | (v & np.uint64(0x7F))
 
 
-@numba.njit(inline="always", **_INLINE)
+@numba.njit(inline="always", nogil=True, boundscheck=False)
 def _sm_fp16(sm: np.ndarray, i: np.uint64) -> np.uint64:  # pragma: no cover - jitted
     bit = i * np.uint64(11)
     o = bit >> np.uint64(3)
@@ -198,7 +194,7 @@ def _sm_fp16(sm: np.ndarray, i: np.uint64) -> np.uint64:  # pragma: no cover - j
     return ((v >> np.uint64(10)) << np.uint64(15)) | (v & np.uint64(0x3FF))
 
 
-@numba.njit(inline="always", **_INLINE)
+@numba.njit(inline="always", nogil=True, boundscheck=False)
 def _sm_fp32(sm: np.ndarray, i: np.uint64) -> np.uint64:  # pragma: no cover - jitted
     o = np.uint64(3) * i
     v = np.uint64(sm[o]) | (np.uint64(sm[o + np.uint64(1)]) << np.uint64(8))
@@ -210,7 +206,7 @@ def _make_decoder(sm_bits_at: Any) -> Callable[..., int]:
     """Build the decoder for one dtype; ``sm_bits_at(sm, i)`` returns element i's sign+mantissa in place."""
     u = np.uint64
 
-    @numba.njit(parallel=True, **_JIT)
+    @numba.njit(parallel=True, nogil=True, cache=True, boundscheck=False)
     def decode_lanes(
         out: np.ndarray,
         sm: np.ndarray,
@@ -262,7 +258,7 @@ def _make_decoder(sm_bits_at: Any) -> Callable[..., int]:
             bad += err
         return bad
 
-    return decode_lanes  # type: ignore[no-any-return]
+    return decode_lanes
 
 
 _DECODERS: dict[int, Callable[..., int]] = {}

@@ -60,8 +60,15 @@ def test_special_values_survive(dtype: torch.dtype, backend: str) -> None:
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_shapes_and_strides(backend: str) -> None:
     base = (torch.randn(37, 53) * 0.02).to(torch.bfloat16)
-    views = [base.t(), base[::2, 1::3], base[:, 5], base.unsqueeze(0).expand(3, 37, 53), base.reshape(())
-             if base.numel() == 1 else base[3, 4], base[:0], torch.empty(0, 5, dtype=torch.bfloat16)]
+    views = [
+        base.t(),
+        base[::2, 1::3],
+        base[:, 5],
+        base.unsqueeze(0).expand(3, 37, 53),
+        base.reshape(()) if base.numel() == 1 else base[3, 4],
+        base[:0],
+        torch.empty(0, 5, dtype=torch.bfloat16),
+    ]
     for v in views:
         c = compress(v, backend=backend)
         y = c.decompress(backend=backend)
