@@ -9,9 +9,6 @@ parallel (``numba.prange``) when numba has more than one thread; set ``NUMBA_NUM
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any
-
 import numba
 import numpy as np
 import torch
@@ -202,72 +199,91 @@ def _sm_fp32(sm: np.ndarray, i: np.uint64) -> np.uint64:  # pragma: no cover - j
     return ((v >> np.uint64(23)) << np.uint64(31)) | (v & np.uint64(0x7FFFFF))
 
 
-def _make_decoder(sm_bits_at: Any) -> Callable[..., int]:
-    """Build the decoder for one dtype; ``sm_bits_at(sm, i)`` returns element i's sign+mantissa in place."""
+@numba.njit(inline="always", nogil=True, boundscheck=False)
+def _advance(
+    x: np.ndarray,
+    p: np.ndarray,
+    j: int,
+    dtab: np.ndarray,
+    words: np.ndarray,
+    slot_mask: np.uint64,
+    pb: np.uint64,
+    lim: np.uint64,
+) -> np.uint64:  # pragma: no cover - jitted
+    """One rANS decoding step of lane ``j`` (state ``x[j]``, word cursor ``p[j]``); returns the slot's table entry."""
     u = np.uint64
+    xs = x[j]
+    e = dtab[xs & slot_mask]
+    xn = (e >> u(48)) * (xs >> pb) + (e & u(0xFFFF))
+    nu = u(xn < u(_L))
+    pj = p[j]
+    w = u(words[min(pj, lim)])
+    x[j] = (xn << (nu << u(4))) | (w & (u(0) - nu))
+    p[j] = pj + nu
+    return e
 
-    @numba.njit(parallel=True, nogil=True, cache=True, boundscheck=False)
-    def decode_lanes(
-        out: np.ndarray,
-        sm: np.ndarray,
-        states: np.ndarray,
-        offsets: np.ndarray,
-        words: np.ndarray,
-        dtab: np.ndarray,
-        pb_: int,
-        k_: int,
-    ) -> int:  # pragma: no cover - jitted
-        n = out.size
-        k = k_
-        seg = _W * k
-        nseg = (n + seg - 1) // seg
-        pb = u(pb_)
-        slot_mask = (u(1) << pb) - u(1)
-        lim = u(words.size - 1)
-        bad = 0
-        for g in numba.prange(nseg):
-            base = g * seg
-            rest = min(seg, n - base)
-            x = np.empty(_W, dtype=np.uint64)
-            p = np.empty(_W, dtype=np.uint64)
-            steps_j = np.empty(_W, dtype=np.int64)
-            for j in range(_W):
-                x[j] = u(states[g * _W + j])
-                p[j] = u(offsets[g * _W + j])
-                steps_j[j] = (rest - j + _W - 1) // _W if j < rest else 0
-            full = rest // _W
-            for s in range((rest + _W - 1) // _W):
-                row = u(base + s * _W)
+
+@numba.njit(parallel=True, nogil=True, cache=True, boundscheck=False)
+def _decode_lanes(
+    out: np.ndarray,
+    sm: np.ndarray,
+    states: np.ndarray,
+    offsets: np.ndarray,
+    words: np.ndarray,
+    dtab: np.ndarray,
+    pb_: int,
+    k: int,
+    code: int,
+) -> int:  # pragma: no cover - jitted
+    """Decode all segments (in parallel) into ``out``; returns the number of inconsistent segments."""
+    u = np.uint64
+    n = out.size
+    seg = _W * k
+    nseg = (n + seg - 1) // seg
+    pb = u(pb_)
+    slot_mask = (u(1) << pb) - u(1)
+    lim = u(words.size - 1)
+    bad = 0
+    for g in numba.prange(nseg):
+        base = g * seg
+        rest = min(seg, n - base)
+        x = np.empty(_W, dtype=np.uint64)
+        p = np.empty(_W, dtype=np.uint64)
+        steps_j = np.empty(_W, dtype=np.int64)
+        for j in range(_W):
+            x[j] = u(states[g * _W + j])
+            p[j] = u(offsets[g * _W + j])
+            steps_j[j] = (rest - j + _W - 1) // _W if j < rest else 0
+        full = rest // _W
+        nsteps = (rest + _W - 1) // _W
+        # One loop per dtype (the merge differs); the rANS step itself is shared and inlined.
+        if code == 1:
+            for s in range(nsteps):
                 for j in range(_W):
-                    if s >= full and s >= steps_j[j]:
-                        continue
-                    xs = x[j]
-                    e = dtab[xs & slot_mask]
-                    xn = (e >> u(48)) * (xs >> pb) + (e & u(0xFFFF))
-                    nu = u(xn < u(_L))
-                    pj = p[j]
-                    w = u(words[min(pj, lim)])
-                    x[j] = (xn << (nu << u(4))) | (w & (u(0) - nu))
-                    p[j] = pj + nu
-                    r = row + u(j)
-                    out[r] = sm_bits_at(sm, r) | ((e >> u(16)) & u(0xFFFFFFFF))
-            err = 0
-            for j in range(_W):
-                if x[j] != u(_L) or p[j] != u(offsets[g * _W + j + 1]):
-                    err = 1
-            bad += err
-        return bad
-
-    return decode_lanes
-
-
-_DECODERS: dict[int, Callable[..., int]] = {}
-
-
-def _decoder(code: int) -> Callable[..., int]:
-    if code not in _DECODERS:
-        _DECODERS[code] = _make_decoder({1: _sm_bf16, 2: _sm_fp16, 3: _sm_fp32}[code])
-    return _DECODERS[code]
+                    if s < full or s < steps_j[j]:
+                        e = _advance(x, p, j, dtab, words, slot_mask, pb, lim)
+                        r = u(base + s * _W + j)
+                        out[r] = _sm_bf16(sm, r) | ((e >> u(16)) & u(0xFFFFFFFF))
+        elif code == 2:
+            for s in range(nsteps):
+                for j in range(_W):
+                    if s < full or s < steps_j[j]:
+                        e = _advance(x, p, j, dtab, words, slot_mask, pb, lim)
+                        r = u(base + s * _W + j)
+                        out[r] = _sm_fp16(sm, r) | ((e >> u(16)) & u(0xFFFFFFFF))
+        else:
+            for s in range(nsteps):
+                for j in range(_W):
+                    if s < full or s < steps_j[j]:
+                        e = _advance(x, p, j, dtab, words, slot_mask, pb, lim)
+                        r = u(base + s * _W + j)
+                        out[r] = _sm_fp32(sm, r) | ((e >> u(16)) & u(0xFFFFFFFF))
+        err = 0
+        for j in range(_W):
+            if x[j] != u(_L) or p[j] != u(offsets[g * _W + j + 1]):
+                err = 1
+        bad += err
+    return bad
 
 
 def decode_tables(table: FreqTable, spec: FloatSpec, device: torch.device) -> torch.Tensor:
@@ -303,7 +319,7 @@ def decode(
     k = effective_steps(n, steps)
     if streams.states.numel() != _W * num_segments(n, k):
         raise ValueError("corrupt blob: lane count does not match the tensor size")
-    bad = _decoder(spec.code)(
+    bad = _decode_lanes(
         _bits_array(out, spec),
         streams.sm.numpy(),
         streams.states.numpy().view(np.uint32),
@@ -312,6 +328,7 @@ def decode(
         tables.numpy().view(np.uint64),
         prob_bits,
         k,
+        spec.code,
     )
     if bad:
         raise ValueError(f"corrupt blob: {bad} segment(s) of rANS lanes do not decode consistently")
