@@ -2,5 +2,17 @@
 
 from kernels import CompressedTensor, compress
 
-__all__ = ["CompressedTensor", "compress"]
+from .compressed_param import CODEC_STATS, NZParameter, is_compressed
+from .convert import compress_model, compressed_parameters, decompress_model
+
+__all__ = [
+    "CODEC_STATS",
+    "CompressedTensor",
+    "NZParameter",
+    "compress",
+    "compress_model",
+    "compressed_parameters",
+    "decompress_model",
+    "is_compressed",
+]
 __version__ = "0.1.0"
