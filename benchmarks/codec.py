@@ -21,14 +21,10 @@ Results go to a JSON file and to a markdown block between ``<!-- codec:begin -->
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import functools
-import importlib.metadata
 import json
 import math
 import os
-import platform
-import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -40,8 +36,11 @@ import numba
 import torch
 import zipnn
 
-from kernels import MODE_RANS, FloatSpec, entropy_bits, spec_for
-from nz_lightning import CompressedTensor, compress
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
+
+from benchmarks.common import machine_info, write_markdown_block  # noqa: E402
+from kernels import MODE_RANS, FloatSpec, entropy_bits, spec_for  # noqa: E402
+from nz_lightning import CompressedTensor, compress  # noqa: E402
 
 MD_BEGIN = "<!-- codec:begin -->"
 MD_END = "<!-- codec:end -->"
@@ -457,46 +456,6 @@ def _gpu_point(x: torch.Tensor, repeats: int, steps: int, *, with_copy: bool) ->
 # ----------------------------------------------------------------------------------------------------- machine
 
 
-def machine_info() -> dict[str, Any]:
-    """CPU model, core counts, load, library versions, date, git commit and GPU name (if any)."""
-    model, flags = "unknown", ""
-    family_model: dict[str, str] = {}
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            key, _, value = line.partition(":")
-            if key.strip() == "model name" and model == "unknown":
-                model = value.strip()
-            elif key.strip() == "flags" and not flags:
-                flags = value
-            elif key.strip() in ("cpu family", "model") and key.strip() not in family_model:
-                family_model[key.strip()] = value.strip()
-    except OSError:
-        model = platform.processor() or "unknown"
-    wanted = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni")
-    try:
-        commit = subprocess.run(
-            ["git", "describe", "--always", "--dirty"], capture_output=True, text=True, check=True, timeout=10
-        ).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        commit = "unknown"
-    return {
-        "cpu_model": model,
-        "cpu_family_model": f"{family_model.get('cpu family', '?')}/{family_model.get('model', '?')}",
-        "cpu_flags": [f for f in wanted if f in flags.split()],
-        "hypervisor": "hypervisor" in flags.split(),
-        "logical_cores": os.cpu_count(),
-        "usable_cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
-        "load_avg_start": list(os.getloadavg()),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "numba": numba.__version__,
-        "zipnn": importlib.metadata.version("zipnn"),
-        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "git": commit,
-        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-    }
-
-
 # ----------------------------------------------------------------------------------------------------- markdown
 
 
@@ -613,14 +572,7 @@ def render_markdown(result: dict[str, Any]) -> str:
 
 def write_markdown(path: Path, block: str) -> None:
     """Replace the block between the codec markers in ``path`` (creating the file or markers if absent)."""
-    text = path.read_text() if path.exists() else "# Benchmarks\n"
-    begin, end = text.find(MD_BEGIN), text.find(MD_END)
-    if begin != -1 and end > begin:
-        text = text[:begin] + block + text[end + len(MD_END) :]
-    else:
-        text = text.rstrip("\n") + "\n\n" + block + "\n"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text)
+    write_markdown_block(path, block, MD_BEGIN, MD_END)
 
 
 # ----------------------------------------------------------------------------------------------------- driver
