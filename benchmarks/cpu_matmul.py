@@ -28,9 +28,26 @@ class Bf16MatmulInFp32(TorchDispatchMode):
     ) -> Any:
         kwargs = kwargs or {}
         if func in _GEMMS and any(isinstance(a, torch.Tensor) and a.dtype == torch.bfloat16 for a in args):
+            if func is _aten.mm.default and args[1].numel() > CHUNK_ELEMENTS:
+                return _chunked_mm(args[0], args[1])
 
             def up(a: Any) -> Any:
                 return a.float() if isinstance(a, torch.Tensor) and a.dtype == torch.bfloat16 else a
 
             return func(*tree_map(up, args), **kwargs).to(torch.bfloat16)
         return func(*args, **kwargs)
+
+
+CHUNK_ELEMENTS = 1 << 26
+"""Right-hand operands larger than this (e.g. an 8B model's lm_head) are multiplied in column chunks, so the
+fp32 copy stays at 256 MiB instead of twice the weight's size."""
+
+
+def _chunked_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    b = b.clone()  # one dense bf16 copy (a compressed weight is decoded once, not per chunk)
+    out = torch.empty(a.shape[0], b.shape[1], dtype=torch.bfloat16, device=a.device)
+    af = a.float()
+    step = max(1, CHUNK_ELEMENTS // max(1, b.shape[0]))
+    for j in range(0, b.shape[1], step):
+        out[:, j : j + step] = torch.mm(af, b[:, j : j + step].float())
+    return out
