@@ -187,3 +187,19 @@ def test_compressed_bytes_are_smaller() -> None:
     p = lin.weight
     assert isinstance(p, NZParameter)
     assert p.store.nbytes / (1024 * 1024 * 2) < 0.68
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_activation_checkpointing(reentrant: bool) -> None:
+    from torch.utils.checkpoint import checkpoint
+
+    dense, comp = _twins(torch.bfloat16)
+    idx = torch.randint(0, 40, (2, 6))
+    grads = []
+    for m in (dense, comp):
+        h = m.emb(idx).detach().requires_grad_()
+        out = checkpoint(lambda t, m=m: m.out(torch.relu(m.proj(t))), h, use_reentrant=reentrant)
+        out.float().square().sum().backward()
+        grads.append((h.grad, m.proj.weight.grad, m.out.weight.grad))
+    for a, b in zip(*grads, strict=True):
+        assert torch.equal(a, b)
