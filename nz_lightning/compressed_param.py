@@ -116,7 +116,7 @@ class NZParameter(torch.Tensor):
     def __new__(
         cls, store: WeightStore, size: Any, stride: Any, offset: int, requires_grad: bool = False
     ) -> NZParameter:
-        t = torch.Tensor._make_wrapper_subclass(  # type: ignore[attr-defined]
+        t = torch.Tensor._make_wrapper_subclass(
             cls,
             size,
             strides=stride,
@@ -127,12 +127,12 @@ class NZParameter(torch.Tensor):
         )
         t._store = store
         t._view = (tuple(size), tuple(stride), int(offset))
-        return t  # type: ignore[no-any-return]
+        return t
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__()
 
-    def __repr__(self, *, tensor_contents: Any = None) -> str:
+    def __repr__(self, *, tensor_contents: Any = None) -> Any:  # type: ignore[override]
         return (
             f"NZParameter(shape={tuple(self.shape)}, dtype={self.dtype}, device={self.device}, "
             f"compressed_bytes={self._store.nbytes}, requires_grad={self.requires_grad})"
@@ -160,7 +160,7 @@ class NZParameter(torch.Tensor):
         return self._store.decode_into(view).as_strided(*self._view)
 
     @classmethod
-    def __torch_dispatch__(
+    def __torch_dispatch__(  # type: ignore[override]
         cls, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: dict[str, Any] | None = None
     ) -> Any:
         kwargs = kwargs or {}
@@ -214,7 +214,9 @@ def _mutate(func: Any, target: NZParameter, rest: tuple[Any, ...], kwargs: dict[
     return target
 
 
-def make_parameter(value: torch.Tensor, *, requires_grad: bool = True, backend: str | None = None) -> torch.nn.Parameter:
+def make_parameter(
+    value: torch.Tensor, *, requires_grad: bool = True, backend: str | None = None
+) -> torch.nn.Parameter:
     """Compress ``value`` into a new parameter that decodes on use.
 
     Args:
@@ -250,4 +252,3 @@ def write_dense(p: torch.Tensor, value: torch.Tensor) -> None:
     else:
         with torch.no_grad():
             p.copy_(value)
-

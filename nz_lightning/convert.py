@@ -5,20 +5,20 @@ from __future__ import annotations
 import fnmatch
 import os
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any, Union
+from typing import Any
 
 import torch
 from torch import nn
 
 from .compressed_param import NZParameter, is_compressed, make_parameter
 
-WeightSource = Union[
-    Mapping[str, torch.Tensor],
-    str,
-    os.PathLike,
-    Iterable[Union[str, os.PathLike]],
-    Callable[[str, torch.Size, torch.dtype], torch.Tensor],
-]
+WeightSource = (
+    Mapping[str, torch.Tensor]
+    | str
+    | os.PathLike
+    | Iterable[str | os.PathLike]
+    | Callable[[str, torch.Size, torch.dtype], torch.Tensor]
+)
 """Where meta parameters get their values: a state_dict, safetensors file(s), or ``fn(name, shape, dtype)``."""
 
 _HOOKED = "_nz_state_dict_hooked"
@@ -120,8 +120,10 @@ def compress_model(
                 if loaded is None:
                     raise ValueError(f"parameter {full!r} is on the meta device and has no value in `weights`")
                 value = _check_value(full, loaded, param)
-            target = torch.device(device) if device is not None else (
-                torch.device("cpu") if value.device.type == "meta" else value.device
+            target = (
+                torch.device(device)
+                if device is not None
+                else (torch.device("cpu") if value.device.type == "meta" else value.device)
             )
             value = value.to(target)
             wanted = (default_should_compress(full, param) or _matches(full, include)) and not _matches(full, exclude)
@@ -140,7 +142,7 @@ def decompress_model(model: nn.Module) -> nn.Module:
     done: dict[int, nn.Parameter] = {}
     for module in model.modules():
         for pname, param in list(module.named_parameters(recurse=False)):
-            if not is_compressed(param):
+            if not isinstance(param, NZParameter):
                 continue
             if id(param) not in done:
                 done[id(param)] = nn.Parameter(param.dense(), requires_grad=param.requires_grad)
