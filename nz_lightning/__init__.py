@@ -4,15 +4,18 @@ from kernels import CompressedTensor, compress
 
 from .compressed_param import CODEC_STATS, NZParameter, is_compressed
 from .convert import compress_model, compressed_parameters, decompress_model
+from .optim import FusedOptimizer, fused_optimizer
 
 __all__ = [
     "CODEC_STATS",
     "CompressedTensor",
+    "FusedOptimizer",
     "NZParameter",
     "compress",
     "compress_model",
     "compressed_parameters",
     "decompress_model",
+    "fused_optimizer",
     "is_compressed",
 ]
 __version__ = "0.1.0"

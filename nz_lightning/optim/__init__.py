@@ -1,0 +1,20 @@
+"""Fused in-backward optimizers (LOMO-style) for compressed and dense models.
+
+``fused_optimizer(model, "sgd" | "adamw" | "adalomo", lr=..., **options)`` installs hooks that update each
+parameter (re-compressing compressed ones) as soon as its gradient is ready; drive it with
+``opt.backward(loss)``.
+"""
+
+from .fused import RULES, FusedOptimizer, fused_optimizer
+from .rules import SGD, AdaLomo, AdamW, UpdateRule, stochastic_round_to_bf16
+
+__all__ = [
+    "RULES",
+    "SGD",
+    "AdaLomo",
+    "AdamW",
+    "FusedOptimizer",
+    "UpdateRule",
+    "fused_optimizer",
+    "stochastic_round_to_bf16",
+]

@@ -1,0 +1,383 @@
+"""Fused in-backward optimizer (LOMO-style): each parameter is updated, and re-compressed, as soon as its
+gradient is ready, and its gradient is freed at once, so no full-model gradient buffer ever exists.
+
+Compressed (:class:`~nz_lightning.compressed_param.NZParameter`) and dense parameters take exactly the same
+code path (``read_dense`` -> rule -> ``write_dense``), so a compressed model and its uncompressed twin
+trained with the same fused optimizer stay bit-identical.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ..compressed_param import is_compressed, read_dense, write_dense
+from .rules import SGD, AdaLomo, AdamW, UpdateRule, stochastic_round_to_bf16
+
+__all__ = ["FusedOptimizer", "fused_optimizer"]
+
+RULES: dict[str, type[UpdateRule]] = {"sgd": SGD, "adamw": AdamW, "adalomo": AdaLomo}
+"""The rules :func:`fused_optimizer` knows, by name."""
+
+_OPTIMIZER_OPTIONS = ("max_grad_norm", "accumulate_grad_batches", "stochastic_rounding", "seed", "accum_dtype")
+_FULL_MANTISSA = {torch.bfloat16: 7, torch.float16: 10, torch.float32: 23}
+_MASK63 = (1 << 63) - 1
+
+
+def _is_lossy(p: Tensor) -> bool:
+    """Whether ``p`` is held in a lossy compressed format (fewer mantissa bits than its dtype has).
+
+    No lossy format exists yet, so this is False today; it guards training should one appear.
+    """
+    if not is_compressed(p):
+        return False
+    bits = getattr(getattr(getattr(p, "store", None), "ct", None), "mantissa_bits", None)
+    return bits is not None and bits != _FULL_MANTISSA.get(p.dtype)
+
+
+def _mix_seed(*values: int) -> int:
+    """A 63-bit seed from integers (splitmix64 steps), so that nearby inputs give unrelated streams."""
+    h = 0x9E3779B97F4A7C15
+    for v in values:
+        h = (h ^ (v & 0xFFFFFFFFFFFFFFFF)) * 0xBF58476D1CE4E5B9 & 0xFFFFFFFFFFFFFFFF
+        h = (h ^ (h >> 31)) * 0x94D049BB133111EB & 0xFFFFFFFFFFFFFFFF
+    return (h ^ (h >> 29)) & _MASK63
+
+
+class FusedOptimizer(torch.optim.Optimizer):
+    """Applies an :class:`~nz_lightning.optim.rules.UpdateRule` inside backward, parameter by parameter.
+
+    Use :meth:`backward` instead of ``loss.backward()`` + ``step()``::
+
+        opt = fused_optimizer(model, "adamw", lr=1e-4, max_grad_norm=1.0)
+        for batch in data:
+            opt.backward(model(**batch).loss)
+            opt.step()       # no-op, keeps LR schedulers' bookkeeping happy
+            sched.step()
+
+    A ``register_post_accumulate_grad_hook`` on every trainable parameter (each tied parameter once) reads
+    the value, applies the rule, writes it back (re-compressing compressed parameters) and drops the
+    gradient. A plain ``loss.backward()`` on the model raises while the hooks are installed.
+
+    * Clipping (``max_grad_norm``) needs the global norm before any update, so it runs two backward passes
+      like LOMO: the first (``retain_graph=True``) only measures per-parameter fp32 norms and drops the
+      gradients; the second applies the updates to gradients scaled by
+      ``min(1, max_norm / (total_norm + 1e-6))`` (``clip_grad_norm_``'s coefficient). Cost: one extra
+      backward per step, and the activations (the autograd graph) stay alive between the two passes.
+    * Accumulation (``accumulate_grad_batches=k``): calls 1..k-1 add each gradient into a persistent dense
+      buffer in ``accum_dtype`` (fp32 by default: one full gradient buffer, 4 bytes per trainable
+      parameter); call k adds its own gradient and updates with the plain sum (what ``.grad`` accumulation
+      gives: scale each micro-batch loss yourself, e.g. by 1/k), then frees the buffers. With clipping too,
+      call k accumulates, computes the norm of the summed buffers and updates after backward (one pass).
+    * Per-tensor norms are taken in fp32 (``clip_grad_norm_`` uses the gradient dtype: identical for fp32
+      parameters, more exact for bf16 ones) and stacked in ``clip_grad_norm_``'s order.
+    * With activation checkpointing, two-pass clipping recomputes the checkpointed forward in both passes.
+      Reentrant checkpointing of a weight also used outside the checkpoint delivers its gradient twice;
+      that raises (in the norm pass before any update when clipping, else after the first partial update).
+    * Only the parameters present at construction are hooked; ``state_dict`` identifies them by position.
+
+    Args:
+        model: The model; its trainable parameters, in ``model.parameters()`` order, are optimized.
+        rule: The update rule.
+        lr: Learning rate (``param_groups[0]["lr"]``; LR schedulers drive it).
+        max_grad_norm: Global 2-norm bound of the gradient (``None``: no clipping).
+        accumulate_grad_batches: Number of :meth:`backward` calls per update.
+        stochastic_rounding: Round bf16 parameters' fp32 results stochastically instead of to nearest.
+        seed: Seed of the stochastic rounding. Each update draws from a generator re-seeded from
+            ``(seed, parameter index, step)``, so results do not depend on hook order.
+        accum_dtype: Dtype of the accumulation buffers (``None``: each parameter's dtype).
+
+    Raises:
+        ValueError: Bad option values, no trainable parameter, or a lossily compressed parameter.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        rule: UpdateRule,
+        lr: float,
+        *,
+        max_grad_norm: float | None = None,
+        accumulate_grad_batches: int = 1,
+        stochastic_rounding: bool = False,
+        seed: int = 0,
+        accum_dtype: torch.dtype | None = torch.float32,
+    ) -> None:
+        if lr < 0:
+            raise ValueError(f"lr must be >= 0, got {lr}")
+        if max_grad_norm is not None and not max_grad_norm > 0:
+            raise ValueError(f"max_grad_norm must be > 0 or None, got {max_grad_norm}")
+        if not isinstance(accumulate_grad_batches, int) or accumulate_grad_batches < 1:
+            raise ValueError(f"accumulate_grad_batches must be an int >= 1, got {accumulate_grad_batches!r}")
+        params = [p for p in model.parameters() if p.requires_grad]
+        if not params:
+            raise ValueError("the model has no trainable parameter")
+        lossy = [n for n, p in model.named_parameters() if p.requires_grad and _is_lossy(p)]
+        if lossy:
+            raise ValueError(f"parameters held with lossy compression cannot be trained: {', '.join(lossy)}")
+        super().__init__(params, {"lr": lr})
+        self.rule = rule
+        self.max_grad_norm = max_grad_norm
+        self.accumulate_grad_batches = accumulate_grad_batches
+        self.stochastic_rounding = stochastic_rounding
+        self.seed = int(seed)
+        self.accum_dtype = accum_dtype
+        self._params: list[Tensor] = list(params)
+        self._index = {id(p): i for i, p in enumerate(params)}
+        self._mode: str | None = None
+        self._seen: set[int] = set()
+        self._micro = 0
+        self._accum: dict[int, Tensor] = {}
+        self._norms: dict[int, Tensor] = {}
+        self._coef: Tensor | None = None
+        self._generators: dict[torch.device, torch.Generator] = {}
+        self._handles = [p.register_post_accumulate_grad_hook(self._on_grad) for p in params]
+
+    # -- public API ------------------------------------------------------------------------------------
+
+    @property
+    def lr(self) -> float:
+        """The learning rate of the (first) parameter group; setting it sets every group's."""
+        return float(self.param_groups[0]["lr"])
+
+    @lr.setter
+    def lr(self, value: float) -> None:
+        for group in self.param_groups:
+            group["lr"] = value
+
+    @property
+    def micro_step(self) -> int:
+        """Number of :meth:`backward` calls accumulated since the last update (0 right after an update)."""
+        return self._micro
+
+    def backward(self, loss: Tensor) -> None:
+        """Backpropagate ``loss`` and update the parameters inside backward (or accumulate, see the class doc).
+
+        Args:
+            loss: A scalar loss of the model.
+
+        Raises:
+            RuntimeError: Called while another fused backward runs, or a parameter got two gradients in one
+                pass (e.g. reentrant checkpointing of a shared weight).
+        """
+        if self._mode is not None:
+            raise RuntimeError("FusedOptimizer.backward is not re-entrant")
+        final = self._micro + 1 >= self.accumulate_grad_batches
+        try:
+            if not final:
+                self._run(loss, "accumulate")
+            elif self.max_grad_norm is None:
+                self._run(loss, "update")
+                self._flush(None)
+            elif self.accumulate_grad_batches > 1:
+                self._run(loss, "accumulate")
+                self._flush(self._clip_coef({i: self._norm(b) for i, b in self._accum.items()}))
+            else:
+                self._run(loss, "norm", retain_graph=True)
+                self._coef = self._clip_coef(self._norms)
+                self._run(loss, "update")
+        finally:
+            self._mode = None
+            self._coef = None
+            self._norms.clear()
+        self._micro = 0 if final else self._micro + 1
+
+    def step(self, closure: Callable[[], float] | None = None) -> None:  # type: ignore[override]
+        """No-op: the updates happen in :meth:`backward`. Call it anyway if an LR scheduler drives ``lr``.
+
+        Raises:
+            ValueError: A closure was given (use ``opt.backward(loss)`` instead).
+        """
+        if closure is not None:
+            raise ValueError("FusedOptimizer updates inside backward: call opt.backward(loss) instead of step(closure)")
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Harmless: gradients are dropped as soon as they are used (accumulation buffers are kept)."""
+        super().zero_grad(set_to_none=set_to_none)
+
+    def remove_hooks(self) -> None:
+        """Detach the optimizer from the model (a plain ``loss.backward()`` then fills ``.grad`` again)."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to resume bit-identically (tensors are references, as in torch).
+
+        Returns:
+            ``{"state": {index: {"step": int, **rule_state}}, "param_groups": [...], "fused": {...}}`` where
+            ``index`` is the position among the trainable parameters of ``model.parameters()``; ``fused``
+            holds the rule name, pending accumulation buffers and micro-step, and the RNG seed and states.
+        """
+        state = {i: dict(self.state[p]) for i, p in enumerate(self._params) if p in self.state and self.state[p]}
+        index = {id(p): i for i, p in enumerate(self._params)}
+        groups = [
+            {**{k: v for k, v in g.items() if k != "params"}, "params": [index[id(p)] for p in g["params"]]}
+            for g in self.param_groups
+        ]
+        return {
+            "state": state,
+            "param_groups": groups,
+            "fused": {
+                "rule": self.rule.name,
+                "micro_step": self._micro,
+                "accum": dict(self._accum),
+                "seed": self.seed,
+                "generators": {str(d): g.get_state() for d, g in self._generators.items()},
+            },
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict` output (tensors are copied to each parameter's device, dtypes kept).
+
+        Raises:
+            ValueError: The state belongs to another rule or another set of parameters.
+        """
+        fused = state_dict["fused"]
+        if fused["rule"] != self.rule.name:
+            raise ValueError(f"state_dict is for the {fused['rule']!r} rule, this optimizer uses {self.rule.name!r}")
+        groups = state_dict["param_groups"]
+        if [len(g["params"]) for g in groups] != [len(g["params"]) for g in self.param_groups]:
+            raise ValueError("state_dict has a different number of parameter groups or parameters")
+        for saved, group in zip(groups, self.param_groups, strict=True):
+            group.update({k: v for k, v in saved.items() if k != "params"})
+        self.state.clear()
+        for i, entry in state_dict["state"].items():
+            p = self._params[int(i)]
+            self.state[p] = {k: _copy_to(v, p.device) for k, v in entry.items()}
+        self._accum = {int(i): _copy_to(b, self._params[int(i)].device) for i, b in fused["accum"].items()}
+        self._micro = int(fused["micro_step"])
+        self.seed = int(fused["seed"])
+        for dev, rng_state in fused["generators"].items():
+            self._generator(torch.device(dev)).set_state(rng_state)
+
+    # -- internals -------------------------------------------------------------------------------------
+
+    def _run(self, loss: Tensor, mode: str, retain_graph: bool = False) -> None:
+        self._mode = mode
+        self._seen.clear()
+        loss.backward(retain_graph=retain_graph)
+
+    def _on_grad(self, p: Tensor) -> None:
+        grad = p.grad
+        p.grad = None
+        if grad is None:
+            return
+        if self._mode is None:
+            raise RuntimeError(
+                "this model's parameters are driven by a FusedOptimizer: call opt.backward(loss) instead of "
+                "loss.backward() (or opt.remove_hooks() to detach it)"
+            )
+        if grad.is_sparse:
+            raise RuntimeError("FusedOptimizer does not support sparse gradients")
+        i = self._index[id(p)]
+        if i in self._seen:
+            raise RuntimeError(
+                "a parameter received its gradient twice in one backward pass (reentrant checkpointing of a "
+                "shared weight?); fused updates need it once: use non-reentrant checkpointing"
+            )
+        self._seen.add(i)
+        if self._mode == "norm":
+            self._norms[i] = self._norm(grad)
+        elif self._mode == "accumulate":
+            self._accumulate(i, grad)
+        else:
+            buf = self._accum.pop(i, None)
+            if buf is not None:
+                grad = buf.add_(grad)
+            if self._coef is not None:
+                grad = grad * self._coef.to(grad.device)  # out of place: autograd may still share this tensor
+            self._apply(p, i, grad)
+
+    def _accumulate(self, i: int, grad: Tensor) -> None:
+        buf = self._accum.get(i)
+        if buf is None:
+            self._accum[i] = grad.to(self.accum_dtype or grad.dtype, copy=True)
+        else:
+            buf.add_(grad)
+
+    @staticmethod
+    def _norm(grad: Tensor) -> Tensor:
+        return torch.linalg.vector_norm(grad, 2, dtype=torch.float32)
+
+    def _clip_coef(self, norms: dict[int, Tensor]) -> Tensor:
+        """``clip_grad_norm_``'s coefficient from per-parameter norms, stacked in its order (by device/dtype)."""
+        assert self.max_grad_norm is not None
+        if not norms:
+            return torch.tensor(1.0)
+        groups: dict[tuple[torch.device, torch.dtype], list[Tensor]] = {}
+        for i in sorted(norms):
+            p = self._params[i]
+            groups.setdefault((p.device, p.dtype), []).append(norms[i])
+        ordered = [n for group in groups.values() for n in group]
+        first = ordered[0].device
+        total = torch.linalg.vector_norm(torch.stack([n.to(first) for n in ordered]), 2)
+        return torch.clamp(self.max_grad_norm / (total + 1e-6), max=1.0)
+
+    def _flush(self, coef: Tensor | None) -> None:
+        """Apply the updates still pending in the accumulation buffers (in parameter order) and free them."""
+        for i in sorted(self._accum):
+            grad = self._accum.pop(i)
+            if coef is not None:
+                grad = grad.mul_(coef.to(grad.device))
+            self._apply(self._params[i], i, grad)
+
+    def _generator(self, device: torch.device) -> torch.Generator:
+        gen = self._generators.get(device)
+        if gen is None:
+            gen = self._generators[device] = torch.Generator(device=device)
+        return gen
+
+    def _apply(self, p: Tensor, i: int, grad: Tensor) -> None:
+        value = read_dense(p)
+        state = self.state[p]
+        if "step" not in state:
+            state.update(self.rule.init_state(value))
+            state["step"] = 0
+        step = int(state["step"]) + 1
+        lr = self.lr
+        if self.stochastic_rounding and value.dtype == torch.bfloat16:
+            gen = self._generator(value.device)
+            gen.manual_seed(_mix_seed(self.seed, i, step))
+            new = stochastic_round_to_bf16(self.rule.update_fp32(value, grad, state, lr, step), gen)
+        else:
+            new = self.rule.update(value, grad, state, lr, step)
+        write_dense(p, new)
+        state["step"] = step
+
+
+def _copy_to(value: Any, device: torch.device) -> Any:
+    return value.to(device=device, copy=True) if isinstance(value, Tensor) else value
+
+
+def fused_optimizer(model: nn.Module, name: str, lr: float, **options: Any) -> FusedOptimizer:
+    """Build a :class:`FusedOptimizer` for ``model`` by rule name.
+
+    Args:
+        model: The (possibly compressed) model to train.
+        name: ``"sgd"``, ``"adamw"`` or ``"adalomo"``.
+        lr: Learning rate.
+        **options: The rule's hyperparameters (see :mod:`nz_lightning.optim.rules`) and the optimizer's
+            options: ``max_grad_norm``, ``accumulate_grad_batches``, ``stochastic_rounding``, ``seed``,
+            ``accum_dtype``.
+
+    Returns:
+        The optimizer, its hooks installed on the model.
+
+    Raises:
+        ValueError: Unknown rule name or option (the message lists the valid ones), or bad values.
+    """
+    rule_cls = RULES.get(name.lower()) if isinstance(name, str) else None
+    if rule_cls is None:
+        raise ValueError(f"unknown fused optimizer {name!r}; choose one of {', '.join(RULES)}")
+    rule_options = [k for k in inspect.signature(rule_cls.__init__).parameters if k != "self"]
+    unknown = sorted(set(options) - set(rule_options) - set(_OPTIMIZER_OPTIONS))
+    if unknown:
+        valid = ", ".join(rule_options + list(_OPTIMIZER_OPTIONS))
+        raise ValueError(f"unknown option(s) {', '.join(unknown)} for fused optimizer {name!r}; valid: {valid}")
+    rule = rule_cls(**{k: v for k, v in options.items() if k in rule_options})
+    return FusedOptimizer(model, rule, lr, **{k: v for k, v in options.items() if k in _OPTIMIZER_OPTIONS})
