@@ -168,7 +168,9 @@ class NZParameter(torch.Tensor):
         first = args[0] if args else None
         returns_alias = bool(schema.returns) and schema.returns[0].alias_info is not None
         if returns_alias and not schema.is_mutable and isinstance(first, NZParameter):
-            return _lazy_view(func, first, args[1:], kwargs)
+            view = _lazy_view(func, first, args[1:], kwargs)
+            if view is not None:
+                return view
         if schema.is_mutable and isinstance(first, NZParameter):
             return _mutate(func, first, args[1:], kwargs)
         held: list[torch.Tensor] = []
@@ -183,12 +185,18 @@ class NZParameter(torch.Tensor):
                 _POOL.release(buf)
 
 
-def _lazy_view(func: Any, base: NZParameter, rest: tuple[Any, ...], kwargs: dict[str, Any]) -> NZParameter:
-    """Apply a view op to the view metadata only (on a meta tensor), keeping the result compressed."""
+def _lazy_view(func: Any, base: NZParameter, rest: tuple[Any, ...], kwargs: dict[str, Any]) -> NZParameter | None:
+    """Apply a view op to the view metadata only (on a meta tensor), keeping the result compressed.
+
+    Returns ``None`` when the op's result is not a same-dtype view of the input (ops like ``to.dtype`` are
+    declared as possibly aliasing but may return a new tensor); the caller then computes it densely.
+    """
     meta = torch.empty(base.store.shape, dtype=base.dtype, device="meta").as_strided(*base._view)
     out = func(meta, *rest, **kwargs)
     if not isinstance(out, torch.Tensor):
         raise NotImplementedError(f"nz_lightning: view op {func} returning several tensors is not supported")
+    if out.dtype != base.dtype or out.untyped_storage()._cdata != meta.untyped_storage()._cdata:
+        return None
     return NZParameter(base.store, out.shape, out.stride(), out.storage_offset())
 
 

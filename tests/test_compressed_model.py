@@ -203,3 +203,14 @@ def test_activation_checkpointing(reentrant: bool) -> None:
         grads.append((h.grad, m.proj.weight.grad, m.out.weight.grad))
     for a, b in zip(*grads, strict=True):
         assert torch.equal(a, b)
+
+
+def test_copying_ops_on_views_are_computed_not_aliased() -> None:
+    _, comp = _twins(torch.float32)
+    w = comp.proj.weight
+    dense = w.dense()
+    assert torch.equal(w.t().contiguous(), dense.t().contiguous())
+    half = w.to(torch.float16)
+    assert type(half) is torch.Tensor and half.dtype == torch.float16
+    assert torch.equal(half, dense.to(torch.float16))
+    assert torch.equal(w.t()[1:3].clone(), dense.t()[1:3])
