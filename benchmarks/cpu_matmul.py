@@ -28,7 +28,7 @@ class Bf16MatmulInFp32(TorchDispatchMode):
     ) -> Any:
         kwargs = kwargs or {}
         if func in _GEMMS and any(isinstance(a, torch.Tensor) and a.dtype == torch.bfloat16 for a in args):
-            if func is _aten.mm.default and args[1].numel() > CHUNK_ELEMENTS:
+            if func is _aten.mm.default and max(args[0].numel(), args[1].numel(), _out_numel(args)) > CHUNK_ELEMENTS:
                 return _chunked_mm(args[0], args[1])
 
             def up(a: Any) -> Any:
@@ -39,15 +39,34 @@ class Bf16MatmulInFp32(TorchDispatchMode):
 
 
 CHUNK_ELEMENTS = 1 << 26
-"""Right-hand operands larger than this (e.g. an 8B model's lm_head) are multiplied in column chunks, so the
-fp32 copy stays at 256 MiB instead of twice the weight's size."""
+"""GEMMs with an operand or result larger than this (an 8B model's lm_head and its gradient) run in chunks,
+so fp32 copies stay at 256 MiB instead of twice the size of the weight."""
+
+
+def _out_numel(args: tuple[Any, ...]) -> int:
+    return int(args[0].shape[0]) * int(args[1].shape[1])
+
+
+def _dense(t: torch.Tensor) -> torch.Tensor:
+    """A dense tensor with ``t``'s values, decoding a compressed weight once (without a second copy)."""
+    from nz_lightning.compressed_param import NZParameter
+
+    if isinstance(t, NZParameter):
+        return t.store.read().as_strided(*t._view)
+    return t
 
 
 def _chunked_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    b = b.clone()  # one dense bf16 copy (a compressed weight is decoded once, not per chunk)
+    a, b = _dense(a), _dense(b)
     out = torch.empty(a.shape[0], b.shape[1], dtype=torch.bfloat16, device=a.device)
-    af = a.float()
-    step = max(1, CHUNK_ELEMENTS // max(1, b.shape[0]))
-    for j in range(0, b.shape[1], step):
-        out[:, j : j + step] = torch.mm(af, b[:, j : j + step].float())
+    if b.numel() >= a.numel():  # split the columns of b (and of the result)
+        af = a.float()
+        step = max(1, CHUNK_ELEMENTS // max(1, b.shape[0], a.shape[0]))
+        for j in range(0, b.shape[1], step):
+            out[:, j : j + step] = torch.mm(af, b[:, j : j + step].float())
+    else:  # split the rows of a (and of the result)
+        bf = b.float()
+        step = max(1, CHUNK_ELEMENTS // max(1, a.shape[1], b.shape[1]))
+        for i in range(0, a.shape[0], step):
+            out[i : i + step] = torch.mm(a[i : i + step].float(), bf)
     return out

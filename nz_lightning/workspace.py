@@ -12,11 +12,13 @@ class WorkspacePool:
     """Flat buffers per (dtype, device), handed out for the duration of one op and then returned.
 
     A buffer is only reused after it is released, so two compressed arguments of one op never share one.
-    Buffers grow to the largest request seen; at most ``keep`` free buffers per key are retained.
+    At most ``keep`` free buffers per key are retained, each of at most ``max_bytes`` (larger requests get a
+    buffer that is freed on release: an 8B model's 1 GiB embedding should not stay resident as a workspace).
     """
 
-    def __init__(self, keep: int = 2) -> None:
+    def __init__(self, keep: int = 2, max_bytes: int = 256 * 2**20) -> None:
         self.keep = keep
+        self.max_bytes = max_bytes
         self._free: dict[tuple[torch.dtype, torch.device], list[torch.Tensor]] = {}
         self._lock = threading.Lock()
 
@@ -44,6 +46,8 @@ class WorkspacePool:
     def release(self, base: torch.Tensor) -> None:
         """Return a buffer obtained from :meth:`acquire`."""
         key = (base.dtype, base.device)
+        if base.numel() * base.element_size() > self.max_bytes:
+            return
         with self._lock:
             free = self._free.setdefault(key, [])
             if len(free) < self.keep:

@@ -346,6 +346,7 @@ class FusedOptimizer(torch.optim.Optimizer):
             new = stochastic_round_to_bf16(self.rule.update_fp32(value, grad, state, lr, step), gen)
         else:
             new = self.rule.update(value, grad, state, lr, step)
+        del value  # free the decoded copy before re-encoding (an 8B model's embedding is 1 GiB of it)
         write_dense(p, new)
         state["step"] = step
 
