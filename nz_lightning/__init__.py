@@ -2,15 +2,19 @@
 
 from kernels import CompressedTensor, compress
 
+from .callbacks import NeuZipStats
 from .compressed_param import CODEC_STATS, NZParameter, is_compressed
 from .convert import compress_model, compressed_parameters, decompress_model
 from .optim import FusedOptimizer, fused_optimizer
+from .strategy import NeuZipStrategy
 
 __all__ = [
     "CODEC_STATS",
     "CompressedTensor",
     "FusedOptimizer",
     "NZParameter",
+    "NeuZipStats",
+    "NeuZipStrategy",
     "compress",
     "compress_model",
     "compressed_parameters",

@@ -1,0 +1,197 @@
+"""Checkpoint files for :class:`~nz_lightning.strategy.NeuZipStrategy`: atomic writes and compressed state dicts.
+
+* :class:`AtomicCheckpointIO` writes each checkpoint to a temporary file in the target directory and renames it
+  over the target (``os.replace``), so a failed or interrupted write leaves the previous checkpoint intact.
+* :func:`compressed_state_dict` stores each compressed weight as the portable bytes of its
+  :class:`~kernels.CompressedTensor` (docs/FORMAT.md) in a 1-D ``uint8`` tensor. The file then holds only tensors
+  and plain containers, so ``torch.load(weights_only=True)`` reads it and no object of ours is pickled.
+  :func:`load_state_dict` restores such a state dict (and ordinary dense ones).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import uuid
+from collections import OrderedDict
+from typing import Any
+
+import torch
+from lightning.fabric.utilities.types import _PATH
+from lightning.pytorch.plugins.io import TorchCheckpointIO
+from torch import Tensor, nn
+from typing_extensions import override
+
+from kernels import CompressedTensor
+
+from .compressed_param import NZParameter
+
+__all__ = ["AtomicCheckpointIO", "atomic_save", "compressed_state_dict", "is_compressed_blob", "load_state_dict"]
+
+
+def _fsync_dir(directory: str) -> None:
+    with contextlib.suppress(OSError):  # not supported everywhere (e.g. Windows); the rename is atomic anyway
+        fd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def atomic_save(obj: Any, path: _PATH) -> None:
+    """``torch.save(obj)`` to ``path`` through a temporary file in the same directory and ``os.replace``.
+
+    The temporary file (``.<name>.<random>.tmp``) is flushed and fsynced before the rename; on any error it is
+    removed and the exception re-raised, leaving an existing ``path`` untouched.
+
+    Args:
+        obj: What to save.
+        path: Local destination file (its directory is created if needed).
+    """
+    path = os.path.abspath(os.fspath(path))
+    directory = os.path.dirname(path)
+    os.makedirs(directory, exist_ok=True)
+    tmp = os.path.join(directory, f".{os.path.basename(path)}.{uuid.uuid4().hex[:12]}.tmp")
+    try:
+        with open(tmp, "xb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    _fsync_dir(directory)
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """:class:`TorchCheckpointIO` whose local writes are atomic (temporary file + ``os.replace``).
+
+    Lightning's default already serializes into memory before writing, but then writes the destination in place
+    and holds a second copy of the checkpoint in RAM; this writes straight to a temporary file instead. Remote
+    (``scheme://``) paths go through :class:`TorchCheckpointIO` unchanged.
+    """
+
+    @override
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: _PATH, storage_options: Any | None = None) -> None:
+        """Save ``checkpoint`` to ``path`` atomically.
+
+        Args:
+            checkpoint: The checkpoint dict.
+            path: Destination file.
+            storage_options: Not supported (must be ``None``).
+
+        Raises:
+            TypeError: ``storage_options`` was given.
+        """
+        target = os.fspath(path)
+        if "://" in str(target) and not str(target).startswith("file://"):
+            super().save_checkpoint(checkpoint, path, storage_options=storage_options)
+            return
+        if storage_options is not None:
+            raise TypeError(f"{type(self).__name__}.save_checkpoint does not support `storage_options`")
+        atomic_save(checkpoint, str(target).removeprefix("file://"))
+
+
+class _BlobDestination(OrderedDict):
+    """A ``state_dict`` destination that stores full compressed parameters as their encoded bytes.
+
+    ``Module.state_dict`` writes ``param.detach()`` (still compressed) into the destination; intercepting the write
+    means no weight is ever decoded, and the dense-on-save hook of :func:`~nz_lightning.compress_model` then sees a
+    ``uint8`` tensor and leaves it alone. Tied weights share one blob tensor (``torch.save`` stores it once).
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._metadata: OrderedDict[str, Any] = OrderedDict()
+        self._blobs: dict[int, Tensor] = {}
+
+    def __setitem__(self, key: str, value: Any) -> None:
+        if isinstance(value, NZParameter) and value._is_full():
+            blob = self._blobs.get(id(value.store))
+            if blob is None:
+                data = bytearray(value.store.ct.to_bytes())
+                blob = self._blobs[id(value.store)] = torch.frombuffer(data, dtype=torch.uint8)
+            value = blob
+        super().__setitem__(key, value)
+
+
+def compressed_state_dict(module: nn.Module) -> dict[str, Any]:
+    """``module.state_dict()`` with every compressed weight as a ``uint8`` tensor of its portable bytes.
+
+    Dense parameters and buffers are stored as usual. Nothing is decoded.
+
+    Args:
+        module: A (partly) compressed module.
+
+    Returns:
+        A plain ``OrderedDict`` (with torch's ``_metadata``), safe for ``torch.load(weights_only=True)``.
+    """
+    destination = _BlobDestination()
+    module.state_dict(destination=destination)
+    out: OrderedDict[str, Any] = OrderedDict(destination.items())
+    setattr(out, "_metadata", destination._metadata)  # noqa: B010 - OrderedDict has no declared _metadata
+    return out
+
+
+def is_compressed_blob(value: Any, target: Tensor | None) -> bool:
+    """Whether a state-dict value is an encoded weight for ``target`` (a 1-D uint8 tensor for a float parameter)."""
+    return (
+        isinstance(value, Tensor)
+        and value.dtype == torch.uint8
+        and value.dim() == 1
+        and target is not None
+        and target.dtype.is_floating_point
+    )
+
+
+def _decode_blob(key: str, blob: Tensor, target: Tensor) -> CompressedTensor:
+    ct = CompressedTensor.from_bytes(blob.detach().cpu().contiguous().numpy().tobytes(), device=target.device)
+    if ct.shape != target.shape or ct.dtype != target.dtype:
+        raise ValueError(
+            f"compressed weight {key!r} holds a {tuple(ct.shape)} {ct.dtype} tensor, the model expects "
+            f"{tuple(target.shape)} {target.dtype}"
+        )
+    return ct
+
+
+def load_state_dict(module: nn.Module, state_dict: dict[str, Any], strict: bool = True) -> None:
+    """Load a dense or :func:`compressed_state_dict` state dict into ``module``.
+
+    Encoded weights go straight into compressed parameters (no decode, no re-encode); for dense targets they are
+    decoded. Dense values go through ``module.load_state_dict`` (compressed parameters re-compress them on copy).
+
+    Args:
+        module: The module (compressed or not).
+        state_dict: The state dict.
+        strict: Whether missing or unexpected keys raise.
+
+    Raises:
+        RuntimeError: ``strict`` and keys are missing or unexpected.
+        ValueError: An encoded weight is corrupt or has the wrong shape or dtype.
+    """
+    targets = dict(module.named_parameters(remove_duplicate=False))
+    dense: OrderedDict[str, Any] = OrderedDict()
+    installed: set[str] = set()
+    for key, value in state_dict.items():
+        target = targets.get(key)
+        if target is None or not is_compressed_blob(value, target):
+            dense[key] = value
+            continue
+        ct = _decode_blob(key, value, target)
+        if isinstance(target, NZParameter) and target._is_full():
+            target.store.ct = ct
+            installed.add(key)
+        else:
+            dense[key] = ct.decompress()
+    metadata = getattr(state_dict, "_metadata", None)
+    if metadata is not None:
+        setattr(dense, "_metadata", metadata)  # noqa: B010
+    result = module.load_state_dict(dense, strict=False)
+    missing = [k for k in result.missing_keys if k not in installed]
+    if strict and (missing or result.unexpected_keys):
+        raise RuntimeError(
+            f"Error(s) in loading state_dict for {type(module).__name__}: missing keys {missing}, "
+            f"unexpected keys {list(result.unexpected_keys)}"
+        )
