@@ -34,11 +34,15 @@ LLAMA3_8B = {"hidden": 4096, "layers": 32, "intermediate": 14336, "heads": 32, "
 
 
 def build_dense(config: Any, seed: int = 0) -> nn.Module:
-    """A randomly initialised bf16 ``LlamaForCausalLM`` held dense."""
+    """The same model as :func:`build_compressed_from_meta` (same values), held dense."""
     from transformers import LlamaForCausalLM
 
-    torch.manual_seed(seed)
-    model = LlamaForCausalLM(config).to(torch.bfloat16)
+    from nz_lightning import compress_model
+
+    with torch.device("meta"):
+        model = LlamaForCausalLM(config).to(torch.bfloat16)
+    compress_model(model, weights=random_weight(seed), exclude=["*"])  # materialize only, nothing compressed
+    _materialize_meta_buffers(model, config)
     return model.train()
 
 

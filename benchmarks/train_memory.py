@@ -1,6 +1,6 @@
 """Peak memory and step time of one training step: vanilla vs LOMO vs NeuZip, one fresh process per configuration.
 
-Run: ``python benchmarks/train_memory.py [--quick] [--seq 256 --batch 2] [--hidden 1024 --layers 12 ...]``.
+Run: ``python benchmarks/train_memory.py [--quick] [--seq 512 --batch 1] [--hidden 2048 --layers 8 ...]``.
 Writes JSON (``benchmarks/out/train_memory.json``) and a table in ``docs/BENCHMARKS.md``.
 
 Each configuration runs in its own process with ``MALLOC_MMAP_THRESHOLD_=65536`` (freed large blocks go
@@ -197,14 +197,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("--quick", action="store_true", help="small model (~20M params) for a fast check")
-    ap.add_argument("--hidden", type=int, default=1024)
-    ap.add_argument("--layers", type=int, default=12)
-    ap.add_argument("--intermediate", type=int, default=2816)
+    ap.add_argument("--hidden", type=int, default=2048)
+    ap.add_argument("--layers", type=int, default=8)
+    ap.add_argument("--intermediate", type=int, default=5632)
     ap.add_argument("--heads", type=int, default=16)
     ap.add_argument("--kv-heads", type=int, default=4)
     ap.add_argument("--vocab", type=int, default=32000)
-    ap.add_argument("--seq", type=int, default=256)
-    ap.add_argument("--batch", type=int, default=2)
+    ap.add_argument("--seq", type=int, default=512)
+    ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--threads", type=int, default=max(1, len(os.sched_getaffinity(0))))
     ap.add_argument(
         "--native-bf16-gemm", action="store_true", help="use torch's bf16 GEMMs (very slow on AVX2-only CPUs)"

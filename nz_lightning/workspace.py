@@ -16,7 +16,7 @@ class WorkspacePool:
     buffer that is freed on release: an 8B model's 1 GiB embedding should not stay resident as a workspace).
     """
 
-    def __init__(self, keep: int = 2, max_bytes: int = 256 * 2**20) -> None:
+    def __init__(self, keep: int = 1, max_bytes: int = 256 * 2**20) -> None:
         self.keep = keep
         self.max_bytes = max_bytes
         self._free: dict[tuple[torch.dtype, torch.device], list[torch.Tensor]] = {}
