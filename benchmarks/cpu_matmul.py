@@ -38,9 +38,9 @@ class Bf16MatmulInFp32(TorchDispatchMode):
         return func(*args, **kwargs)
 
 
-CHUNK_ELEMENTS = 1 << 26
+CHUNK_ELEMENTS = 1 << 24
 """GEMMs with an operand or result larger than this (an 8B model's lm_head and its gradient) run in chunks,
-so fp32 copies stay at 256 MiB instead of twice the size of the weight."""
+so fp32 copies stay at 64 MiB instead of twice the size of the weight."""
 
 
 def _out_numel(args: tuple[Any, ...]) -> int:

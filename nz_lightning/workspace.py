@@ -13,10 +13,10 @@ class WorkspacePool:
 
     A buffer is only reused after it is released, so two compressed arguments of one op never share one.
     At most ``keep`` free buffers per key are retained, each of at most ``max_bytes`` (larger requests get a
-    buffer that is freed on release: an 8B model's 1 GiB embedding should not stay resident as a workspace).
+    buffer that is freed on release: a large embedding should not stay resident as a workspace).
     """
 
-    def __init__(self, keep: int = 1, max_bytes: int = 256 * 2**20) -> None:
+    def __init__(self, keep: int = 1, max_bytes: int = 64 * 2**20) -> None:
         self.keep = keep
         self.max_bytes = max_bytes
         self._free: dict[tuple[torch.dtype, torch.device], list[torch.Tensor]] = {}

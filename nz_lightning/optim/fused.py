@@ -344,6 +344,8 @@ class FusedOptimizer(torch.optim.Optimizer):
             gen = self._generator(value.device)
             gen.manual_seed(_mix_seed(self.seed, i, step))
             new = stochastic_round_to_bf16(self.rule.update_fp32(value, grad, state, lr, step), gen)
+        elif is_compressed(p):  # value is a fresh decoded copy: update it in place, one allocation fewer
+            new = self.rule.update_inplace(value, grad, state, lr, step)
         else:
             new = self.rule.update(value, grad, state, lr, step)
         del value  # free the decoded copy before re-encoding (an 8B model's embedding is 1 GiB of it)

@@ -41,6 +41,13 @@ class UpdateRule:
         """
         return {}
 
+    def update_inplace(self, p: Tensor, grad: Tensor, state: dict[str, Tensor], lr: float, step: int) -> Tensor:
+        """Like :meth:`update`, but may overwrite ``p`` (a scratch copy) to avoid one allocation.
+
+        The result is bit-identical to :meth:`update`. The default simply calls :meth:`update`.
+        """
+        return self.update(p, grad, state, lr, step)
+
     def update_fp32(self, p: Tensor, grad: Tensor, state: dict[str, Tensor], lr: float, step: int) -> Tensor:
         """The new value of the parameter, in fp32 (not yet rounded to the parameter's dtype).
 
@@ -118,7 +125,14 @@ class SGD(UpdateRule):
         return {"momentum_buffer": torch.zeros(p.shape, dtype=p.dtype, device=p.device)} if self.momentum else {}
 
     def _step(
-        self, p: Tensor, grad: Tensor, state: dict[str, Tensor], lr: float, step: int, dtype: torch.dtype
+        self,
+        p: Tensor,
+        grad: Tensor,
+        state: dict[str, Tensor],
+        lr: float,
+        step: int,
+        dtype: torch.dtype,
+        inplace: bool = False,
     ) -> Tensor:
         value = p.to(dtype)
         g = grad.to(dtype)
@@ -131,7 +145,7 @@ class SGD(UpdateRule):
             else:
                 buf.mul_(self.momentum).add_(g.to(buf.dtype), alpha=1 - self.dampening)
             g = g.add(buf.to(dtype), alpha=self.momentum) if self.nesterov else buf.to(dtype)
-        return value.add(g, alpha=-lr)
+        return value.add_(g, alpha=-lr) if inplace and value is p else value.add(g, alpha=-lr)
 
     def update(self, p: Tensor, grad: Tensor, state: dict[str, Tensor], lr: float, step: int) -> Tensor:
         """``torch.optim.SGD``'s update in the promoted dtype of ``p`` and ``grad``, cast back to ``p.dtype``."""
@@ -140,6 +154,11 @@ class SGD(UpdateRule):
     def update_fp32(self, p: Tensor, grad: Tensor, state: dict[str, Tensor], lr: float, step: int) -> Tensor:
         """The same update with all math in fp32 (the momentum buffer keeps its dtype)."""
         return self._step(p, grad, state, lr, step, _F32)
+
+    def update_inplace(self, p: Tensor, grad: Tensor, state: dict[str, Tensor], lr: float, step: int) -> Tensor:
+        """:meth:`update` computed in ``p``'s storage when no dtype promotion is needed (same bits)."""
+        dtype = torch.promote_types(p.dtype, grad.dtype)
+        return self._step(p, grad, state, lr, step, dtype, inplace=dtype == p.dtype).to(p.dtype)
 
 
 class AdamW(UpdateRule):
