@@ -6,12 +6,10 @@ JSON header verbatim, BF16/F16/F32 tensors coded with :func:`kernels.compress`, 
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import math
 import os
-import secrets
 import struct
 import zlib
 from collections.abc import Callable, Iterator
@@ -24,6 +22,8 @@ from kernels.blob import serialized_size
 from kernels.compressed import MODE_RANS, CompressedTensor, compress
 from kernels.freqtable import entropy_bits
 from kernels.spec import spec_for
+
+from .atomic import atomic_write
 
 MAGIC = b"NZSF"
 VERSION = 1
@@ -234,23 +234,6 @@ def _collect(layout: Layout, records: Iterator[_Coded], progress: ProgressFn | N
             progress(seg.name or "(gap)", seg.end, layout.data_len)
     list(records)  # nothing is left but a decoder's end-record checks
     return stats
-
-
-@contextlib.contextmanager
-def atomic_write(dst: PathLike) -> Iterator[BinaryIO]:
-    """Write to a temp file next to ``dst``, fsync'd and ``os.replace``'d onto it on success, removed on error."""
-    tmp = os.path.join(os.path.dirname(dst), f".{os.path.basename(dst)}.{secrets.token_hex(6)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
-    try:
-        with os.fdopen(fd, "wb") as out:
-            yield out
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(tmp, dst)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
 
 
 def _encode_records(

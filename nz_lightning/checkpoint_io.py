@@ -10,9 +10,7 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
-import uuid
 from collections import OrderedDict
 from typing import Any
 
@@ -24,18 +22,10 @@ from typing_extensions import override
 
 from kernels import CompressedTensor
 
+from .atomic import atomic_write
 from .compressed_param import NZParameter
 
 __all__ = ["AtomicCheckpointIO", "atomic_save", "compressed_state_dict", "is_compressed_blob", "load_state_dict"]
-
-
-def _fsync_dir(directory: str) -> None:
-    with contextlib.suppress(OSError):  # not supported everywhere (e.g. Windows); the rename is atomic anyway
-        fd = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
 
 
 def atomic_save(obj: Any, path: _PATH) -> None:
@@ -48,21 +38,8 @@ def atomic_save(obj: Any, path: _PATH) -> None:
         obj: What to save.
         path: Local destination file (its directory is created if needed).
     """
-    path = os.path.abspath(os.fspath(path))
-    directory = os.path.dirname(path)
-    os.makedirs(directory, exist_ok=True)
-    tmp = os.path.join(directory, f".{os.path.basename(path)}.{uuid.uuid4().hex[:12]}.tmp")
-    try:
-        with open(tmp, "xb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    _fsync_dir(directory)
+    with atomic_write(path) as f:
+        torch.save(obj, f)
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
