@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup run test lint typecheck bench clean
+.PHONY: setup run demo test lint bench clean
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -15,8 +15,12 @@ $(STAMP): pyproject.toml
 
 setup: $(STAMP)
 
-# Main job on the embedded default: a random-init Llama-style checkpoint, compressed, inspected and restored.
+# Main job on the embedded default: train a tiny Llama on local text with NeuZip (CPU, no download).
 run: $(STAMP)
+	$(BIN)/python train.py +strategy=neuzip
+
+# Codec demo: a random-init Llama-style checkpoint, compressed, inspected and restored byte-identically.
+demo: $(STAMP)
 	$(BIN)/nz-lightning demo --out-dir runs/demo
 
 lint: $(STAMP)

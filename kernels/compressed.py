@@ -24,6 +24,9 @@ from .streams import Streams
 
 MODE_RAW = 0
 MODE_RANS = 1
+CACHE_TABLES_MIN_NUMEL = 1 << 20
+"""Decoder tables (up to 32 KiB) are cached only for tensors this large, where they cost < 3% of the compressed
+size; smaller tensors rebuild them per decode (tens of microseconds)."""
 
 
 @dataclass
@@ -81,12 +84,14 @@ class CompressedTensor:
         return 8 * blob.serialized_size(self) / max(self.numel(), 1)
 
     def decoder_tables(self, impl: ModuleType) -> torch.Tensor:
-        """The lookup tables backend ``impl`` decodes with, built once per backend and cached."""
+        """The lookup tables backend ``impl`` decodes with (cached per backend for large tensors)."""
         assert self.table is not None
         key = impl.__name__
         cached = self._tables.get(key)
         if cached is None or cached.device != self.device:
-            cached = self._tables[key] = impl.decode_tables(self.table, self.spec, self.device)
+            cached = impl.decode_tables(self.table, self.spec, self.device)
+            if self.numel() >= CACHE_TABLES_MIN_NUMEL:
+                self._tables[key] = cached
         return cached
 
     def drop_caches(self) -> None:
