@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import importlib.metadata
+import json
 import os
 import platform
 import subprocess
@@ -88,6 +89,14 @@ def write_markdown_block(path: Path, block: str, begin: str, end: str) -> None:
         text = text.rstrip("\n") + "\n\n" + block + "\n"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text)
+
+
+def write_results(result: dict[str, Any], out: Path, md: Path, block: str, begin: str, end: str) -> None:
+    """Write ``result`` as JSON to ``out``, put ``block`` between the markers in ``md``, and print it."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2))
+    write_markdown_block(md, block, begin, end)
+    print(block)
 
 
 def reset_peak_rss() -> None:

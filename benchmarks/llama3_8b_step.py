@@ -13,7 +13,6 @@ return to the OS. bf16 GEMMs run in fp32 (benchmarks/cpu_matmul.py) because AVX2
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -22,14 +21,10 @@ from typing import Any
 
 import torch
 
-if os.environ.get("MALLOC_MMAP_THRESHOLD_") != "65536":  # must be set before the process starts
-    os.environ["MALLOC_MMAP_THRESHOLD_"] = "65536"
-    os.execv(sys.executable, [sys.executable, *sys.argv])
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
 import nz_lightning as nz  # noqa: E402
-from benchmarks.common import machine_info, machine_line, rss_kib, write_markdown_block  # noqa: E402
+from benchmarks.common import machine_info, machine_line, rss_kib, write_results  # noqa: E402
 from benchmarks.cpu_matmul import Bf16MatmulInFp32  # noqa: E402
 from benchmarks.llama_model import LLAMA3_8B, build_compressed_from_meta, llama_config  # noqa: E402
 
@@ -131,12 +126,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--md", type=Path, default=Path("docs/BENCHMARKS.md"))
     args = ap.parse_args(argv)
     result = run(args)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2))
-    write_markdown_block(args.md, render(result), MD_BEGIN, MD_END)
-    print(render(result))
+    write_results(result, args.out, args.md, render(result), MD_BEGIN, MD_END)
     return result
 
 
 if __name__ == "__main__":
+    if os.environ.get("MALLOC_MMAP_THRESHOLD_") != "65536":  # glibc reads it at process start: re-exec once
+        os.environ["MALLOC_MMAP_THRESHOLD_"] = "65536"
+        os.execv(sys.executable, [sys.executable, *sys.argv])
     main()

@@ -25,7 +25,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
-from benchmarks.common import machine_info, machine_line, reset_peak_rss, rss_kib, write_markdown_block  # noqa: E402
+from benchmarks.common import machine_info, machine_line, reset_peak_rss, rss_kib, write_results  # noqa: E402
 from benchmarks.cpu_matmul import Bf16MatmulInFp32  # noqa: E402
 
 MD_BEGIN, MD_END = "<!-- train_memory:begin -->", "<!-- train_memory:end -->"
@@ -229,10 +229,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
             print(json.dumps({k: row.get(k) for k in ("method", "checkpointing", "peak_mib", "step_s", "error")}))
             rows.append(row)
     result = {"machine": machine_info(), "shape": shape, "quick": args.quick, "rows": rows}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2))
-    write_markdown_block(args.md, render(result), MD_BEGIN, MD_END)
-    print(render(result))
+    write_results(result, args.out, args.md, render(result), MD_BEGIN, MD_END)
     return result
 
 
