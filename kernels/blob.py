@@ -22,6 +22,7 @@ from .layout import (
     lane_lengths,
     num_lanes,
 )
+from .lossy import MAX_BLOCK_LOG2, NO_BLOCK, num_blocks, scale_bytes
 from .spec import spec_for, spec_for_code
 from .streams import Streams
 
@@ -33,12 +34,14 @@ VERSION = 1
 MAX_NDIM = 64
 _HEAD = struct.Struct("<4sBBBB")  # magic, version, dtype code, mode, ndim
 _RANS = struct.Struct("<BBHIQ")  # prob_bits, reserved, n_symbols, steps_per_lane, n_words
+_LOSSY = struct.Struct("<BBHQ")  # mantissa_bits, block_log2 (255: none), reserved, n_nan
 _CRC = struct.Struct("<I")
 
 
 def header_size(ndim: int, mode: int) -> int:
     """Bytes of fixed header (without table and arrays) plus the trailing checksum."""
-    return _HEAD.size + 8 * ndim + (_RANS.size if mode == 1 else 0) + _CRC.size
+    extra = {0: 0, 1: _RANS.size, 2: _RANS.size + _LOSSY.size}[mode]
+    return _HEAD.size + 8 * ndim + extra + _CRC.size
 
 
 def serialized_size(ct: CompressedTensor) -> int:
@@ -47,7 +50,11 @@ def serialized_size(ct: CompressedTensor) -> int:
     if ct.mode == 0:
         return size + ct.numel() * ct.spec.itemsize
     assert ct.streams is not None and ct.table is not None
-    return size + 3 * len(ct.table.symbols) + ct.streams.nbytes()
+    size += 3 * len(ct.table.symbols) + ct.streams.nbytes()
+    if ct.mode == 2:
+        assert ct.nan_index is not None
+        size += (0 if ct.scales is None else ct.scales.numel()) + 8 * ct.nan_index.numel()
+    return size
 
 
 def raw_serialized_size(shape: torch.Size, dtype: torch.dtype) -> int:
@@ -70,12 +77,21 @@ def dumps(ct: CompressedTensor) -> bytes:
         assert ct.streams is not None and ct.table is not None
         st, tb = ct.streams, ct.table
         parts.append(_RANS.pack(tb.prob_bits, 0, len(tb.symbols), ct.steps_per_lane, st.words.numel()))
+        if ct.mode == 2:
+            assert ct.mantissa_bits is not None and ct.nan_index is not None
+            log2 = NO_BLOCK if ct.block_size is None else ct.block_size.bit_length() - 1
+            parts.append(_LOSSY.pack(ct.mantissa_bits, log2, 0, ct.nan_index.numel()))
         parts.append(bytes(tb.symbols))
         parts.append(struct.pack(f"<{len(tb.freqs)}H", *tb.freqs))
         parts.append(_le(st.states.view(torch.int32), "<i4"))
         parts.append(_le(st.counts.to(torch.int32), "<u2"))
         parts.append(_le(st.words.view(torch.int16), "<i2"))
         parts.append(st.sm.cpu().numpy().tobytes())
+        if ct.mode == 2:
+            assert ct.nan_index is not None
+            if ct.scales is not None:
+                parts.append(ct.scales.cpu().numpy().tobytes())
+            parts.append(_le(ct.nan_index, "<i8"))
     body = b"".join(parts)
     return body + _CRC.pack(zlib.crc32(body))
 
@@ -129,11 +145,23 @@ def loads(cls: type[CompressedTensor], data: bytes | bytearray | memoryview, dev
         raw = torch.from_numpy(rd.array(n * spec.itemsize, "u1", "raw payload"))
         _finish(rd)
         return cls(shape, spec.dtype, 0, None, DEFAULT_STEPS_PER_LANE, raw=raw.to(device))
-    if mode != 1:
+    if mode not in (1, 2):
         raise ValueError(f"corrupt blob: unknown mode {mode}")
     if n == 0:
         raise ValueError("corrupt blob: coded mode with no elements")
     prob_bits, _, nsym, steps, nwords = rd.unpack(_RANS, "coder header")
+    sm_bits, block_size, n_nan, scale_len = spec.sm_bits, None, 0, 0
+    if mode == 2:
+        k, log2, _, n_nan = rd.unpack(_LOSSY, "lossy header")
+        if not 0 <= k < spec.man_bits:
+            raise ValueError(f"corrupt blob: mantissa_bits {k} out of range for {spec.dtype}")
+        if log2 != NO_BLOCK and log2 > MAX_BLOCK_LOG2:
+            raise ValueError(f"corrupt blob: block size 2^{log2} out of range")
+        if n_nan > n:
+            raise ValueError(f"corrupt blob: {n_nan} NaN positions for {n} elements")
+        sm_bits = 1 + k
+        block_size = None if log2 == NO_BLOCK else 1 << log2
+        scale_len = num_blocks(n, block_size) * scale_bytes(spec)
     if not MIN_PROB_BITS <= prob_bits <= MAX_PROB_BITS:
         raise ValueError(f"corrupt blob: prob_bits {prob_bits} out of range")
     if not 1 <= steps <= MAX_STEPS_PER_LANE:
@@ -143,14 +171,23 @@ def loads(cls: type[CompressedTensor], data: bytes | bytearray | memoryview, dev
     lanes = num_lanes(n, k)
     if nwords > n:
         raise ValueError(f"corrupt blob: {nwords} words for {n} symbols")
-    sm_len = (n * spec.sm_bits + 7) // 8
-    if rd.pos + 4 * lanes + 2 * lanes + 2 * nwords + sm_len != len(body):
+    sm_len = (n * sm_bits + 7) // 8
+    if rd.pos + 4 * lanes + 2 * lanes + 2 * nwords + sm_len + scale_len + 8 * n_nan != len(body):
         raise ValueError("corrupt blob: section sizes do not add up to the blob length")
     states = rd.array(lanes, "<u4", "lane states")
     counts = rd.array(lanes, "<u2", "lane word counts")
     words = rd.array(nwords, "<i2", "words")
     sm = rd.array(sm_len, "u1", "sign+mantissa")
+    scales = rd.array(scale_len, "u1", "block scales") if mode == 2 and block_size is not None else None
+    nans = rd.array(n_nan, "<i8", "NaN positions") if mode == 2 else None
     _finish(rd)
+    if scales is not None and scales.size:
+        per = scale_bytes(spec)
+        fields = scales.reshape(-1, per).astype(np.int64) << (8 * np.arange(per, dtype=np.int64))
+        if (fields.sum(1) >= 1 << spec.man_bits).any():
+            raise ValueError("corrupt blob: a block scale exceeds the mantissa width")
+    if nans is not None and ((nans < 0).any() or (nans >= n).any() or (np.diff(nans) <= 0).any()):
+        raise ValueError("corrupt blob: NaN positions out of range or not ascending")
     if (states < STATE_LOWER).any():
         raise ValueError("corrupt blob: a lane state is below the rANS lower bound")
     if int(counts.astype(np.int64).sum()) != nwords:
@@ -164,7 +201,22 @@ def loads(cls: type[CompressedTensor], data: bytes | bytearray | memoryview, dev
         sm=torch.from_numpy(sm),
     )
     assert lanes % LANES_PER_SEGMENT == 0
-    return cls(shape, spec.dtype, 1, table, steps, streams.to(device))
+    if mode == 1:
+        return cls(shape, spec.dtype, 1, table, steps, streams.to(device))
+    assert nans is not None
+    return cls(
+        shape,
+        spec.dtype,
+        2,
+        table,
+        steps,
+        streams.to(device),
+        None,
+        sm_bits - 1,
+        block_size,
+        None if scales is None else torch.from_numpy(scales).to(device),
+        torch.from_numpy(nans).to(device),
+    )
 
 
 def _read_table(rd: _Reader, nsym: int, prob_bits: int, alphabet: int) -> FreqTable:

@@ -8,7 +8,7 @@ from types import ModuleType
 
 import torch
 
-from . import blob
+from . import blob, lossy
 from .backends import get_backend
 from .freqtable import FreqTable, quantize_counts
 from .layout import (
@@ -24,6 +24,7 @@ from .streams import Streams
 
 MODE_RAW = 0
 MODE_RANS = 1
+MODE_LOSSY = 2
 CACHE_TABLES_MIN_NUMEL = 1 << 20
 """Decoder tables (up to 32 KiB) are cached only for tensors this large, where they cost < 3% of the compressed
 size; smaller tensors rebuild them per decode (tens of microseconds)."""
@@ -33,16 +34,22 @@ size; smaller tensors rebuild them per decode (tens of microseconds)."""
 class CompressedTensor:
     """A float tensor held compressed: rANS-coded exponents plus raw sign+mantissa bits, or raw bytes.
 
-    Build one with :func:`compress` or :meth:`from_bytes`; get the exact original back with :meth:`decompress`.
+    Build one with :func:`compress` or :meth:`from_bytes`; get the original back with :meth:`decompress`
+    (bit-exact, except in lossy mode, which keeps only ``mantissa_bits`` mantissa bits).
 
     Attributes:
         shape: Shape of the original tensor.
         dtype: Dtype of the original tensor.
-        mode: ``MODE_RANS`` (coded) or ``MODE_RAW`` (the original bytes, when coding would not win).
+        mode: ``MODE_RANS`` (coded), ``MODE_RAW`` (the original bytes, when coding would not win) or
+            ``MODE_LOSSY`` (coded exponents plus the top ``mantissa_bits`` mantissa bits).
         table: The static frequency table (``None`` in raw mode).
         steps_per_lane: Symbols per rANS lane (see docs/FORMAT.md).
         streams: The coded arrays (``None`` in raw mode).
         raw: The original bytes as uint8 (raw mode only).
+        mantissa_bits: Mantissa bits kept (lossy mode only, else ``None``).
+        block_size: Normalization block size (lossy mode only; ``None`` when off).
+        scales: Packed block scale fields (uint8; lossy mode with normalization only).
+        nan_index: Positions of NaNs (int64; lossy mode only).
     """
 
     shape: torch.Size
@@ -52,12 +59,26 @@ class CompressedTensor:
     steps_per_lane: int
     streams: Streams | None = None
     raw: torch.Tensor | None = None
+    mantissa_bits: int | None = None
+    block_size: int | None = None
+    scales: torch.Tensor | None = None
+    nan_index: torch.Tensor | None = None
     _tables: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
 
     @property
     def spec(self) -> FloatSpec:
         """Bit layout of the dtype."""
         return spec_for(self.dtype)
+
+    @property
+    def lossy(self) -> bool:
+        """True in lossy mode (the decoded values are rounded to ``mantissa_bits`` mantissa bits)."""
+        return self.mode == MODE_LOSSY
+
+    @property
+    def coding_spec(self) -> FloatSpec:
+        """Layout whose exponent field the rANS lanes decode into (the carrier's, in lossy mode)."""
+        return lossy.carrier_spec(self.spec) if self.lossy else self.spec
 
     @property
     def device(self) -> torch.device:
@@ -89,7 +110,7 @@ class CompressedTensor:
         key = impl.__name__
         cached = self._tables.get(key)
         if cached is None or cached.device != self.device:
-            cached = impl.decode_tables(self.table, self.spec, self.device)
+            cached = impl.decode_tables(self.table, self.coding_spec, self.device)
             if self.numel() >= CACHE_TABLES_MIN_NUMEL:
                 self._tables[key] = cached
         return cached
@@ -99,7 +120,7 @@ class CompressedTensor:
         self._tables.clear()
 
     def decompress(self, out: torch.Tensor | None = None, *, backend: str | None = None) -> torch.Tensor:
-        """Decode to a contiguous tensor bit-identical to the original.
+        """Decode to a contiguous tensor bit-identical to the original (in lossy mode: its rounded values).
 
         Args:
             out: Optional preallocated contiguous tensor of the same shape, dtype and device to decode into.
@@ -124,6 +145,22 @@ class CompressedTensor:
             return out
         assert self.streams is not None and self.table is not None
         impl = get_backend(backend, self.device)
+        if self.lossy:
+            assert self.mantissa_bits is not None and self.nan_index is not None
+            lossy.decode(
+                self.streams,
+                self.spec,
+                impl,
+                self.decoder_tables(impl),
+                self.table.prob_bits,
+                self.steps_per_lane,
+                self.mantissa_bits,
+                self.block_size,
+                self.scales,
+                self.nan_index,
+                flat,
+            )
+            return out
         impl.decode(self.streams, self.spec, self.decoder_tables(impl), self.table.prob_bits, self.steps_per_lane, flat)
         return out
 
@@ -146,6 +183,10 @@ class CompressedTensor:
             self.steps_per_lane,
             None if self.streams is None else self.streams.to(device),
             None if self.raw is None else self.raw.to(device),
+            self.mantissa_bits,
+            self.block_size,
+            None if self.scales is None else self.scales.to(device),
+            None if self.nan_index is None else self.nan_index.to(device),
         )
 
     def to_bytes(self) -> bytes:
@@ -162,7 +203,7 @@ class CompressedTensor:
         return blob.loads(cls, data, torch.device(device))
 
     def __repr__(self) -> str:
-        kind = "raw" if self.mode == MODE_RAW else "rans"
+        kind = {MODE_RAW: "raw", MODE_RANS: "rans"}.get(self.mode, f"lossy k={self.mantissa_bits} B={self.block_size}")
         return (
             f"CompressedTensor(shape={tuple(self.shape)}, dtype={self.dtype}, device={self.device}, mode={kind}, "
             f"nbytes={self.nbytes}, bits_per_weight={self.bits_per_weight:.3f})"
@@ -180,17 +221,26 @@ def compress(
     backend: str | None = None,
     prob_bits: int = DEFAULT_PROB_BITS,
     steps_per_lane: int = DEFAULT_STEPS_PER_LANE,
+    mantissa_bits: int | None = None,
+    block_size: int | None = lossy.DEFAULT_BLOCK_SIZE,
 ) -> CompressedTensor:
-    """Compress a float tensor losslessly.
+    """Compress a float tensor, losslessly by default.
 
     Args:
         t: A bfloat16, float16 or float32 tensor of any shape and strides, on CPU or CUDA.
         backend: Force ``"torch"`` (reference), ``"cpu"`` (numba) or ``"triton"``; default picks by device.
         prob_bits: log2 of the rANS frequency total (8..15).
         steps_per_lane: Symbols per rANS lane (1..65535); fewer means more parallel lanes and more overhead.
+        mantissa_bits: ``None`` for lossless. Otherwise the lossy mode (for inference): keep the exponent and the
+            top ``mantissa_bits`` mantissa bits (bf16 0-6, fp16 0-9, fp32 0-22), rounded to nearest even with
+            carry into the exponent; finite values saturate instead of becoming inf; NaN and ±inf are kept.
+        block_size: Lossy mode only: block normalization over this many consecutive elements (a power of two;
+            each block's absmax survives exactly, at ``8 * ceil(man_bits / 8) / block_size`` bits/weight), or
+            ``None`` for none. Ignored in lossless mode.
 
     Returns:
-        The compressed tensor; raw bytes are kept instead when coding would not make it smaller.
+        The compressed tensor. When coding would not make it smaller, raw bytes are kept instead: the original
+        bytes (lossless mode) or those of the rounded values (lossy mode).
 
     Raises:
         TypeError: ``t`` is not a tensor or has an unsupported dtype.
@@ -203,11 +253,23 @@ def compress(
         raise ValueError(f"prob_bits must be in [{MIN_PROB_BITS}, {MAX_PROB_BITS}], got {prob_bits}")
     if not 1 <= steps_per_lane <= MAX_STEPS_PER_LANE:
         raise ValueError(f"steps_per_lane must be in [1, {MAX_STEPS_PER_LANE}], got {steps_per_lane}")
+    if mantissa_bits is not None:
+        lossy.check_options(spec, mantissa_bits, block_size)
     impl = get_backend(backend, t.device)
     x = t.detach().contiguous()
     n = x.numel()
     if n == 0:
         return _raw(x, steps_per_lane)
+    if mantissa_bits is not None:
+        table, streams, scales, nans = lossy.encode(
+            x.reshape(-1), spec, impl, mantissa_bits, block_size, prob_bits, steps_per_lane
+        )
+        coded = CompressedTensor(
+            x.shape, x.dtype, MODE_LOSSY, table, steps_per_lane, streams, None, mantissa_bits, block_size, scales, nans
+        )
+        if blob.serialized_size(coded) >= blob.raw_serialized_size(x.shape, x.dtype):
+            return _raw(coded.decompress(backend=backend), steps_per_lane)  # tiny tensors: raw rounded values
+        return coded
     counts = impl.exponent_histogram(x, spec).tolist()
     table = quantize_counts(counts, prob_bits)
     raw_size = n * spec.itemsize
