@@ -13,11 +13,25 @@ import numba
 import numpy as np
 import torch
 
+from .cpu_lossy import fields as lossy_fields
+from .cpu_lossy import merge as lossy_merge
+from .cpu_lossy import quantize as lossy_quantize
+from .cpu_lossy import supported as lossy_supported
 from .freqtable import FreqTable
 from .layout import LANES_PER_SEGMENT, STATE_LOWER, effective_steps, num_segments
 from .spec import FloatSpec
 from .streams import Streams
 
+__all__ = [
+    "decode",
+    "decode_tables",
+    "encode",
+    "exponent_histogram",
+    "lossy_fields",
+    "lossy_merge",
+    "lossy_quantize",
+    "lossy_supported",
+]
 _W = LANES_PER_SEGMENT
 _L = STATE_LOWER
 

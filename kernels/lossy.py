@@ -8,10 +8,10 @@ Quantization (docs/FORMAT.md §1.7):
 * Each value ``x`` is stored as a ``q`` on the ``k``-bit grid of its dtype (sign, exponent, top ``k`` mantissa
   bits), and decodes to ``dequant(q) = dtype(float(q) * s)`` (``q`` itself without normalization). The encoder
   picks, of the two grid points around ``|x| / s``, the one whose *decoded* value is nearer to ``|x|``; ties go
-  to the even multiple of the binade's grid step. Without normalization this is exactly round-to-nearest-even with the carry into the
-  exponent; a finite value never becomes inf (it saturates at the largest finite grid value). Because the
-  decoded value itself is always a candidate when it is re-encoded, ``decode(encode(x))`` is idempotent, and a
-  block's absmax decodes exactly.
+  to the even multiple of the binade's grid step. Without normalization this is exactly round-to-nearest-even
+  with the carry into the exponent; a finite value never becomes inf (it saturates at the largest finite grid
+  value). Because the decoded value itself is always a candidate when it is re-encoded, ``decode(encode(x))`` is
+  idempotent, and a block's absmax decodes exactly.
 * ±inf stay ±inf; NaNs are stored as inf of the same sign plus their index, and decode to the canonical quiet
   NaN of that sign.
 
@@ -261,6 +261,12 @@ def carrier(q: torch.Tensor, spec: FloatSpec) -> torch.Tensor:
     return (exp << cs.man_bits).to(cs.int_dtype).view(cs.dtype)
 
 
+def _fast(impl: ModuleType, spec: FloatSpec) -> bool:
+    """Whether backend ``impl`` has its own (byte-identical) lossy loops for ``spec``."""
+    check = getattr(impl, "lossy_supported", None)
+    return check is not None and bool(check(spec))
+
+
 def encode(
     x: torch.Tensor,
     spec: FloatSpec,
@@ -276,14 +282,20 @@ def encode(
         The frequency table, the streams (``sm`` holds the packed ``1 + mantissa_bits``-bit fields), the packed
         block scales (uint8, :func:`scale_bytes` little-endian bytes per block, or ``None``) and the NaN indices.
     """
-    q, scales, nan_index = quantize(x, spec, mantissa_bits, block_size)
+    if _fast(impl, spec):
+        q, scales, nan_index = impl.lossy_quantize(x, spec, mantissa_bits, block_size)
+    else:
+        q, scales, nan_index = quantize(x, spec, mantissa_bits, block_size)
     cs = carrier_spec(spec)
-    exps = carrier(q, spec)
+    if _fast(impl, spec):
+        exps, sm = impl.lossy_fields(q, spec, mantissa_bits)
+    else:
+        exps, sm = carrier(q, spec), pack_fields(sm_fields(q, spec, mantissa_bits), 1 + mantissa_bits)
+    del q
     counts = impl.exponent_histogram(exps, cs).tolist()
     table = quantize_counts(counts, prob_bits)
     coded = impl.encode(exps, cs, table, steps)
     del exps
-    sm = pack_fields(sm_fields(q, spec, mantissa_bits), 1 + mantissa_bits)
     packed_scales = None if scales is None else pack_fields(scales, 8 * scale_bytes(spec))
     return table, Streams(coded.states, coded.counts, coded.words, sm), packed_scales, nan_index
 
@@ -312,6 +324,13 @@ def decode(
     zero_sm = torch.zeros((n * cs.sm_bits + 7) // 8, dtype=torch.uint8, device=out.device)
     impl.decode(Streams(streams.states, streams.counts, streams.words, zero_sm), cs, tables, prob_bits, steps, exps)
     del zero_sm
+    scales = None
+    if block_size is not None and packed_scales is not None:
+        scales = unpack_fields(packed_scales, 8 * scale_bytes(spec), num_blocks(n, block_size))
+    if _fast(impl, spec):
+        impl.lossy_merge(exps, streams.sm, spec, mantissa_bits, block_size, scales, out)
+        restore_nans(out, spec, nan_index)
+        return
     exp = (exps.view(torch.int16).to(_int_dtype(spec)) >> cs.man_bits) & (spec.alphabet - 1)
     del exps
     fields = unpack_fields(streams.sm, 1 + mantissa_bits, n).to(_int_dtype(spec))
@@ -322,9 +341,6 @@ def decode(
         | ((fields & ((1 << k) - 1)) << (spec.man_bits - k))
     )
     del fields, exp
-    scales = None
-    if block_size is not None and packed_scales is not None:
-        scales = unpack_fields(packed_scales, 8 * scale_bytes(spec), num_blocks(n, block_size))
     dequantize(q, spec, block_size, scales, out)
     restore_nans(out, spec, nan_index)
 

@@ -1,0 +1,238 @@
+"""numba loops of the lossy mode for bf16 and fp32 on CPU, byte-identical to the torch code in ``kernels.lossy``.
+
+They do in one pass per element what ``kernels.lossy`` does with a dozen whole-tensor torch ops: quantization
+(block absmax, division by the scale, the two-candidate decode-aware rounding) and the decoder's merge of carrier
+exponents, packed fields and block scales. The float arithmetic is the same IEEE operations in the same
+precision (fp32 for bf16, fp64 for fp32; float -> bf16 is round-to-nearest-even on the bits, as torch does).
+fp16 has no numba path (``supported`` is False) and uses the torch code.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numba
+import numpy as np
+import torch
+from llvmlite import ir
+from numba.core import types
+from numba.extending import intrinsic
+
+from .spec import FloatSpec
+
+_U32 = np.uint32
+
+
+def supported(spec: FloatSpec) -> bool:
+    """Whether these loops handle ``spec`` (bf16 and fp32)."""
+    return spec.dtype in (torch.bfloat16, torch.float32)
+
+
+def _f32_intrinsic(typingctx: Any, bits: Any) -> Any:  # pragma: no cover - compiled
+    """Reinterpret uint32 bits as a float32 (an LLVM bitcast)."""
+
+    def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:
+        return builder.bitcast(args[0], ir.FloatType())
+
+    return types.float32(types.uint32), codegen
+
+
+def _bits32_intrinsic(typingctx: Any, value: Any) -> Any:  # pragma: no cover - compiled
+    """Reinterpret a float32 as its uint32 bits (an LLVM bitcast)."""
+
+    def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:
+        return builder.bitcast(args[0], ir.IntType(32))
+
+    return types.uint32(types.float32), codegen
+
+
+_f32: Any = intrinsic(_f32_intrinsic)
+_bits32: Any = intrinsic(_bits32_intrinsic)
+
+
+@numba.njit(inline="always")
+def _to_bf16(bits: Any) -> Any:  # pragma: no cover - jitted
+    """Round fp32 bits (finite or inf) to bf16 bits, nearest even."""
+    return (bits + _U32(0x7FFF) + ((bits >> _U32(16)) & _U32(1))) >> _U32(16)
+
+
+@numba.njit(inline="always")
+def _value(mag: Any, is16: bool) -> Any:  # pragma: no cover - jitted
+    """A magnitude bit pattern of the dtype as a float64 (exact)."""
+    if is16:
+        return np.float64(_f32(_U32(mag << 16)))
+    return np.float64(_f32(_U32(mag)))
+
+
+@numba.njit(inline="always")
+def _scaled(mag: Any, s: Any, is16: bool) -> Any:  # pragma: no cover - jitted
+    """``dtype(value(mag) * s)``: fp32 product rounded to bf16, or fp64 product rounded to fp32."""
+    if is16:
+        p = np.float32(_value(mag, True)) * np.float32(s)
+        return np.float64(_f32(_to_bf16(_bits32(p)) << _U32(16)))
+    return np.float64(np.float32(_value(mag, False) * s))
+
+
+@numba.njit(inline="always")
+def _magnitude_of(v: Any, is16: bool) -> Any:  # pragma: no cover - jitted
+    """Bits of the non-negative finite ``v`` rounded to the dtype (fp32 value for bf16 first)."""
+    if is16:
+        return np.int64(_to_bf16(_bits32(np.float32(v))))
+    return np.int64(_bits32(np.float32(v)))
+
+
+@numba.njit(nogil=True, cache=True, boundscheck=False)
+def _quantize(
+    bits: np.ndarray, is16: bool, man: int, k: int, block: int, q: np.ndarray, scales: np.ndarray, nan: np.ndarray
+) -> int:  # pragma: no cover - jitted
+    n = bits.size
+    total = 16 if is16 else 32
+    top = np.int64(255)
+    mmask = np.int64((1 << man) - 1)
+    magmask = np.int64((1 << (total - 1)) - 1)
+    drop = man - k
+    step = block if block > 0 else n
+    nnan = 0
+    for b0 in range(0, n, step):
+        b1 = min(n, b0 + step)
+        s = 1.0
+        if block > 0:
+            amax = np.int64(0)
+            for i in range(b0, b1):
+                mag = np.int64(bits[i]) & magmask
+                if (mag >> man) != top and mag > amax:
+                    amax = mag
+            f = amax & mmask if (amax >> man) > 0 else np.int64(0)
+            scales[b0 // block] = f
+            s = 1.0 + f / float(1 << man)
+        for i in range(b0, b1):
+            raw = np.int64(bits[i])
+            sign = (raw >> (total - 1)) & 1
+            mag = raw & magmask
+            if (mag >> man) == top:
+                if (mag & mmask) != 0:
+                    nan[nnan] = i
+                    nnan += 1
+                q[i] = (sign << (total - 1)) | (top << man)
+                continue
+            absx = _value(mag, is16)
+            target = mag
+            if block > 0:
+                if is16:
+                    target = np.int64(_to_bf16(_bits32(np.float32(absx) / np.float32(s))))
+                else:
+                    target = _magnitude_of(absx / s, False)
+            lo = (target >> drop) << drop
+            hi = lo + (np.int64(1) << drop)
+            if block > 0:
+                err_lo = abs(absx - _scaled(lo, s, is16))
+            else:
+                err_lo = abs(absx - _value(lo, is16))
+            pick: Any = False
+            if (hi >> man) < top:
+                v_hi = _scaled(hi, s, is16) if block > 0 else _value(hi, is16)
+                err_hi = abs(v_hi - absx)
+                odd = (lo >> man) > 0 if k == 0 else ((lo >> drop) & 1) == 1
+                pick = err_hi < err_lo or (err_hi == err_lo and odd)
+            q[i] = (sign << (total - 1)) | (hi if pick else lo)
+    return nnan
+
+
+@numba.njit(nogil=True, cache=True, boundscheck=False)
+def _merge(
+    carrier: np.ndarray, sm: np.ndarray, is16: bool, man: int, k: int, block: int, scales: np.ndarray, out: np.ndarray
+) -> None:  # pragma: no cover - jitted
+    n = carrier.size
+    total = 16 if is16 else 32
+    width = 1 + k
+    fmask = np.int64((1 << width) - 1)
+    kmask = np.int64((1 << k) - 1)
+    nbytes = sm.size
+    for i in range(n):
+        pos = i * width
+        j = pos >> 3
+        v = np.int64(0)
+        for t in range(4):
+            if j + t < nbytes and t * 8 < (pos & 7) + width:
+                v |= np.int64(sm[j + t]) << (8 * t)
+        field = (v >> (pos & 7)) & fmask
+        exp = (np.int64(carrier[i]) >> 7) & 255
+        mag = (exp << man) | ((field & kmask) << (man - k))
+        if block > 0 and exp != 255:
+            s = 1.0 + scales[i // block] / float(1 << man)
+            mag = _magnitude_of(_scaled(mag, s, is16), is16)
+        out[i] = ((field >> k) << (total - 1)) | mag
+
+
+@numba.njit(nogil=True, cache=True, boundscheck=False)
+def _fields(q: np.ndarray, is16: bool, man: int, k: int, carrier: np.ndarray, packed: np.ndarray) -> None:
+    # pragma: no cover - jitted
+    total = 16 if is16 else 32
+    width = 1 + k
+    acc = np.uint64(0)
+    nbits = 0
+    pos = 0
+    kmask = np.int64((1 << k) - 1)
+    for i in range(q.size):
+        v = np.int64(q[i])
+        carrier[i] = ((v >> man) & 255) << 7
+        field = (((v >> (total - 1)) & 1) << k) | ((v >> (man - k)) & kmask)
+        acc |= np.uint64(field) << np.uint64(nbits)
+        nbits += width
+        while nbits >= 8:
+            packed[pos] = acc & np.uint64(255)
+            acc >>= np.uint64(8)
+            nbits -= 8
+            pos += 1
+    if nbits > 0:
+        packed[pos] = acc & np.uint64(255)
+
+
+def fields(q: torch.Tensor, spec: FloatSpec, mantissa_bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The bf16 exponent carrier and the packed ``1 + k``-bit fields of grid bit patterns ``q``."""
+    n = q.numel()
+    carrier = np.empty(n, dtype=np.int16)
+    packed = np.zeros((n * (1 + mantissa_bits) + 7) // 8, dtype=np.uint8)
+    _fields(q.numpy(), spec.total_bits == 16, spec.man_bits, mantissa_bits, carrier, packed)
+    return torch.from_numpy(carrier).view(torch.bfloat16), torch.from_numpy(packed)
+
+
+def quantize(
+    x: torch.Tensor, spec: FloatSpec, mantissa_bits: int, block_size: int | None
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """Same contract and results as :func:`kernels.lossy.quantize` (bf16 and fp32 only)."""
+    n = x.numel()
+    is16 = spec.total_bits == 16
+    bits = x.reshape(-1).view(spec.int_dtype).numpy().view(np.uint16 if is16 else np.uint32)
+    q = np.empty(n, dtype=np.int32 if is16 else np.int64)
+    nblocks = 0 if block_size is None else -(-n // block_size)
+    scales = np.zeros(max(nblocks, 1), dtype=np.int64)
+    nan = np.empty(n, dtype=np.int64)
+    count = _quantize(bits, is16, spec.man_bits, mantissa_bits, block_size or 0, q, scales, nan)
+    sc = None if block_size is None else torch.from_numpy(scales[:nblocks])
+    return torch.from_numpy(q), sc, torch.from_numpy(nan[:count].copy())
+
+
+def merge(
+    carrier: torch.Tensor,
+    sm: torch.Tensor,
+    spec: FloatSpec,
+    mantissa_bits: int,
+    block_size: int | None,
+    scales: torch.Tensor | None,
+    out: torch.Tensor,
+) -> None:
+    """Decoded values (NaNs still as inf) from carrier exponents, packed fields and block scale fields."""
+    is16 = spec.total_bits == 16
+    sc = np.zeros(1, dtype=np.int64) if scales is None else scales.numpy()
+    out_bits = out.view(spec.int_dtype).numpy().view(np.uint16 if is16 else np.uint32)
+    _merge(
+        carrier.view(torch.int16).numpy(),
+        sm.numpy(),
+        is16,
+        spec.man_bits,
+        mantissa_bits,
+        block_size or 0,
+        sc,
+        out_bits,
+    )
