@@ -206,6 +206,46 @@ def _sm_fp16(sm: np.ndarray, i: np.uint64) -> np.uint64:  # pragma: no cover - j
 
 
 @numba.njit(inline="always", nogil=True, boundscheck=False)
+def _merge_fp16(out: np.ndarray, sm: np.ndarray, base: int, rest: int) -> None:  # pragma: no cover - jitted
+    """OR the sign+mantissa fields of elements ``[base, base + rest)`` (``base % 8 == 0``) into ``out``."""
+    u = np.uint64
+    groups = rest // 8
+    for g in range(groups):
+        o = (base // 8 + g) * 11
+        lo = _u64(sm, o)
+        hi = u(sm[o + 8]) | (u(sm[o + 9]) << u(8)) | (u(sm[o + 10]) << u(16))
+        r = base + 8 * g
+        m = u(0x7FF)
+        f0 = lo & m
+        f1 = (lo >> u(11)) & m
+        f2 = (lo >> u(22)) & m
+        f3 = (lo >> u(33)) & m
+        f4 = (lo >> u(44)) & m
+        f5 = ((lo >> u(55)) | (hi << u(9))) & m
+        f6 = (hi >> u(2)) & m
+        f7 = (hi >> u(13)) & m
+        out[r] |= ((f0 >> u(10)) << u(15)) | (f0 & u(0x3FF))
+        out[r + 1] |= ((f1 >> u(10)) << u(15)) | (f1 & u(0x3FF))
+        out[r + 2] |= ((f2 >> u(10)) << u(15)) | (f2 & u(0x3FF))
+        out[r + 3] |= ((f3 >> u(10)) << u(15)) | (f3 & u(0x3FF))
+        out[r + 4] |= ((f4 >> u(10)) << u(15)) | (f4 & u(0x3FF))
+        out[r + 5] |= ((f5 >> u(10)) << u(15)) | (f5 & u(0x3FF))
+        out[r + 6] |= ((f6 >> u(10)) << u(15)) | (f6 & u(0x3FF))
+        out[r + 7] |= ((f7 >> u(10)) << u(15)) | (f7 & u(0x3FF))
+    for i in range(base + 8 * groups, base + rest):
+        out[i] |= _sm_fp16(sm, u(i))
+
+
+@numba.njit(inline="always", nogil=True, boundscheck=False)
+def _u64(sm: np.ndarray, o: int) -> np.uint64:  # pragma: no cover - jitted
+    """Little-endian uint64 from 8 bytes at ``o``."""
+    v = np.uint64(0)
+    for t in range(8):
+        v |= np.uint64(sm[o + t]) << np.uint64(8 * t)
+    return v
+
+
+@numba.njit(inline="always", nogil=True, boundscheck=False)
 def _sm_fp32(sm: np.ndarray, i: np.uint64) -> np.uint64:  # pragma: no cover - jitted
     o = np.uint64(3) * i
     v = np.uint64(sm[o]) | (np.uint64(sm[o + np.uint64(1)]) << np.uint64(8))
@@ -278,13 +318,13 @@ def _decode_lanes(
                         e = _advance(x, p, j, dtab, words, slot_mask, pb, lim)
                         r = u(base + s * _W + j)
                         out[r] = _sm_bf16(sm, r) | ((e >> u(16)) & u(0xFFFFFFFF))
-        elif code == 2:
+        elif code == 2:  # exponents first, then the 11-bit fields merged 8 at a time (11 whole bytes)
             for s in range(nsteps):
                 for j in range(_W):
                     if s < full or s < steps_j[j]:
                         e = _advance(x, p, j, dtab, words, slot_mask, pb, lim)
-                        r = u(base + s * _W + j)
-                        out[r] = _sm_fp16(sm, r) | ((e >> u(16)) & u(0xFFFFFFFF))
+                        out[base + s * _W + j] = (e >> u(16)) & u(0xFFFFFFFF)
+            _merge_fp16(out, sm, base, rest)
         else:
             for s in range(nsteps):
                 for j in range(_W):
