@@ -6,6 +6,8 @@ Examples::
     python train.py                                        # the same with plain Lightning (no compression)
     python train.py +experiment=llama3_8b_under_16gb       # a recipe (recipes/*.yaml, see recipes/README.md)
     python train.py +strategy=neuzip logger=wandb model.optimizer.lr=1e-3
+    python train.py task=eval +strategy=neuzip_lossy_3bit model=pretrained_causal model.pretrained=DIR data=wikitext2
+    python train.py +experiment=table3a/llama3_8b_neuzip_3bit   # lossy-inference recipes (Table 3, GPU)
 """
 
 from __future__ import annotations
@@ -98,6 +100,10 @@ def peak_rss_bytes() -> int:
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
 
 
+def _serialized_nbytes(store: Any) -> int:
+    return int(store.serialized_nbytes)
+
+
 def weight_bytes(module: Any) -> dict[str, int]:
     """Bytes of the weights now vs what the same parameters need dense (each tied parameter once).
 
@@ -113,7 +119,7 @@ def weight_bytes(module: Any) -> dict[str, int]:
     compressed = compressed_parameters(module)
     ids = {id(p) for _, p in compressed}
     stores = {id(p.store): p.store for _, p in compressed}
-    serialized = sum(round(s.ct.bits_per_weight * s.ct.numel() / 8) for s in stores.values())
+    serialized = sum(_serialized_nbytes(s) for s in stores.values())
     dense = rest = compressed_dense = 0
     for p in module.parameters():
         size = p.numel() * p.element_size()
@@ -251,10 +257,123 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     return summary
 
 
+# -- evaluation (task=eval) ----------------------------------------------------------------------------------
+
+
+def _method(cfg: DictConfig) -> str:
+    from nz_lightning.evaluate import bnb_quant_mode
+
+    mode = bnb_quant_mode(cfg.trainer)
+    if mode is not None:
+        return f"bitsandbytes {mode}"
+    if cfg.eval.get("quantize"):
+        return str(cfg.eval.quantize)
+    strategy = cfg.get("strategy")
+    if isinstance(strategy, DictConfig) and strategy.get("compress", False):
+        bits = strategy.get("mantissa_bits")
+        return "neuzip lossless" if bits is None else f"neuzip {bits}-bit (block {strategy.get('block_size')})"
+    return f"dense {cfg.model.get('dtype') or cfg.trainer.get('precision')}"
+
+
+def print_eval_summary(summary: dict[str, Any]) -> None:
+    """The closing table of an evaluation (rich)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    m = summary["metrics"]
+    table = Table(title="nz_lightning eval", show_header=False)
+    table.add_column(style="bold")
+    table.add_column(overflow="fold")
+    table.add_row("model", str(summary["model"]))
+    table.add_row("method", str(summary["method"]))
+    table.add_row("scored", f"{summary['items']} items, {m['eval/tokens']:,.0f} tokens, {m['eval/words']:,.0f} words")
+    for key in ("token", "word"):
+        value = m[f"eval/{key}_ppl"]
+        table.add_row(f"{key} perplexity", f"{value:.4f}" if value < 1e6 else f"{value:.4e}")
+    ratio = f" ({m['eval/weight_ratio']:.3f} of bf16 {_mib(m['eval/bf16_bytes'])})" if "eval/weight_ratio" in m else ""
+    table.add_row("weights", _mib(m["eval/weight_bytes"]) + ratio)
+    table.add_row("wall time", f"{summary['wall_s']:.1f} s")
+    table.add_row("peak RSS (VmHWM)", _mib(summary["peak_rss"]))
+    if summary.get("peak_cuda"):
+        table.add_row("peak CUDA memory", _mib(summary["peak_cuda"]))
+    table.add_row("output dir", str(summary["output_dir"]))
+    Console().print(table)
+
+
+def evaluate(cfg: DictConfig) -> dict[str, Any]:
+    """Perplexity of ``cfg.model`` on ``cfg.data`` (``cfg.eval``: split, window, ...) through ``trainer.test``.
+
+    The method is what the config makes of the weights: no strategy (dense), ``+strategy=neuzip`` (lossless),
+    ``+strategy=neuzip_lossy_<k>bit``, ``eval.quantize=rowwise_int8`` or ``+quant=int8|nf4|fp4|nf4_dq``
+    (bitsandbytes; needs CUDA).
+
+    Returns:
+        The summary: model, method, scored items, wall time, peak RSS / CUDA memory, and ``metrics`` (``eval/*``).
+
+    Raises:
+        RuntimeError: A bitsandbytes baseline without bitsandbytes or CUDA.
+    """
+    from torch.utils.data import DataLoader
+
+    from nz_lightning.evaluate import PerplexityEvaluator, bf16_nbytes, check_quant_requirements, eval_dataset
+
+    start = time.perf_counter()
+    if cfg.get("cpu_threads"):
+        set_cpu_threads(int(cfg.cpu_threads))
+    pl.seed_everything(int(cfg.seed), workers=True)
+    check_quant_requirements(cfg.trainer)
+    output_dir = str(cfg.paths.output_dir)
+    os.makedirs(output_dir, exist_ok=True)
+    opts = cfg.eval
+    datamodule = instantiate(cfg.data, _convert_="all")
+    dataset, words, collate = eval_dataset(datamodule, str(opts.split), int(opts.window), opts.get("max_windows"))
+    lm = instantiate(cfg.model, _convert_="all")
+    _check_vocab(lm, datamodule)
+    evaluator = PerplexityEvaluator(
+        lm,
+        words,
+        causal=datamodule.task == "causal",
+        bf16_bytes=bf16_nbytes(lm),
+        quantize=opts.get("quantize"),
+        weights_from=opts.get("weights_from"),
+    )
+    loggers = instantiate_group(cfg.get("logger"))
+    callbacks = [c for c in instantiate_group(cfg.get("callbacks")) if not isinstance(c, LearningRateMonitor)]
+    trainer_cfg = cfg.trainer.copy()
+    if "plugins" in trainer_cfg:  # BitsandbytesPrecision replaces the precision setting
+        trainer_cfg.precision = None
+    trainer: pl.Trainer = instantiate(
+        trainer_cfg, callbacks=callbacks, logger=loggers or False, strategy=build_strategy(cfg), _convert_="all"
+    )
+    for lg in trainer.loggers:
+        lg.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))  # type: ignore[arg-type]
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    loader = DataLoader(dataset, batch_size=1, shuffle=False, collate_fn=collate)
+    trainer.test(evaluator, dataloaders=loader)
+    summary = {
+        "model": cfg.model.get("pretrained") or (cfg.model.get("config") or {}).get("model_type"),
+        "method": _method(cfg),
+        "items": len(dataset),  # type: ignore[arg-type]
+        "wall_s": time.perf_counter() - start,
+        "peak_rss": peak_rss_bytes(),
+        "peak_cuda": torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None,
+        "output_dir": output_dir,
+        "metrics": dict(evaluator.results),
+    }
+    print_eval_summary(summary)
+    return summary
+
+
 @hydra.main(config_path="conf", config_name="train", version_base="1.3")
 def main(cfg: DictConfig) -> float | None:
-    """Hydra entry point; returns ``cfg.optimized_metric`` (for Hydra sweepers) when set."""
-    summary = train(cfg)
+    """Hydra entry point (``task=train`` or ``task=eval``); returns ``cfg.optimized_metric`` when set."""
+    if str(cfg.get("task", "train")) == "eval":
+        summary = evaluate(cfg)
+    elif str(cfg.get("task", "train")) == "train":
+        summary = train(cfg)
+    else:
+        raise ValueError(f"task must be 'train' or 'eval', got {cfg.task!r}")
     key = cfg.get("optimized_metric")
     return summary["metrics"].get(key) if key else None
 

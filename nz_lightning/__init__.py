@@ -5,6 +5,7 @@ from kernels import CompressedTensor, compress
 from .callbacks import NeuZipStats
 from .compressed_param import CODEC_STATS, NZParameter, is_compressed
 from .convert import compress_model, compressed_parameters, decompress_model
+from .model_file import ModelFileReport, load_compressed, save_compressed
 from .optim import FusedOptimizer, fused_optimizer
 from .strategy import NeuZipStrategy
 
@@ -12,6 +13,7 @@ __all__ = [
     "CODEC_STATS",
     "CompressedTensor",
     "FusedOptimizer",
+    "ModelFileReport",
     "NZParameter",
     "NeuZipStats",
     "NeuZipStrategy",
@@ -21,5 +23,7 @@ __all__ = [
     "decompress_model",
     "fused_optimizer",
     "is_compressed",
+    "load_compressed",
+    "save_compressed",
 ]
 __version__ = "0.1.0"

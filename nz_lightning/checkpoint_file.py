@@ -79,7 +79,8 @@ class TensorStats:
     Attributes:
         name, dtype, shape, numel: The tensor (``dtype`` as its safetensors string). original_bytes, stored_bytes:
             Its bytes in the safetensors data buffer, and in its record payload.
-        mode: ``"rans"`` (coded), ``"nzct-raw"`` (float kept raw inside a blob) or ``"raw"`` (other dtypes).
+        mode: ``"rans"`` (coded), ``"lossy-k<k>"`` (lossy blob, from ``save_compressed``), ``"nzct-raw"`` (float
+            kept raw inside a blob) or ``"raw"`` (other dtypes).
         bits_per_weight: ``8 * stored_bytes / numel`` (0 when empty). ratio: ``original_bytes / stored_bytes``.
         exponent_entropy: Empirical entropy in bits of the exponent field (float tensors only).
         entropy_bound: Sign+mantissa bits + ``exponent_entropy``: bits/weight of an ideal exponent coder.
@@ -220,6 +221,8 @@ def _stats(seg: Segment, stored: int, t: torch.Tensor | None = None, ct: Compres
     if t is None or ct is None:
         return TensorStats(*common, "raw", bpw, ratio)
     h = exponent_entropy(t)
+    if ct.lossy:  # the bound of what is stored: sign + k mantissa bits + the decoded exponents' entropy
+        return TensorStats(*common, f"lossy-k{ct.mantissa_bits}", bpw, ratio, h, 1 + (ct.mantissa_bits or 0) + h)
     mode = "rans" if ct.mode == MODE_RANS else "nzct-raw"
     return TensorStats(*common, mode, bpw, ratio, h, spec_for(t.dtype).sm_bits + h)
 

@@ -2,15 +2,17 @@
 
 * :class:`AtomicCheckpointIO` writes each checkpoint to a temporary file in the target directory and renames it
   over the target (``os.replace``), so a failed or interrupted write leaves the previous checkpoint intact.
-* :func:`compressed_state_dict` stores each compressed weight as the portable bytes of its
-  :class:`~kernels.CompressedTensor` (docs/FORMAT.md) in a 1-D ``uint8`` tensor. The file then holds only tensors
-  and plain containers, so ``torch.load(weights_only=True)`` reads it and no object of ours is pickled.
-  :func:`load_state_dict` restores such a state dict (and ordinary dense ones).
+* :func:`compressed_state_dict` stores each compressed weight as bytes in a 1-D ``uint8`` tensor: the portable
+  bytes of its :class:`~kernels.CompressedTensor` (docs/FORMAT.md) when the weight is one block, else a row-block
+  container (:func:`pack_blobs`: magic ``NZRB``, version, block count, block lengths, then the blocks' bytes). The
+  file then holds only tensors and plain containers, so ``torch.load(weights_only=True)`` reads it and no object of
+  ours is pickled. :func:`load_state_dict` restores such a state dict (old single-blob ones and dense ones too).
 """
 
 from __future__ import annotations
 
 import os
+import struct
 from collections import OrderedDict
 from typing import Any
 
@@ -20,12 +22,56 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from torch import Tensor, nn
 from typing_extensions import override
 
-from kernels import CompressedTensor
-
 from .atomic import atomic_write
-from .compressed_param import NZParameter
+from .compressed_param import NZParameter, WeightStore
 
-__all__ = ["AtomicCheckpointIO", "atomic_save", "compressed_state_dict", "is_compressed_blob", "load_state_dict"]
+__all__ = [
+    "AtomicCheckpointIO",
+    "atomic_save",
+    "compressed_state_dict",
+    "is_compressed_blob",
+    "load_state_dict",
+    "pack_blobs",
+    "unpack_blobs",
+]
+
+_ROWS_MAGIC = b"NZRB"
+_ROWS_HEAD = struct.Struct("<4sII")  # magic, version, number of blocks (then one uint64 length per block)
+
+
+def pack_blobs(blobs: list[bytes]) -> bytes:
+    """One byte string for the row blocks of a weight: the blob itself for one block, else an ``NZRB`` container."""
+    if len(blobs) == 1:
+        return blobs[0]
+    lengths = struct.pack(f"<{len(blobs)}Q", *map(len, blobs))
+    return b"".join([_ROWS_HEAD.pack(_ROWS_MAGIC, 1, len(blobs)), lengths, *blobs])
+
+
+def unpack_blobs(data: bytes | memoryview) -> list[memoryview]:
+    """The block blobs in bytes written by :func:`pack_blobs` (a plain blob is one block).
+
+    Raises:
+        ValueError: A truncated or inconsistent ``NZRB`` container, or an unknown version.
+    """
+    view = memoryview(data)
+    if bytes(view[:4]) != _ROWS_MAGIC:
+        return [view]
+    if len(view) < _ROWS_HEAD.size:
+        raise ValueError("truncated row-block container")
+    _, version, count = _ROWS_HEAD.unpack_from(view)
+    if version != 1 or count < 1:
+        raise ValueError(f"unsupported row-block container (version {version}, {count} blocks)")
+    offset = _ROWS_HEAD.size + 8 * count
+    if len(view) < offset:
+        raise ValueError("truncated row-block container")
+    lengths = struct.unpack_from(f"<{count}Q", view, _ROWS_HEAD.size)
+    if offset + sum(lengths) != len(view):
+        raise ValueError("row-block container: block lengths do not add up to its size")
+    blobs = []
+    for n in lengths:
+        blobs.append(view[offset : offset + n])
+        offset += n
+    return blobs
 
 
 def atomic_save(obj: Any, path: _PATH) -> None:
@@ -88,7 +134,7 @@ class _BlobDestination(OrderedDict):
         if isinstance(value, NZParameter) and value._is_full():
             blob = self._blobs.get(id(value.store))
             if blob is None:
-                data = bytearray(value.store.ct.to_bytes())
+                data = bytearray(pack_blobs(value.store.to_blobs()))
                 blob = self._blobs[id(value.store)] = torch.frombuffer(data, dtype=torch.uint8)
             value = blob
         super().__setitem__(key, value)
@@ -123,14 +169,20 @@ def is_compressed_blob(value: Any, target: Tensor | None) -> bool:
     )
 
 
-def _decode_blob(key: str, blob: Tensor, target: Tensor) -> CompressedTensor:
-    ct = CompressedTensor.from_bytes(blob.detach().cpu().contiguous().numpy().tobytes(), device=target.device)
-    if ct.shape != target.shape or ct.dtype != target.dtype:
+def _decode_blob(key: str, blob: Tensor, target: Tensor) -> WeightStore:
+    like = target.store if isinstance(target, NZParameter) else None
+    store = WeightStore.from_blobs(
+        unpack_blobs(blob.detach().cpu().contiguous().numpy().tobytes()),
+        backend=None if like is None else like.backend,
+        device=target.device,
+        **({} if like is None else {"mantissa_bits": like.mantissa_bits, "block_size": like.block_size}),
+    )
+    if store.shape != target.shape or store.dtype != target.dtype:
         raise ValueError(
-            f"compressed weight {key!r} holds a {tuple(ct.shape)} {ct.dtype} tensor, the model expects "
+            f"compressed weight {key!r} holds a {tuple(store.shape)} {store.dtype} tensor, the model expects "
             f"{tuple(target.shape)} {target.dtype}"
         )
-    return ct
+    return store
 
 
 def load_state_dict(module: nn.Module, state_dict: dict[str, Any], strict: bool = True) -> None:
@@ -156,12 +208,12 @@ def load_state_dict(module: nn.Module, state_dict: dict[str, Any], strict: bool 
         if target is None or not is_compressed_blob(value, target):
             dense[key] = value
             continue
-        ct = _decode_blob(key, value, target)
+        store = _decode_blob(key, value, target)
         if isinstance(target, NZParameter) and target._is_full():
-            target.store.ct = ct
+            target.store.set_blocks(store.blocks)  # the saved row split is kept
             installed.add(key)
         else:
-            dense[key] = ct.decompress()
+            dense[key] = store.read()
     metadata = getattr(state_dict, "_metadata", None)
     if metadata is not None:
         setattr(dense, "_metadata", metadata)  # noqa: B010

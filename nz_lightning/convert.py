@@ -10,7 +10,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from .compressed_param import NZParameter, is_compressed, make_parameter
+from kernels.lossy import DEFAULT_BLOCK_SIZE
+
+from .compressed_param import NZParameter, make_parameter
 
 WeightSource = (
     Mapping[str, torch.Tensor]
@@ -84,8 +86,15 @@ def compress_model(
     weights: WeightSource | None = None,
     device: torch.device | str | None = None,
     backend: str | None = None,
+    mantissa_bits: int | None = None,
+    block_size: int | None = DEFAULT_BLOCK_SIZE,
 ) -> nn.Module:
     """Replace the model's weights by compressed parameters, in place, one tensor at a time.
+
+    Lossless by default (training and inference). With ``mantissa_bits`` the weights are stored lossily for
+    inference: each keeps its exponent (entropy-coded) and its top ``mantissa_bits`` mantissa bits, rounded to
+    nearest even after block normalization (see :func:`kernels.compress`); such parameters get
+    ``requires_grad=False`` and the fused optimizers refuse them.
 
     Args:
         model: Any module. Parameters on the ``meta`` device are filled from ``weights`` (so a model built
@@ -96,25 +105,31 @@ def compress_model(
         weights: Values for meta parameters: a state_dict, safetensors path(s), or ``fn(name, shape, dtype)``.
         device: Where materialized parameters go (default: CPU for meta parameters, else where they are).
         backend: Codec backend to force.
+        mantissa_bits: ``None`` (lossless) or the mantissa bits to keep (bf16 0-6, fp16 0-9, fp32 0-22).
+        block_size: Lossy mode only: elements per normalization block (a power of two) or ``None`` for none.
 
     Returns:
-        ``model``, converted. Tied parameters stay tied (compressed once).
+        ``model``, converted. Tied parameters stay tied (compressed once). Parameters already compressed with
+        other settings are re-encoded from their current values.
 
     Raises:
         ValueError: A meta parameter has no value in ``weights``, or a value has the wrong shape.
     """
     source = _Source(weights)
-    done: dict[int, nn.Parameter] = {}
+    done: dict[int, torch.Tensor] = {}
     for module_name, module in list(model.named_modules(remove_duplicate=False)):
         for pname, param in list(module.named_parameters(recurse=False)):
             full = f"{module_name}.{pname}" if module_name else pname
             if id(param) in done:
                 setattr(module, pname, done[id(param)])
                 continue
-            if is_compressed(param):
-                done[id(param)] = param
-                continue
             value: torch.Tensor = param.detach()
+            if isinstance(param, NZParameter):
+                store = param.store
+                if store.mantissa_bits == mantissa_bits and (mantissa_bits is None or store.block_size == block_size):
+                    done[id(param)] = param
+                    continue
+                value = param.dense()
             if param.device.type == "meta":
                 loaded = source.get(full, param.shape, param.dtype)
                 if loaded is None:
@@ -128,7 +143,13 @@ def compress_model(
             value = value.to(target)
             wanted = (default_should_compress(full, param) or _matches(full, include)) and not _matches(full, exclude)
             if wanted:
-                new = make_parameter(value, requires_grad=param.requires_grad, backend=backend)
+                new = make_parameter(
+                    value,
+                    requires_grad=param.requires_grad,
+                    backend=backend,
+                    mantissa_bits=mantissa_bits,
+                    block_size=block_size,
+                )
             else:
                 new = nn.Parameter(value.clone() if value is param else value, requires_grad=param.requires_grad)
             done[id(param)] = new
@@ -161,6 +182,12 @@ def _dense_state_dict_hook(
     for key in list(state_dict):
         if key.startswith(prefix) and isinstance(state_dict[key], NZParameter):
             state_dict[key] = state_dict[key].dense()
+
+
+def install_state_dict_hooks(model: nn.Module) -> None:
+    """Make ``model.state_dict()`` yield dense tensors for compressed parameters (idempotent)."""
+    for module in model.modules():
+        _install_state_dict_hook(module)
 
 
 def _install_state_dict_hook(module: nn.Module) -> None:

@@ -22,6 +22,7 @@ import os
 import sysconfig
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from itertools import chain
+from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
@@ -281,6 +282,22 @@ class TextDataModule(pl.LightningDataModule):
         for key, rows in splits.items():
             self.data[key] = self._pairs(rows) if self.task == "seq2seq" else self._blocks(rows)
         self.data.setdefault("test", self.data["val"])
+
+    def raw_texts(self, split: str = "test") -> list[str]:
+        """Untokenized texts of a split, for evaluation (perplexity per word).
+
+        Local source: every file whole (``max_bytes`` and the validation carve-out do not apply). HF datasets: the
+        split's rows (``"train"``, ``"val"`` or ``"test"``, which falls back to ``"val"``): the text column plus
+        ``row_suffix`` (causal task) or the formatted targets (seq2seq task).
+        """
+        if self.dataset is None:
+            paths = stdlib_files() if self.files is None else expand_files(self.files)
+            return [Path(p).read_text(encoding="utf-8", errors="replace") for p in paths]
+        splits = self._hf_splits()
+        rows = splits[split] if split in splits else splits["val"]
+        if self.task == "seq2seq":
+            return [self.target_template.format(**r) for r in rows.to_list()]
+        return [(t or "") + self.row_suffix for t in rows[self.text_field]]
 
     def _local_tokens(self) -> torch.Tensor:
         paths = stdlib_files() if self.files is None else expand_files(self.files)

@@ -1,20 +1,12 @@
 """``NeuZipStrategy``: Lightning training on compressed weights with optimizer updates fused into backward.
 
-``Trainer(strategy="neuzip")`` (or ``"lomo"``, the same without compression) keeps a plain ``LightningModule`` with
-a plain ``configure_optimizers``:
-
-* **Setup.** After Lightning's precision conversion and before the move to the device, the module's weights are
-  compressed (:func:`~nz_lightning.compress_model`), one tensor at a time, directly onto the device. Modules built
-  in ``configure_model`` are created on the CPU and compressed the same way; modules built on ``meta`` are filled
-  from ``weights=``.
-* **Optimizer.** ``torch.optim.SGD`` / ``AdamW`` is translated into the equivalent
-  :class:`~nz_lightning.optim.FusedOptimizer` (:func:`~nz_lightning.lightning_optim.to_fused`) and the LR schedulers
-  are re-pointed at it. ``Trainer(gradient_clip_val=...)`` becomes ``max_grad_norm`` and
-  ``Trainer(accumulate_grad_batches=k)`` the fused accumulation.
-* **Step.** :meth:`NeuZipStrategy.backward` runs ``fused.backward(loss)``: every parameter is updated inside
-  backward, as soon as its gradient is ready. :meth:`NeuZipStrategy.optimizer_step` then only runs the closure.
-* **Checkpoints.** Dense state dicts by default (loadable without nz_lightning), or ``checkpoint_format=
-  "compressed"``; the fused optimizer state is saved and restored, and files are written atomically.
+``Trainer(strategy="neuzip")`` (``"lomo"``: the same without compression) keeps a plain ``LightningModule``. Setup
+compresses the weights onto the device tensor by tensor (:func:`~nz_lightning.compress_model`; ``meta`` modules are
+filled from ``weights=``). ``torch.optim.SGD`` / ``AdamW`` become the equivalent
+:class:`~nz_lightning.optim.FusedOptimizer`, with LR schedulers, ``gradient_clip_val`` and
+``accumulate_grad_batches`` carried over; :meth:`NeuZipStrategy.backward` updates every parameter inside backward.
+Checkpoints are dense (portable) or compressed, written atomically, with the fused optimizer state. With
+``mantissa_bits=k`` the strategy serves lossy inference (validate / test / predict) and refuses ``fit``.
 """
 
 from __future__ import annotations
@@ -28,18 +20,21 @@ import torch
 from lightning.fabric.plugins import CheckpointIO
 from lightning.fabric.utilities.optimizer import _optimizers_to_device
 from lightning.fabric.utilities.types import _DEVICE, _PATH
-from lightning.pytorch.plugins.io.wrapper import _WrappingCheckpointIO
 from lightning.pytorch.plugins.precision import Precision
-from lightning.pytorch.strategies import SingleDeviceStrategy, StrategyRegistry
+from lightning.pytorch.strategies import StrategyRegistry
 from lightning.pytorch.trainer import call
+from lightning.pytorch.trainer.states import TrainerFn
 from torch import Tensor, nn
 from torch.optim import Optimizer
 from typing_extensions import override
 
-from .checkpoint_io import AtomicCheckpointIO, compressed_state_dict, load_state_dict
+from kernels.lossy import DEFAULT_BLOCK_SIZE
+
+from .checkpoint_io import compressed_state_dict, load_state_dict
 from .compressed_param import is_compressed
 from .convert import WeightSource, compress_model
 from .lightning_optim import check_supported, rebind_schedulers, to_fused
+from .one_device import OneDeviceStrategy
 from .optim import FusedOptimizer
 
 __all__ = ["NeuZipStrategy", "register_strategies"]
@@ -47,7 +42,7 @@ __all__ = ["NeuZipStrategy", "register_strategies"]
 CheckpointFormat = Literal["dense", "compressed"]
 
 
-class NeuZipStrategy(SingleDeviceStrategy):
+class NeuZipStrategy(OneDeviceStrategy):
     """Single-device strategy that trains a losslessly compressed model with fused in-backward updates.
 
     Losses and weights are bit-identical to ``compress=False`` (the uncompressed LOMO-style baseline, registered as
@@ -69,14 +64,17 @@ class NeuZipStrategy(SingleDeviceStrategy):
         stochastic_rounding: Round bf16 updates stochastically.
         seed: Seed of the stochastic rounding.
         checkpoint_format: ``"dense"`` (portable) or ``"compressed"`` (weights stored as their encoded bytes).
-        mantissa_bits: Lossy compression; not supported yet (must be ``None``).
-        accelerator: As for :class:`SingleDeviceStrategy`.
+        mantissa_bits: ``None`` (lossless) or the mantissa bits to keep: lossy weights for ``validate`` / ``test``
+            / ``predict`` only (bf16 0-6, fp16 0-9, fp32 0-22; ``fit`` is refused when it starts).
+        block_size: Lossy mode: elements per normalization block (a power of two; ``None``: no normalization).
+        accelerator: As for :class:`~lightning.pytorch.strategies.SingleDeviceStrategy`.
         device: The device (default: the one the Trainer's ``accelerator``/``devices`` select).
         checkpoint_io: Checkpoint plugin (default: :class:`~nz_lightning.checkpoint_io.AtomicCheckpointIO`).
-        precision_plugin: As for :class:`SingleDeviceStrategy`.
+        precision_plugin: As for ``SingleDeviceStrategy``.
 
     Raises:
-        ValueError: ``mantissa_bits`` is set, or an unknown ``checkpoint_format``.
+        ValueError: A negative ``mantissa_bits``, lossy without ``compress``, a bad ``block_size`` or an unknown
+            ``checkpoint_format``. Out-of-range ``mantissa_bits`` for the weights' dtype raise at setup.
     """
 
     strategy_name = "neuzip"
@@ -93,25 +91,22 @@ class NeuZipStrategy(SingleDeviceStrategy):
         seed: int = 0,
         checkpoint_format: CheckpointFormat = "dense",
         mantissa_bits: int | None = None,
+        block_size: int | None = DEFAULT_BLOCK_SIZE,
         accelerator: pl.accelerators.Accelerator | None = None,
         device: _DEVICE | None = None,
         checkpoint_io: CheckpointIO | None = None,
         precision_plugin: Precision | None = None,
     ) -> None:
-        if mantissa_bits is not None:
-            raise ValueError(
-                f"NeuZipStrategy(mantissa_bits={mantissa_bits}): lossy compression is not supported yet; "
-                "leave mantissa_bits=None for lossless weights"
-            )
+        if mantissa_bits is not None and (type(mantissa_bits) is not int or mantissa_bits < 0 or not compress):
+            why = "needs compress=True" if type(mantissa_bits) is int and mantissa_bits >= 0 else "must be an int >= 0"
+            raise ValueError(f"NeuZipStrategy(mantissa_bits={mantissa_bits!r}): {why}")
+        if block_size is not None and (block_size < 1 or block_size & (block_size - 1)):
+            raise ValueError(f"NeuZipStrategy(block_size={block_size}): must be a power of two or None")
         if checkpoint_format not in ("dense", "compressed"):
             raise ValueError(f"checkpoint_format must be 'dense' or 'compressed', got {checkpoint_format!r}")
         super().__init__(
-            device=device if device is not None else "cpu",
-            accelerator=accelerator,
-            checkpoint_io=checkpoint_io,
-            precision_plugin=precision_plugin,
+            device=device, accelerator=accelerator, checkpoint_io=checkpoint_io, precision_plugin=precision_plugin
         )
-        self._device_given = device is not None
         self.compress = compress
         self.include = list(include) if include is not None else None
         self.exclude = list(exclude) if exclude is not None else None
@@ -121,52 +116,26 @@ class NeuZipStrategy(SingleDeviceStrategy):
         self.seed = int(seed)
         self.checkpoint_format: CheckpointFormat = checkpoint_format
         self.mantissa_bits = mantissa_bits
+        self.block_size = block_size
         self._fused: FusedOptimizer | None = None
         self._stepping = False
 
-    # -- devices ---------------------------------------------------------------------------------------------
-
-    @property
-    def parallel_devices(self) -> list[torch.device] | None:
-        """The device list; Lightning's accelerator connector sets it from ``accelerator``/``devices``."""
-        return [self._root_device] if self._device_given else None
-
-    @parallel_devices.setter
-    def parallel_devices(self, devices: list[torch.device] | None) -> None:
-        if devices and len(devices) > 1:
-            raise ValueError(
-                f"NeuZipStrategy runs on a single device, but {len(devices)} devices were requested: multi-device "
-                "NeuZip (DDP/FSDP) is not supported yet. Pass Trainer(devices=1) (devices='auto' takes every GPU)"
-            )
-        if devices and not self._device_given:
-            self._root_device = torch.device(devices[0])
-
-    @property
-    def num_nodes(self) -> int:
-        """Always 1 (set by Lightning's accelerator connector from ``Trainer(num_nodes=...)``)."""
-        return 1
-
-    @num_nodes.setter
-    def num_nodes(self, num_nodes: int) -> None:
-        if num_nodes > 1:
-            raise ValueError(
-                f"NeuZipStrategy runs on a single device, but num_nodes={num_nodes} was requested: multi-device "
-                "NeuZip is not supported yet"
-            )
-
-    @property
     @override
-    def checkpoint_io(self) -> CheckpointIO:
-        """The checkpoint plugin (an atomic-writing ``TorchCheckpointIO`` unless one was given)."""
-        if self._checkpoint_io is None:
-            self._checkpoint_io = AtomicCheckpointIO()
-        elif isinstance(self._checkpoint_io, _WrappingCheckpointIO):
-            self._checkpoint_io.checkpoint_io = AtomicCheckpointIO()  # only taken if it has none yet
-        return self._checkpoint_io
+    def setup_environment(self) -> None:
+        """Refuse ``trainer.fit`` with lossy weights (before the model is built), then set up as usual.
 
-    @checkpoint_io.setter
-    def checkpoint_io(self, io: CheckpointIO) -> None:
-        self._checkpoint_io = io
+        Raises:
+            ValueError: ``mantissa_bits`` is set and the trainer is fitting.
+        """
+        module = self.lightning_module
+        trainer = module._trainer if module is not None else None
+        if self.mantissa_bits is not None and trainer is not None and trainer.state.fn == TrainerFn.FITTING:
+            raise ValueError(
+                f"NeuZipStrategy(mantissa_bits={self.mantissa_bits}) keeps lossy, read-only weights for inference: "
+                "trainer.fit is not supported. Use trainer.validate / test / predict, or mantissa_bits=None "
+                "(lossless NeuZip) to train"
+            )
+        super().setup_environment()
 
     # -- model -----------------------------------------------------------------------------------------------
 
@@ -190,14 +159,23 @@ class NeuZipStrategy(SingleDeviceStrategy):
         """Compress the weights onto the device (after the precision conversion), then move the rest."""
         assert self.model is not None
         if self.compress:
-            compress_model(
-                self.model,
-                include=self.include,
-                exclude=self.exclude,
-                weights=self.weights,
-                device=self.root_device,
-                backend=self.backend,
-            )
+            try:
+                compress_model(
+                    self.model,
+                    include=self.include,
+                    exclude=self.exclude,
+                    weights=self.weights,
+                    device=self.root_device,
+                    backend=self.backend,
+                    mantissa_bits=self.mantissa_bits,
+                    block_size=self.block_size,
+                )
+            except ValueError as err:
+                if self.mantissa_bits is None:
+                    raise
+                raise ValueError(
+                    f"NeuZipStrategy(mantissa_bits={self.mantissa_bits}, block_size={self.block_size}): {err}"
+                ) from err
         elif self.weights is not None:  # fill meta parameters, compress nothing
             compress_model(self.model, exclude=["*"], weights=self.weights, device=self.root_device)
         on_meta = [n for n, t in [*self.model.named_parameters(), *self.model.named_buffers()] if t.is_meta]

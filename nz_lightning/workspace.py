@@ -1,11 +1,67 @@
-"""Reusable decode buffers: weights are decoded into a few long-lived buffers, never fresh allocations."""
+"""Dense scratch for compressed weights: reusable decode buffers and the row-block layout of large weights.
+
+Weights are decoded into a few long-lived buffers, never fresh allocations. A large weight is held as row blocks
+(:func:`row_bounds`), so that updates and row gathers (embedding lookups) need one block of dense scratch at a time.
+"""
 
 from __future__ import annotations
 
 import math
 import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
 
 import torch
+from torch import Tensor
+
+ROW_BLOCK_BYTES = 16 * 2**20
+"""Dense bytes per row block of a lossless ``WeightStore`` (read whenever a store is written; tests set it small).
+A larger weight is held as several ``CompressedTensor`` blocks of whole rows (dim 0), so the fused optimizers
+decode, update and re-encode it one block at a time."""
+
+
+@dataclass
+class CodecStats:
+    """Time and counts spent in the codec by all compressed parameters (read by ``NeuZipStats``)."""
+
+    decodes: int = 0
+    encodes: int = 0
+    decode_seconds: float = 0.0
+    encode_seconds: float = 0.0
+
+    def reset(self) -> None:
+        """Zero all counters."""
+        self.decodes = self.encodes = 0
+        self.decode_seconds = self.encode_seconds = 0.0
+
+
+CODEC_STATS = CodecStats()
+
+
+def row_bounds(shape: Sequence[int], itemsize: int, block_bytes: int | None = None) -> list[tuple[int, int]]:
+    """The row ranges ``[(start, stop), ...]`` a tensor of ``shape`` is split into (one range if it fits a block).
+
+    Args:
+        shape: The tensor's shape (a 0-d tensor is the single range ``(0, 1)``).
+        itemsize: Bytes per element.
+        block_bytes: Dense bytes per block (``None``: :data:`ROW_BLOCK_BYTES`).
+
+    Returns:
+        Consecutive ranges covering ``range(shape[0])``, each of as many whole rows as fit ``block_bytes``.
+    """
+    if len(shape) == 0:
+        return [(0, 1)]
+    rows, row_bytes = int(shape[0]), math.prod(shape[1:]) * itemsize
+    per_block = max(1, (ROW_BLOCK_BYTES if block_bytes is None else block_bytes) // max(row_bytes, 1))
+    if rows <= per_block:
+        return [(0, rows)]
+    return [(s, min(s + per_block, rows)) for s in range(0, rows, per_block)]
+
+
+def row_block(t: Tensor, bounds: Sequence[tuple[int, int]], k: int) -> Tensor:
+    """Block ``k`` of ``t`` under ``bounds``: ``t`` itself when there is one block, else ``t[start:stop]``."""
+    return t if len(bounds) == 1 else t[bounds[k][0] : bounds[k][1]]
 
 
 class WorkspacePool:
@@ -62,3 +118,37 @@ class WorkspacePool:
         """Bytes held by free pooled buffers."""
         with self._lock:
             return sum(b.numel() * b.element_size() for bufs in self._free.values() for b in bufs)
+
+
+class _RowBlocks(Protocol):
+    """What :func:`gather_rows` needs of a store (``WeightStore`` has it)."""
+
+    @property
+    def shape(self) -> torch.Size: ...  # noqa: D102
+    @property
+    def dtype(self) -> torch.dtype: ...  # noqa: D102
+    @property
+    def device(self) -> torch.device: ...  # noqa: D102
+    @property
+    def bounds(self) -> list[tuple[int, int]]: ...  # noqa: D102
+    def decode_block(self, k: int, out: Tensor | None = None) -> Tensor: ...  # noqa: D102
+
+
+def gather_rows(store: _RowBlocks, indices: Tensor, pool: WorkspacePool) -> Tensor:
+    """``store``'s rows at ``indices`` (``embedding``'s forward), decoding one row block at a time.
+
+    Only the blocks that hold a wanted row are decoded, each into a pooled buffer of one block. The result is the
+    exact rows (a copy), shaped ``indices.shape + store.shape[1:]``. Indices must be valid (checked by the caller).
+    """
+    flat = indices.reshape(-1)
+    out = torch.empty((flat.numel(), *store.shape[1:]), dtype=store.dtype, device=store.device)
+    for k, (start, stop) in enumerate(store.bounds):
+        hit = ((flat >= start) & (flat < stop)).nonzero().squeeze(1)
+        if hit.numel() == 0:
+            continue
+        view, base = pool.acquire((stop - start, *store.shape[1:]), store.dtype, store.device)
+        try:
+            out[hit] = store.decode_block(k, view)[flat[hit] - start]
+        finally:
+            pool.release(base)
+    return out.view(*indices.shape, *store.shape[1:])

@@ -128,7 +128,8 @@ def test_bits_per_weight_match_the_formula(dtype: torch.dtype, k: int, block: in
 def test_backends_write_identical_bytes(x: torch.Tensor, data: st.DataObject) -> None:
     k = data.draw(st.integers(0, MAX_K[x.dtype]))
     block = data.draw(st.sampled_from([None, 4, 64, 512]))
-    blobs = {b: compress(x, mantissa_bits=k, block_size=block, backend=b).to_bytes() for b in ("torch", "cpu", "triton")}
+    backends = ("torch", "cpu", "triton")
+    blobs = {b: compress(x, mantissa_bits=k, block_size=block, backend=b).to_bytes() for b in backends}
     assert blobs["torch"] == blobs["cpu"] == blobs["triton"]
     restored = CompressedTensor.from_bytes(blobs["torch"])
     decoded = {b: restored.decompress(backend=b) for b in ("torch", "cpu", "triton")}

@@ -351,11 +351,23 @@ def test_neuzip_stats_logged(tmp_path: Any) -> None:
         (lambda: fit("neuzip", "two-groups"), "param group 1 differs .* weight_decay"),
         (lambda: trainer("neuzip").fit(Manual(), loader(1)), "manual optimization"),
         (lambda: fit("neuzip", gradient_clip_val=1.0, gradient_clip_algorithm="value"), "'value'"),
-        (lambda: NeuZipStrategy(mantissa_bits=3), "mantissa_bits"),
+        (lambda: NeuZipStrategy(mantissa_bits=-1), "mantissa_bits=-1"),
+        (lambda: NeuZipStrategy(mantissa_bits=3, compress=False), "compress=True"),
+        (lambda: NeuZipStrategy(mantissa_bits=3, block_size=100), "block_size=100"),
         (lambda: trainer("neuzip", devices=2), "multi-device"),
         (lambda: trainer("neuzip", num_nodes=2), "multi-device"),
     ],
-    ids=["optimizer", "param-groups", "manual", "clip-value", "mantissa-bits", "devices", "num-nodes"],
+    ids=[
+        "optimizer",
+        "param-groups",
+        "manual",
+        "clip-value",
+        "mantissa-bits",
+        "lossy-dense",
+        "block-size",
+        "devices",
+        "num-nodes",
+    ],  # fmt: skip
 )
 def test_errors(make: Callable[[], Any], match: str) -> None:
     with pytest.raises(ValueError, match=match):

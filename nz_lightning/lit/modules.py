@@ -63,11 +63,12 @@ class _HFLMModule(pl.LightningModule):
     """Shared logic: build, train, evaluate (loss and perplexity) and optimize a Hugging Face LM.
 
     Args:
-        config: The ``transformers`` config as a mapping with ``model_type`` (``hidden_size``, ...).
+        config: The ``transformers`` config as a mapping with ``model_type`` (``hidden_size``, ...); ``None`` or
+            empty: the ``pretrained`` model's own config.
         optimizer: ``{"name": "sgd"|"adamw", "lr": ..., **options}`` (see :func:`build_optimizer`).
         scheduler: Optional per-step LR schedule (see :func:`build_scheduler`); ``None``: constant LR.
         pretrained: Load weights with ``from_pretrained`` from this local path (or hub name) into ``config``'s
-            architecture instead of initialising at random.
+            architecture (its own without ``config``) instead of initialising at random.
         dtype: Parameter dtype (``"float32"``, ``"bfloat16"``, ...); ``None`` keeps the ambient default (which
             Lightning's ``bf16-true``/``16-true`` precision sets while ``configure_model`` runs).
         gradient_checkpointing: Recompute activations in backward (HF ``gradient_checkpointing_enable``).
@@ -79,7 +80,7 @@ class _HFLMModule(pl.LightningModule):
 
     def __init__(
         self,
-        config: Mapping[str, Any],
+        config: Mapping[str, Any] | None = None,
         optimizer: Mapping[str, Any] | None = None,
         scheduler: Mapping[str, Any] | None = None,
         pretrained: str | None = None,
@@ -89,7 +90,7 @@ class _HFLMModule(pl.LightningModule):
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
-        self.model_config = dict(config)
+        self.model_config = dict(config or {})
         self.optimizer_config = dict(optimizer or {"name": "sgd", "lr": 1e-3})
         self.scheduler_config = dict(scheduler) if scheduler else None
         self.pretrained, self.dtype_name = pretrained, dtype
@@ -103,8 +104,18 @@ class _HFLMModule(pl.LightningModule):
     # -- model ---------------------------------------------------------------------------------------------
 
     def build_hf_config(self) -> Any:
-        """The ``transformers`` config this module builds."""
-        return hf_config(self.model_config)
+        """The ``transformers`` config this module builds (``config``, else the ``pretrained`` model's).
+
+        Raises:
+            ValueError: Neither ``config`` nor ``pretrained`` is given.
+        """
+        if self.model_config:
+            return hf_config(self.model_config)
+        if not self.pretrained:
+            raise ValueError("the model needs a `config` (with model_type) or `pretrained` (a local path or hub name)")
+        from transformers import AutoConfig
+
+        return AutoConfig.from_pretrained(self.pretrained)
 
     def configure_model(self) -> None:
         """Build the model (once) in the ambient device/dtype context, then enable checkpointing and LoRA."""

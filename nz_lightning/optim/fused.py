@@ -2,8 +2,8 @@
 gradient is ready, and its gradient is freed at once, so no full-model gradient buffer ever exists.
 
 Compressed (:class:`~nz_lightning.compressed_param.NZParameter`) and dense parameters take exactly the same
-code path (``read_dense`` -> rule -> ``write_dense``), so a compressed model and its uncompressed twin
-trained with the same fused optimizer stay bit-identical.
+code path (read -> rule -> write, row block by row block for large weights: :mod:`.blockwise`), so a compressed
+model and its uncompressed twin trained with the same fused optimizer stay bit-identical.
 """
 
 from __future__ import annotations
@@ -15,8 +15,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..compressed_param import is_compressed, read_dense, write_dense
-from .rules import SGD, AdaLomo, AdamW, UpdateRule, stochastic_round_to_bf16
+from ..compressed_param import is_compressed
+from .blockwise import apply_update, sr_noise
+from .rules import SGD, AdaLomo, AdamW, UpdateRule
 
 __all__ = ["FusedOptimizer", "fused_optimizer"]
 
@@ -24,28 +25,11 @@ RULES: dict[str, type[UpdateRule]] = {"sgd": SGD, "adamw": AdamW, "adalomo": Ada
 """The rules :func:`fused_optimizer` knows, by name."""
 
 _OPTIMIZER_OPTIONS = ("max_grad_norm", "accumulate_grad_batches", "stochastic_rounding", "seed", "accum_dtype")
-_FULL_MANTISSA = {torch.bfloat16: 7, torch.float16: 10, torch.float32: 23}
-_MASK63 = (1 << 63) - 1
 
 
 def _is_lossy(p: Tensor) -> bool:
-    """Whether ``p`` is held in a lossy compressed format (fewer mantissa bits than its dtype has).
-
-    No lossy format exists yet, so this is False today; it guards training should one appear.
-    """
-    if not is_compressed(p):
-        return False
-    bits = getattr(getattr(getattr(p, "store", None), "ct", None), "mantissa_bits", None)
-    return bits is not None and bits != _FULL_MANTISSA.get(p.dtype)
-
-
-def _mix_seed(*values: int) -> int:
-    """A 63-bit seed from integers (splitmix64 steps), so that nearby inputs give unrelated streams."""
-    h = 0x9E3779B97F4A7C15
-    for v in values:
-        h = (h ^ (v & 0xFFFFFFFFFFFFFFFF)) * 0xBF58476D1CE4E5B9 & 0xFFFFFFFFFFFFFFFF
-        h = (h ^ (h >> 31)) * 0x94D049BB133111EB & 0xFFFFFFFFFFFFFFFF
-    return (h ^ (h >> 29)) & _MASK63
+    """Whether ``p`` is held in a lossy compressed format (fewer mantissa bits than its dtype has)."""
+    return is_compressed(p) and bool(getattr(getattr(p, "store", None), "lossy", False))
 
 
 class FusedOptimizer(torch.optim.Optimizer):
@@ -88,7 +72,9 @@ class FusedOptimizer(torch.optim.Optimizer):
         accumulate_grad_batches: Number of :meth:`backward` calls per update.
         stochastic_rounding: Round bf16 parameters' fp32 results stochastically instead of to nearest.
         seed: Seed of the stochastic rounding. Each update draws from a generator re-seeded from
-            ``(seed, parameter index, step)``, so results do not depend on hook order.
+            ``(seed, parameter index, step)`` (and the chunk index past the first
+            :data:`~nz_lightning.optim.blockwise.SR_CHUNK` elements), so results depend neither on hook order
+            nor on the row-block split.
         accum_dtype: Dtype of the accumulation buffers (``None``: each parameter's dtype).
 
     Raises:
@@ -289,9 +275,7 @@ class FusedOptimizer(torch.optim.Optimizer):
             buf = self._accum.pop(i, None)
             if buf is not None:
                 grad = buf.add_(grad)
-            if self._coef is not None:
-                grad = grad * self._coef.to(grad.device)  # out of place: autograd may still share this tensor
-            self._apply(p, i, grad)
+            self._apply(p, i, grad, self._coef)
 
     def _accumulate(self, i: int, grad: Tensor) -> None:
         buf = self._accum.get(i)
@@ -332,24 +316,21 @@ class FusedOptimizer(torch.optim.Optimizer):
             gen = self._generators[device] = torch.Generator(device=device)
         return gen
 
-    def _apply(self, p: Tensor, i: int, grad: Tensor) -> None:
-        value = read_dense(p)
+    def _apply(self, p: Tensor, i: int, grad: Tensor, coef: Tensor | None = None) -> None:
+        """Update ``p`` (row block by row block, see :mod:`~nz_lightning.optim.blockwise`) and count the step."""
         state = self.state[p]
         if "step" not in state:
-            state.update(self.rule.init_state(value))
+            state.update(self.rule.init_state(p.detach()))  # only shape, dtype and device are used
             state["step"] = 0
         step = int(state["step"]) + 1
-        lr = self.lr
-        if self.stochastic_rounding and value.dtype == torch.bfloat16:
-            gen = self._generator(value.device)
-            gen.manual_seed(_mix_seed(self.seed, i, step))
-            new = stochastic_round_to_bf16(self.rule.update_fp32(value, grad, state, lr, step), gen)
-        elif is_compressed(p):  # value is a fresh decoded copy: update it in place, one allocation fewer
-            new = self.rule.update_inplace(value, grad, state, lr, step)
-        else:
-            new = self.rule.update(value, grad, state, lr, step)
-        del value  # free the decoded copy before re-encoding (an 8B model's embedding is 1 GiB of it)
-        write_dense(p, new)
+        noise = None
+        if self.stochastic_rounding and p.dtype == torch.bfloat16:
+            gen, total = self._generator(p.device), p.numel()
+
+            def noise(start: int, stop: int) -> Tensor:
+                return sr_noise(gen, (self.seed, i, step), start, stop, total)
+
+        apply_update(p, grad, state, self.rule, self.lr, step, coef=coef, noise=noise)
         state["step"] = step
 
 

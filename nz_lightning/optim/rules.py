@@ -29,6 +29,9 @@ class UpdateRule:
     """Base class of the update rules: hyperparameters plus the two update entry points."""
 
     name: str = "rule"
+    elementwise: bool = False
+    """True when rows ``s:e`` of the new value depend only on rows ``s:e`` of the value, the gradient and the
+    parameter-shaped state tensors: the fused optimizer then updates a large parameter one row block at a time."""
 
     def init_state(self, p: Tensor) -> dict[str, Tensor]:
         """The initial per-parameter state for a parameter with ``p``'s shape, dtype and device.
@@ -107,6 +110,7 @@ class SGD(UpdateRule):
     """
 
     name = "sgd"
+    elementwise = True
 
     def __init__(
         self, momentum: float = 0.0, weight_decay: float = 0.0, nesterov: bool = False, dampening: float = 0.0
@@ -180,6 +184,7 @@ class AdamW(UpdateRule):
     """
 
     name = "adamw"
+    elementwise = True
 
     def __init__(
         self,
@@ -289,31 +294,84 @@ class AdaLomo(UpdateRule):
 
     def update_fp32(self, p: Tensor, grad: Tensor, state: dict[str, Tensor], lr: float, step: int) -> Tensor:
         """One AdaLomo step in fp32; the second-moment statistics are updated in place."""
-        g = grad.to(_F32)
-        beta2t = self.beta2 if self.beta2 is not None else 1.0 - math.pow(step, self.decay_rate)
-        sq = g * g + self.eps[0]
         if "exp_avg_sq_row" in state:
-            row, col = state["exp_avg_sq_row"], state["exp_avg_sq_col"]
-            row.mul_(beta2t).add_(sq.mean(dim=-1), alpha=1.0 - beta2t)
-            col.mul_(beta2t).add_(sq.mean(dim=-2), alpha=1.0 - beta2t)
-            r_factor = (row / row.mean(dim=-1, keepdim=True)).rsqrt_().unsqueeze(-1)
-            c_factor = col.unsqueeze(-2).rsqrt()
-            upd = torch.mul(r_factor, c_factor).mul_(g)
-        else:
-            v = state["exp_avg_sq"]
-            v.mul_(beta2t).add_(sq, alpha=1.0 - beta2t)
-            upd = v.rsqrt().mul_(g)
-        upd.div_((_rms(upd) / self.clip_threshold).clamp_(min=1.0))
+            r_factor, c_factor, clip = self.factored_stats(grad, state, step)
+            param = _fp32_copy(p)
+            return self.factored_apply(param, grad, r_factor, c_factor, clip, self.rate(param, lr))
+        g = grad.to(_F32)
+        v = state["exp_avg_sq"]
+        v.mul_(self._beta2t(step)).add_(g * g + self.eps[0], alpha=1.0 - self._beta2t(step))
+        upd = v.rsqrt().mul_(g)
         param = _fp32_copy(p)
-        rate: Tensor | float = lr
-        if self.scale_parameter:
-            rate = _rms(param).clamp_(min=self.eps[1]) * lr  # a 0-d tensor: no host sync
+        return self._step(param, upd.div_(self._clip(upd)), self.rate(param, lr))
+
+    def _beta2t(self, step: int) -> float:
+        return self.beta2 if self.beta2 is not None else 1.0 - math.pow(step, self.decay_rate)
+
+    def _clip(self, upd: Tensor) -> Tensor:
+        return (_rms(upd) / self.clip_threshold).clamp_(min=1.0)
+
+    def _step(self, param: Tensor, upd: Tensor, rate: Tensor | float) -> Tensor:
         if self.weight_decay != 0:
             param.mul_(1.0 - rate * self.weight_decay)
         return param.sub_(upd.mul_(rate))
 
+    def rate(self, param: Tensor, lr: float) -> Tensor | float:
+        """The step size: ``lr`` scaled by ``max(eps2, RMS(param))`` (a 0-d tensor) with ``scale_parameter``.
 
-def stochastic_round_to_bf16(x: Tensor, generator: torch.Generator) -> Tensor:
+        Args:
+            param: The full parameter in fp32.
+            lr: Learning rate.
+        """
+        return _rms(param).clamp_(min=self.eps[1]) * lr if self.scale_parameter else lr  # 0-d: no host sync
+
+    def factored_stats(self, grad: Tensor, state: dict[str, Tensor], step: int) -> tuple[Tensor, Tensor, Tensor]:
+        """First pass of a factored (>= 2-D) step, over the full gradient: update the row/column statistics.
+
+        Peak scratch is one fp32 copy of the gradient at a time.
+
+        Args:
+            grad: The full gradient.
+            state: The parameter's state (``exp_avg_sq_row`` / ``exp_avg_sq_col`` are updated in place).
+            step: 1-based number of this update.
+
+        Returns:
+            ``(r_factor, c_factor, clip)``: ``g / sqrt(v) == r_factor * c_factor * g`` (shapes ``[..., R, 1]`` and
+            ``[..., 1, C]``), and the divisor that bounds the RMS of that update (0-d).
+        """
+        beta2t = self._beta2t(step)
+        sq = grad.to(_F32, copy=True)
+        sq.mul_(sq).add_(self.eps[0])  # g * g + eps1, elementwise as in the formula
+        row, col = state["exp_avg_sq_row"], state["exp_avg_sq_col"]
+        row.mul_(beta2t).add_(sq.mean(dim=-1), alpha=1.0 - beta2t)
+        col.mul_(beta2t).add_(sq.mean(dim=-2), alpha=1.0 - beta2t)
+        del sq
+        r_factor = (row / row.mean(dim=-1, keepdim=True)).rsqrt_().unsqueeze(-1)
+        c_factor = col.unsqueeze(-2).rsqrt()
+        return r_factor, c_factor, self._clip(torch.mul(r_factor, c_factor).mul_(grad))
+
+    def factored_apply(
+        self, param: Tensor, grad: Tensor, r_factor: Tensor, c_factor: Tensor, clip: Tensor, rate: Tensor | float
+    ) -> Tensor:
+        """Second pass of a factored step on the full parameter or any row block of it (elementwise).
+
+        Args:
+            param: The parameter (or rows of it) in fp32; overwritten with the result.
+            grad: The matching rows of the gradient.
+            r_factor: The matching rows of :meth:`factored_stats`' ``r_factor``.
+            c_factor: :meth:`factored_stats`' ``c_factor`` (its matching rows of dim 0 for >= 3-D parameters).
+            clip: :meth:`factored_stats`' divisor.
+            rate: :meth:`rate` of the full parameter.
+
+        Returns:
+            ``param``, updated.
+        """
+        return self._step(param, torch.mul(r_factor, c_factor).mul_(grad).div_(clip), rate)
+
+
+def stochastic_round_to_bf16(
+    x: Tensor, generator: torch.Generator | None = None, *, noise: Tensor | None = None
+) -> Tensor:
     """Round fp32 ``x`` to bf16 stochastically: add 16 uniform random low bits, then truncate.
 
     A value between two bf16 neighbours is rounded up with probability equal to its distance from the lower
@@ -322,13 +380,20 @@ def stochastic_round_to_bf16(x: Tensor, generator: torch.Generator) -> Tensor:
 
     Args:
         x: Values to round (converted to fp32 first if needed).
-        generator: Source of the random bits (on ``x``'s device).
+        generator: Source of the random bits (on ``x``'s device), unless ``noise`` is given.
+        noise: The random low bits themselves: ``x.numel()`` int32 values in ``[0, 2**16)``.
 
     Returns:
         A bf16 tensor of ``x``'s shape.
+
+    Raises:
+        ValueError: Neither ``generator`` nor ``noise`` was given.
     """
     x = x.to(_F32).contiguous()
-    noise = torch.randint(0, 1 << 16, x.shape, dtype=torch.int32, device=x.device, generator=generator)
-    bits = (x.view(torch.int32) + noise).bitwise_and_(-65536)  # -65536 == 0xFFFF0000 as int32
+    if noise is None:
+        if generator is None:
+            raise ValueError("stochastic_round_to_bf16 needs a generator or the noise")
+        noise = torch.randint(0, 1 << 16, x.shape, dtype=torch.int32, device=x.device, generator=generator)
+    bits = (x.view(torch.int32) + noise.view(x.shape)).bitwise_and_(-65536)  # -65536 == 0xFFFF0000 as int32
     rounded = bits.view(_F32).to(torch.bfloat16)  # exact: the low 16 bits are zero
     return torch.where(torch.isfinite(x), rounded, x.to(torch.bfloat16))
