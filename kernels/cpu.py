@@ -210,12 +210,12 @@ def _merge_fp16(out: np.ndarray, sm: np.ndarray, base: int, rest: int) -> None: 
     """OR the sign+mantissa fields of elements ``[base, base + rest)`` (``base % 8 == 0``) into ``out``."""
     u = np.uint64
     groups = rest // 8
-    for g in range(groups):
-        o = (base // 8 + g) * 11
+    m = u(0x7FF)
+    for g in range(groups):  # unsigned indices: no negative-index wraparound code in the loop
+        o = u((base // 8 + g) * 11)
         lo = _u64(sm, o)
-        hi = u(sm[o + 8]) | (u(sm[o + 9]) << u(8)) | (u(sm[o + 10]) << u(16))
-        r = base + 8 * g
-        m = u(0x7FF)
+        hi = u(sm[o + u(8)]) | (u(sm[o + u(9)]) << u(8)) | (u(sm[o + u(10)]) << u(16))
+        r = u(base + 8 * g)
         f0 = lo & m
         f1 = (lo >> u(11)) & m
         f2 = (lo >> u(22)) & m
@@ -225,24 +225,29 @@ def _merge_fp16(out: np.ndarray, sm: np.ndarray, base: int, rest: int) -> None: 
         f6 = (hi >> u(2)) & m
         f7 = (hi >> u(13)) & m
         out[r] |= ((f0 >> u(10)) << u(15)) | (f0 & u(0x3FF))
-        out[r + 1] |= ((f1 >> u(10)) << u(15)) | (f1 & u(0x3FF))
-        out[r + 2] |= ((f2 >> u(10)) << u(15)) | (f2 & u(0x3FF))
-        out[r + 3] |= ((f3 >> u(10)) << u(15)) | (f3 & u(0x3FF))
-        out[r + 4] |= ((f4 >> u(10)) << u(15)) | (f4 & u(0x3FF))
-        out[r + 5] |= ((f5 >> u(10)) << u(15)) | (f5 & u(0x3FF))
-        out[r + 6] |= ((f6 >> u(10)) << u(15)) | (f6 & u(0x3FF))
-        out[r + 7] |= ((f7 >> u(10)) << u(15)) | (f7 & u(0x3FF))
+        out[r + u(1)] |= ((f1 >> u(10)) << u(15)) | (f1 & u(0x3FF))
+        out[r + u(2)] |= ((f2 >> u(10)) << u(15)) | (f2 & u(0x3FF))
+        out[r + u(3)] |= ((f3 >> u(10)) << u(15)) | (f3 & u(0x3FF))
+        out[r + u(4)] |= ((f4 >> u(10)) << u(15)) | (f4 & u(0x3FF))
+        out[r + u(5)] |= ((f5 >> u(10)) << u(15)) | (f5 & u(0x3FF))
+        out[r + u(6)] |= ((f6 >> u(10)) << u(15)) | (f6 & u(0x3FF))
+        out[r + u(7)] |= ((f7 >> u(10)) << u(15)) | (f7 & u(0x3FF))
     for i in range(base + 8 * groups, base + rest):
         out[i] |= _sm_fp16(sm, u(i))
 
 
 @numba.njit(inline="always", nogil=True, boundscheck=False)
-def _u64(sm: np.ndarray, o: int) -> np.uint64:  # pragma: no cover - jitted
+def _u64(sm: np.ndarray, o: np.uint64) -> np.uint64:  # pragma: no cover - jitted
     """Little-endian uint64 from 8 bytes at ``o``."""
-    v = np.uint64(0)
-    for t in range(8):
-        v |= np.uint64(sm[o + t]) << np.uint64(8 * t)
-    return v
+    u = np.uint64
+    v = u(sm[o]) | (u(sm[o + u(1)]) << u(8)) | (u(sm[o + u(2)]) << u(16)) | (u(sm[o + u(3)]) << u(24))
+    return (
+        v
+        | (u(sm[o + u(4)]) << u(32))
+        | (u(sm[o + u(5)]) << u(40))
+        | (u(sm[o + u(6)]) << u(48))
+        | (u(sm[o + u(7)]) << u(56))
+    )
 
 
 @numba.njit(inline="always", nogil=True, boundscheck=False)
@@ -318,13 +323,16 @@ def _decode_lanes(
                         e = _advance(x, p, j, dtab, words, slot_mask, pb, lim)
                         r = u(base + s * _W + j)
                         out[r] = _sm_bf16(sm, r) | ((e >> u(16)) & u(0xFFFFFFFF))
-        elif code == 2:  # exponents first, then the 11-bit fields merged 8 at a time (11 whole bytes)
+        elif code == 2:  # each row of 32 exponents, then its 11-bit fields merged 8 at a time (11 whole bytes)
             for s in range(nsteps):
                 for j in range(_W):
                     if s < full or s < steps_j[j]:
                         e = _advance(x, p, j, dtab, words, slot_mask, pb, lim)
-                        out[base + s * _W + j] = (e >> u(16)) & u(0xFFFFFFFF)
-            _merge_fp16(out, sm, base, rest)
+                        out[u(base + s * _W + j)] = (e >> u(16)) & u(0xFFFFFFFF)
+                if s < full:
+                    _merge_fp16(out, sm, base + s * _W, _W)
+            if rest > full * _W:
+                _merge_fp16(out, sm, base + full * _W, rest - full * _W)
         else:
             for s in range(nsteps):
                 for j in range(_W):
