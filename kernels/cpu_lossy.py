@@ -142,26 +142,28 @@ def _quantize(
 def _merge(
     carrier: np.ndarray, sm: np.ndarray, is16: bool, man: int, k: int, block: int, scales: np.ndarray, out: np.ndarray
 ) -> None:  # pragma: no cover - jitted
+    """``sm`` must have 4 readable bytes past the last field (see :func:`merge`)."""
+    u = np.uint64
     n = carrier.size
     total = 16 if is16 else 32
-    width = 1 + k
-    fmask = np.int64((1 << width) - 1)
-    kmask = np.int64((1 << k) - 1)
-    nbytes = sm.size
-    for i in range(n):
-        pos = i * width
-        j = pos >> 3
-        v = np.int64(0)
-        for t in range(4):
-            if j + t < nbytes and t * 8 < (pos & 7) + width:
-                v |= np.int64(sm[j + t]) << (8 * t)
-        field = (v >> (pos & 7)) & fmask
-        exp = (np.int64(carrier[i]) >> 7) & 255
-        mag = (exp << man) | ((field & kmask) << (man - k))
-        if block > 0 and exp != 255:
-            s = 1.0 + scales[i // block] / float(1 << man)
-            mag = _magnitude_of(_scaled(mag, s, is16), is16)
-        out[i] = ((field >> k) << (total - 1)) | mag
+    width = u(1 + k)
+    fmask = u((1 << (1 + k)) - 1)
+    kmask = u((1 << k) - 1)
+    step = block if block > 0 else n
+    for b0 in range(0, n, step):
+        b1 = min(n, b0 + step)
+        s = 1.0 + scales[b0 // block] / float(1 << man) if block > 0 else 1.0
+        for ii in range(b0, b1):
+            i = u(ii)
+            pos = i * width
+            j = pos >> u(3)
+            v = u(sm[j]) | (u(sm[j + u(1)]) << u(8)) | (u(sm[j + u(2)]) << u(16)) | (u(sm[j + u(3)]) << u(24))
+            field = (v >> (pos & u(7))) & fmask
+            exp = (u(carrier[i]) >> u(7)) & u(255)
+            mag = (exp << u(man)) | ((field & kmask) << u(man - k))
+            if block > 0 and exp != u(255):
+                mag = u(_magnitude_of(_scaled(np.int64(mag), s, is16), is16))
+            out[i] = ((field >> u(k)) << u(total - 1)) | mag
 
 
 @numba.njit(nogil=True, cache=True, boundscheck=False)
@@ -226,9 +228,11 @@ def merge(
     is16 = spec.total_bits == 16
     sc = np.zeros(1, dtype=np.int64) if scales is None else scales.numpy()
     out_bits = out.view(spec.int_dtype).numpy().view(np.uint16 if is16 else np.uint32)
+    padded = np.zeros(sm.numel() + 4, dtype=np.uint8)  # the loop reads 4 bytes per field
+    padded[: sm.numel()] = sm.numpy()
     _merge(
         carrier.view(torch.int16).numpy(),
-        sm.numpy(),
+        padded,
         is16,
         spec.man_bits,
         mantissa_bits,
