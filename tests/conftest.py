@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 
 import torch
 
@@ -17,6 +18,17 @@ settings.register_profile(
 )
 settings.register_profile("thorough", max_examples=1000, deadline=None, suppress_health_check=list(HealthCheck))
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
+
+
+@pytest.fixture
+def restore_cpu_threads() -> Iterator[None]:
+    """train() sets the torch and numba thread counts (cpu_threads=1 on the CPU trainer); undo that afterwards."""
+    import numba
+
+    threads, numba_threads = torch.get_num_threads(), numba.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+    numba.set_num_threads(numba_threads)
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

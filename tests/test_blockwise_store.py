@@ -14,7 +14,7 @@ from kernels import compress
 from nz_lightning.checkpoint_io import compressed_state_dict, load_state_dict, pack_blobs, unpack_blobs
 from nz_lightning.compressed_param import CODEC_STATS, WeightStore, is_compressed, make_parameter
 from nz_lightning.optim import blockwise, fused_optimizer
-from tests.test_fused_optim import RULE_LR, assert_same_state, batches, build, train
+from tests.test_fused_optim import RULE_LR, assert_same_state, batches, build, check_resume, train
 
 BLOCK_BYTES = 3000  # 23 rows of a 64-wide bf16 matrix: uneven blocks with a short last one
 
@@ -175,19 +175,7 @@ def test_update_never_materializes_the_whole_matrix(monkeypatch: pytest.MonkeyPa
 @pytest.mark.usefixtures("small_blocks")
 def test_state_dict_round_trip(rule: str) -> None:
     options = {"sgd": {"momentum": 0.9}, "adamw": {"stochastic_rounding": True}, "adalomo": {}}[rule]
-    model, data = build("llama-tied-bf16", compressed=True), batches(5)
-    opt = fused_optimizer(model, rule, lr=RULE_LR[rule], **options)
-    train(model, opt, data[:3])
-    buf = io.BytesIO()
-    torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, buf)
-    expected = train(model, opt, data[3:])
-    buf.seek(0)
-    saved, fresh = torch.load(buf, weights_only=True), build("llama-tied-bf16", compressed=True)
-    fresh.load_state_dict(saved["model"])
-    fresh_opt = fused_optimizer(fresh, rule, lr=1.0, **options)
-    fresh_opt.load_state_dict(saved["opt"])
-    assert train(fresh, fresh_opt, data[3:]) == expected
-    assert_same_state(model, fresh)
+    check_resume(rule, options, RULE_LR[rule])
 
 
 @pytest.mark.usefixtures("small_blocks")

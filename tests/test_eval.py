@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import math
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -33,14 +32,7 @@ def train_module() -> Any:
     return train
 
 
-@pytest.fixture(autouse=True)
-def restore_cpu_threads() -> Iterator[None]:
-    import numba
-
-    threads, numba_threads = torch.get_num_threads(), numba.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
-    numba.set_num_threads(numba_threads)
+pytestmark = pytest.mark.usefixtures("restore_cpu_threads")
 
 
 @pytest.fixture(scope="module")

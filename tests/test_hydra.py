@@ -75,15 +75,7 @@ def strategy_overrides(name: str) -> list[str]:
     return [f"+strategy={name}", *extra]
 
 
-@pytest.fixture(autouse=True)
-def restore_cpu_threads() -> Iterator[None]:
-    """train() sets the torch and numba thread counts (cpu_threads=1 on the CPU trainer); undo that afterwards."""
-    import numba
-
-    threads, numba_threads = torch.get_num_threads(), numba.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
-    numba.set_num_threads(numba_threads)
+pytestmark = pytest.mark.usefixtures("restore_cpu_threads")
 
 
 @pytest.fixture
