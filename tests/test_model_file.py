@@ -14,12 +14,12 @@ from nz_lightning.checkpoint_file import decompress_file
 from nz_lightning.model_file import load_compressed, save_compressed
 
 
-def _llama(tied: bool, device: str = "cpu") -> LlamaForCausalLM:
+def _llama(tied: bool, device: str = "cpu", hidden: int = 64) -> LlamaForCausalLM:
     """A tiny Llama; on ``meta`` only its parameters and persistent buffers (the rotary table is not saved)."""
     cfg = LlamaConfig(
         vocab_size=300,
-        hidden_size=64,
-        intermediate_size=128,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,
@@ -89,16 +89,7 @@ def test_corrupt_or_mismatched_files_are_rejected(tmp_path: Path) -> None:
         with pytest.raises(ValueError):
             load_compressed(target, tmp_path / name)
         assert all(torch.equal(before[k], v) for k, v in target.state_dict().items()), "nothing assigned on failure"
-    other = LlamaForCausalLM(
-        LlamaConfig(
-            vocab_size=300,
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-        )
-    ).to(torch.bfloat16)
+    other = _llama(False, hidden=32)
     with pytest.raises(ValueError, match="model"):
         load_compressed(other, path)
 
