@@ -111,7 +111,8 @@ def _quantize(
             mag = raw & magmask
             if (mag >> man) == top:
                 if (mag & mmask) != 0:
-                    nan[nnan] = i
+                    if nnan < nan.size:
+                        nan[nnan] = i
                     nnan += 1
                 q[i] = (sign << (total - 1)) | (top << man)
                 continue
@@ -202,15 +203,18 @@ def fields(q: torch.Tensor, spec: FloatSpec, mantissa_bits: int) -> tuple[torch.
 def quantize(
     x: torch.Tensor, spec: FloatSpec, mantissa_bits: int, block_size: int | None
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
-    """Same contract and results as :func:`kernels.lossy.quantize` (bf16 and fp32 only)."""
+    """Same results as :func:`kernels.lossy.quantize` (bf16 and fp32 only), but ``q`` is uint16 / uint32."""
     n = x.numel()
     is16 = spec.total_bits == 16
     bits = x.reshape(-1).view(spec.int_dtype).numpy().view(np.uint16 if is16 else np.uint32)
-    q = np.empty(n, dtype=np.int32 if is16 else np.int64)
+    q = np.empty(n, dtype=np.uint16 if is16 else np.uint32)  # the grid bit patterns, as compact as the input
     nblocks = 0 if block_size is None else -(-n // block_size)
     scales = np.zeros(max(nblocks, 1), dtype=np.int64)
-    nan = np.empty(n, dtype=np.int64)
+    nan = np.empty(1024, dtype=np.int64)  # NaN positions; weights have none, so start small
     count = _quantize(bits, is16, spec.man_bits, mantissa_bits, block_size or 0, q, scales, nan)
+    if count > nan.size:  # rerun with room for all of them
+        nan = np.empty(count, dtype=np.int64)
+        _quantize(bits, is16, spec.man_bits, mantissa_bits, block_size or 0, q, scales, nan)
     sc = None if block_size is None else torch.from_numpy(scales[:nblocks])
     return torch.from_numpy(q), sc, torch.from_numpy(nan[:count].copy())
 

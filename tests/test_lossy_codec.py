@@ -190,3 +190,13 @@ def test_empty_and_zero_dim() -> None:
     tiny = compress(torch.tensor(1.3, dtype=torch.bfloat16), mantissa_bits=1, block_size=None)
     assert float(tiny.decompress()) == 1.5  # 1.296875 between the 1-bit grid points 1.0 and 1.5
     assert len(tiny.to_bytes()) <= 2 + 40, "a tensor too small to code is kept raw (its rounded value)"
+
+
+def test_many_nans_match_across_backends() -> None:
+    x = torch.randn(5000, dtype=torch.bfloat16)
+    x[::2] = float("nan")  # more NaNs than the CPU loop's first buffer holds
+    for block in (None, 64):
+        cpu = compress(x, mantissa_bits=2, block_size=block, backend="cpu")
+        assert cpu.to_bytes() == compress(x, mantissa_bits=2, block_size=block, backend="torch").to_bytes()
+        y = cpu.decompress()
+        assert torch.isnan(y[::2]).all() and not torch.isnan(y[1::2]).any()
