@@ -77,7 +77,7 @@ def _encode_lanes(
     words = np.empty(cap, dtype=np.uint16)
     scratch = np.empty((_W, k + 1), dtype=np.uint16)
     x = np.empty(_W, dtype=np.uint64)
-    pos = np.empty(_W, dtype=np.int64)
+    pos = np.empty(_W, dtype=np.uint64)
     length = np.empty(_W, dtype=np.int64)
     top = u(32 - pb)
     upb = u(pb)
@@ -92,16 +92,17 @@ def _encode_lanes(
             length[j] = (rest - j + _W - 1) // _W if j < rest else 0
         for s in range((rest + _W - 1) // _W - 1, -1, -1):
             row = base + s * _W
-            for j in range(_W):
-                if s >= full and s >= length[j]:
+            for jj in range(_W):
+                if s >= full and s >= length[jj]:
                     continue
-                sym = (bits[row + j] >> shift) & mask
+                j = u(jj)  # unsigned indices: no negative-index wraparound code in the hot loop
+                sym = (u(bits[u(row) + j]) >> u(shift)) & u(mask)
                 f = u(freq[sym])
                 xs = x[j]
                 emit = u(xs >= (f << top))
-                pj = pos[j] - 1
+                pj = pos[j] - u(1)
                 scratch[j, pj] = np.uint16(xs & u(0xFFFF))
-                pos[j] = pj + 1 - np.int64(emit)
+                pos[j] = pj + u(1) - emit
                 xs >>= emit << u(4)
                 x32 = np.uint32(xs)
                 f32 = np.uint32(f)
@@ -110,13 +111,14 @@ def _encode_lanes(
         for j in range(_W):
             lane = g * _W + j
             states[lane] = np.uint32(x[j])
-            cnt = k + 1 - pos[j]
+            first = np.int64(pos[j])
+            cnt = k + 1 - first
             counts[lane] = cnt
             if wp + cnt > words.size:
                 grown = np.empty(max(2 * words.size, wp + cnt), dtype=np.uint16)
                 grown[:wp] = words[:wp]
                 words = grown
-            words[wp : wp + cnt] = scratch[j, pos[j] : k + 1]
+            words[wp : wp + cnt] = scratch[j, first : k + 1]
             wp += cnt
     return states, counts, words[:wp].copy()
 
