@@ -95,23 +95,23 @@ def _encode_lanes(
             for jj in range(_W):
                 if s >= full and s >= length[jj]:
                     continue
-                j = u(jj)  # unsigned indices: no negative-index wraparound code in the hot loop
-                sym = (u(bits[u(row) + j]) >> u(shift)) & u(mask)
+                lj = u(jj)  # unsigned indices: no negative-index wraparound code in the hot loop
+                sym = (u(bits[u(row) + lj]) >> u(shift)) & u(mask)
                 f = u(freq[sym])
-                xs = x[j]
+                xs = x[lj]
                 emit = u(xs >= (f << top))
-                pj = pos[j] - u(1)
-                scratch[j, pj] = np.uint16(xs & u(0xFFFF))
-                pos[j] = pj + u(1) - emit
+                pj = pos[lj] - u(1)
+                scratch[lj, pj] = np.uint16(xs & u(0xFFFF))
+                pos[lj] = pj + u(1) - emit
                 xs >>= emit << u(4)
                 x32 = np.uint32(xs)
                 f32 = np.uint32(f)
                 q = x32 // f32
-                x[j] = (u(q) << upb) + u(x32 - q * f32) + u(cum[sym])
+                x[lj] = (u(q) << upb) + u(x32 - q * f32) + u(cum[sym])
         for j in range(_W):
             lane = g * _W + j
             states[lane] = np.uint32(x[j])
-            first = np.int64(pos[j])
+            first = int(pos[j])
             cnt = k + 1 - first
             counts[lane] = cnt
             if wp + cnt > words.size:
