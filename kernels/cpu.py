@@ -1,6 +1,7 @@
 """Fast CPU backend: numba-compiled loops, byte-identical to the torch reference.
 
-Encoding runs lane by lane per segment in reverse; decoding runs the 32 interleaved lanes of a segment
+Encoding runs each segment in reverse, 8 lanes per SIMD step (``kernels.cpu_encode``; a scalar lane loop
+here for ``prob_bits < 10``); decoding runs the 32 interleaved lanes of a segment
 together (32 independent dependency chains for the CPU to overlap), merging each decoded exponent with
 its sign+mantissa field and writing the float bits directly into the output buffer. Segments decode in
 parallel (``numba.prange``) when numba has more than one thread; set ``NUMBA_NUM_THREADS`` or
@@ -13,6 +14,8 @@ import numba
 import numpy as np
 import torch
 
+from .cpu_encode import VECTOR_MIN_PROB_BITS
+from .cpu_encode import encode_lanes as encode_lanes_vector
 from .cpu_lossy import fields as lossy_fields
 from .cpu_lossy import merge as lossy_merge
 from .cpu_lossy import quantize as lossy_quantize
@@ -127,29 +130,33 @@ def _encode_lanes(
 def _pack_sm16(bits: np.ndarray, man_bits: int, width: int) -> np.ndarray:  # pragma: no cover - jitted
     """Pack 16-bit floats' sign+mantissa fields (width = man_bits + 1) LSB-first."""
     n = bits.size
-    out = np.zeros((n * width + 7) // 8, dtype=np.uint8)
+    nbytes = (n * width + 7) // 8
     mmask = (1 << man_bits) - 1
     if width == 8:
+        out = np.empty(nbytes, dtype=np.uint8)
         for i in range(n):
             b32 = np.uint32(bits[i])
             out[i] = np.uint8(((b32 >> 15) << man_bits) | (b32 & mmask))
         return out
-    acc = np.uint64(0)
-    nacc = 0
+    # Fields go into a 64-bit accumulator flushed as whole little-endian words (the same byte stream).
+    u = np.uint64
+    words = np.zeros((nbytes + 7) // 8, dtype=np.uint64)
+    acc = u(0)
+    nacc = u(0)
     o = 0
     for i in range(n):
-        b = np.uint64(bits[i])
-        v = ((b >> np.uint64(15)) << np.uint64(man_bits)) | (b & np.uint64(mmask))
-        acc |= v << np.uint64(nacc)
-        nacc += width
-        while nacc >= 8:
-            out[o] = np.uint8(acc & np.uint64(0xFF))
+        b = u(bits[i])
+        v = ((b >> u(15)) << u(man_bits)) | (b & u(mmask))
+        acc |= v << nacc
+        nacc += u(width)
+        if nacc >= u(64):
+            words[o] = acc
             o += 1
-            acc >>= np.uint64(8)
-            nacc -= 8
-    if nacc > 0:
-        out[o] = np.uint8(acc & np.uint64(0xFF))
-    return out
+            nacc -= u(64)
+            acc = v >> (u(width) - nacc)
+    if nacc > u(0):
+        words[o] = acc
+    return words.view(np.uint8)[:nbytes]
 
 
 @numba.njit(nogil=True, cache=True, boundscheck=False)
@@ -170,15 +177,13 @@ def encode(x: torch.Tensor, spec: FloatSpec, table: FreqTable, steps: int) -> St
     bits = _bits_array(x, spec)
     freq, cum = table.dense(spec.alphabet)
     k = effective_steps(bits.size, steps)
-    states, counts, words = _encode_lanes(
-        bits,
-        spec.man_bits,
-        spec.alphabet - 1,
-        np.asarray(freq, dtype=np.uint32),
-        np.asarray(cum, dtype=np.uint32),
-        table.prob_bits,
-        k,
-    )
+    freq_a = np.asarray(freq, dtype=np.uint32)
+    cum_a = np.asarray(cum, dtype=np.uint32)
+    if table.prob_bits >= VECTOR_MIN_PROB_BITS:
+        packed = (cum_a << np.uint32(16)) | freq_a
+        states, counts, words = encode_lanes_vector(bits, spec.man_bits, spec.alphabet - 1, packed, table.prob_bits, k)
+    else:
+        states, counts, words = _encode_lanes(bits, spec.man_bits, spec.alphabet - 1, freq_a, cum_a, table.prob_bits, k)
     sm = _pack_sm32(bits) if spec.total_bits == 32 else _pack_sm16(bits, spec.man_bits, spec.sm_bits)
     return Streams(
         states=torch.from_numpy(states.view(np.int32)),
