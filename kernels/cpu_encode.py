@@ -52,6 +52,27 @@ def _element_ptr(context: Any, builder: ir.IRBuilder, aryty: Any, ary: ir.Value,
     return builder.gep(data, [index])
 
 
+def gather_i32(context: Any, builder: ir.IRBuilder, aryty: Any, ary: ir.Value, index: ir.Value, width: int) -> ir.Value:
+    """``ary[index]`` for an ``<8 x i32>`` or ``<8 x i64>`` index vector, as ``<8 x i32>`` (zero-extended).
+
+    A gather through a vector of pointers: LLVM emits hardware gathers or scalar loads, whichever its cost
+    model prefers for the target. Every index must be in bounds.
+    """
+    first = _element_ptr(context, builder, aryty, ary, ir.Constant(ir.IntType(64), 0))
+    base = builder.ptrtoint(first, ir.IntType(64))
+    wide = index if index.type == _I64x8 else builder.zext(index, _I64x8)
+    offsets = builder.shl(wide, _splat((width // 8).bit_length() - 1, _I64x8))
+    addrs = builder.add(_broadcast(builder, base, _I64x8), offsets)
+    ety = ir.IntType(width)
+    ptrs = builder.inttoptr(addrs, ir.VectorType(ety.as_pointer(), 8))
+    vty = ir.VectorType(ety, 8)
+    gather_ty = ir.FunctionType(vty, [ptrs.type, ir.IntType(32), _I1x8, vty])
+    gather = get_or_insert_function(builder.module, gather_ty, f"llvm.masked.gather.v8i{width}.v8p0")
+    align = ir.Constant(ir.IntType(32), width // 8)
+    loaded = builder.call(gather, [ptrs, align, _splat(1, _I1x8), ir.Constant(vty, [0] * 8)])
+    return loaded if width == 32 else builder.zext(loaded, _I32x8)
+
+
 def _encode8_intrinsic(
     typingctx: Any, bits: Any, at: Any, table: Any, x: Any, xi: Any, low: Any, li: Any, shift: Any, mask: Any, pb: Any
 ) -> Any:  # pragma: no cover - compiled
@@ -76,15 +97,7 @@ def _encode8_intrinsic(
         pb32 = builder.trunc(pb_v, ir.IntType(32))
         shifted = builder.lshr(wide, _broadcast(builder, shift32, _I32x8))
         sym = builder.and_(shifted, _broadcast(builder, mask32, _I32x8))
-        # Gather table[sym] through a vector of pointers (LLVM picks gathers or scalar loads for the target).
-        first = _element_ptr(context, builder, sty[2], tab_v, ir.Constant(ir.IntType(64), 0))
-        base = builder.ptrtoint(first, ir.IntType(64))
-        offsets = builder.shl(builder.zext(sym, _I64x8), _splat(2, _I64x8))
-        addrs = builder.add(_broadcast(builder, base, _I64x8), offsets)
-        ptrs = builder.inttoptr(addrs, ir.VectorType(ir.IntType(32).as_pointer(), 8))
-        gather_ty = ir.FunctionType(_I32x8, [ptrs.type, ir.IntType(32), _I1x8, _I32x8])
-        gather = get_or_insert_function(builder.module, gather_ty, "llvm.masked.gather.v8i32.v8p0")
-        entry = builder.call(gather, [ptrs, ir.Constant(ir.IntType(32), 4), _splat(1, _I1x8), _splat(0)])
+        entry = gather_i32(context, builder, sty[2], tab_v, sym, 32)
         freq = builder.and_(entry, _splat(0xFFFF))
         cum = builder.lshr(entry, _splat(16))
         xptr = builder.bitcast(_element_ptr(context, builder, sty[3], x_v, xi_v), _I32x8.as_pointer())
