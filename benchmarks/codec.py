@@ -39,7 +39,7 @@ import zipnn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
 from benchmarks.common import machine_info, write_markdown_block  # noqa: E402
-from kernels import MODE_RANS, FloatSpec, entropy_bits, spec_for  # noqa: E402
+from kernels import MODE_CONST, MODE_RANS, FloatSpec, entropy_bits, spec_for  # noqa: E402
 from nz_lightning import CompressedTensor, compress  # noqa: E402
 
 MD_BEGIN = "<!-- codec:begin -->"
@@ -271,7 +271,7 @@ def measure_tensor(
         "ours_bytes": serialized,
         "ours_bpw_api": c.bits_per_weight,
         "gap_bpw": ours_bits - bound,
-        "ours_mode": "rans" if c.mode == MODE_RANS else "raw",
+        "ours_mode": {MODE_RANS: "rans", MODE_CONST: "const"}.get(c.mode, "raw"),
         "lanes": lanes,
         "lane_overhead_bpw": LANE_OVERHEAD_BITS * lanes / n,
         "zipnn_bpw": zipnn_bits,

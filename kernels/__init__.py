@@ -3,11 +3,13 @@
 No Lightning import here. Backends: ``torch`` (reference), ``cpu`` (numba), ``triton`` (CUDA or interpreter).
 """
 
-from .compressed import MODE_RANS, MODE_RAW, CompressedTensor, compress
+from .compressed import MODE_CONST, MODE_LOSSY, MODE_RANS, MODE_RAW, CompressedTensor, compress
 from .freqtable import FreqTable, entropy_bits, quantize_counts
 from .spec import SPECS, FloatSpec, spec_for
 
 __all__ = [
+    "MODE_CONST",
+    "MODE_LOSSY",
     "MODE_RANS",
     "MODE_RAW",
     "SPECS",

@@ -40,7 +40,7 @@ _CRC = struct.Struct("<I")
 
 def header_size(ndim: int, mode: int) -> int:
     """Bytes of fixed header (without table and arrays) plus the trailing checksum."""
-    extra = {0: 0, 1: _RANS.size, 2: _RANS.size + _LOSSY.size}[mode]
+    extra = {0: 0, 1: _RANS.size, 2: _RANS.size + _LOSSY.size, 3: 0}[mode]
     return _HEAD.size + 8 * ndim + extra + _CRC.size
 
 
@@ -49,6 +49,8 @@ def serialized_size(ct: CompressedTensor) -> int:
     size = header_size(len(ct.shape), ct.mode)
     if ct.mode == 0:
         return size + ct.numel() * ct.spec.itemsize
+    if ct.mode == 3:
+        return size + ct.spec.itemsize
     assert ct.streams is not None and ct.table is not None
     size += 3 * len(ct.table.symbols) + ct.streams.nbytes()
     if ct.mode == 2:
@@ -70,7 +72,7 @@ def dumps(ct: CompressedTensor) -> bytes:
     """Serialize ``ct`` (see docs/FORMAT.md)."""
     parts = [_HEAD.pack(MAGIC, VERSION, ct.spec.code, ct.mode, len(ct.shape))]
     parts.append(struct.pack(f"<{len(ct.shape)}Q", *ct.shape))
-    if ct.mode == 0:
+    if ct.mode in (0, 3):  # raw bytes, or the one value of a constant tensor
         assert ct.raw is not None
         parts.append(ct.raw.cpu().numpy().tobytes())
     else:
@@ -145,6 +147,12 @@ def loads(cls: type[CompressedTensor], data: bytes | bytearray | memoryview, dev
         raw = torch.from_numpy(rd.array(n * spec.itemsize, "u1", "raw payload"))
         _finish(rd)
         return cls(shape, spec.dtype, 0, None, DEFAULT_STEPS_PER_LANE, raw=raw.to(device))
+    if mode == 3:
+        if n < 2:
+            raise ValueError(f"corrupt blob: constant mode with {n} elements")
+        value = torch.from_numpy(rd.array(spec.itemsize, "u1", "constant value"))
+        _finish(rd)
+        return cls(shape, spec.dtype, 3, None, DEFAULT_STEPS_PER_LANE, raw=value.to(device))
     if mode not in (1, 2):
         raise ValueError(f"corrupt blob: unknown mode {mode}")
     if n == 0:

@@ -25,6 +25,7 @@ from .streams import Streams
 MODE_RAW = 0
 MODE_RANS = 1
 MODE_LOSSY = 2
+MODE_CONST = 3
 CACHE_TABLES_MIN_NUMEL = 1 << 20
 """Decoder tables (up to 32 KiB) are cached only for tensors this large, where they cost < 3% of the compressed
 size; smaller tensors rebuild them per decode (tens of microseconds)."""
@@ -40,12 +41,13 @@ class CompressedTensor:
     Attributes:
         shape: Shape of the original tensor.
         dtype: Dtype of the original tensor.
-        mode: ``MODE_RANS`` (coded), ``MODE_RAW`` (the original bytes, when coding would not win) or
-            ``MODE_LOSSY`` (coded exponents plus the top ``mantissa_bits`` mantissa bits).
+        mode: ``MODE_RANS`` (coded), ``MODE_RAW`` (the original bytes, when coding would not win),
+            ``MODE_LOSSY`` (coded exponents plus the top ``mantissa_bits`` mantissa bits) or ``MODE_CONST``
+            (lossless, every element has the same bit pattern, stored once).
         table: The static frequency table (``None`` in raw mode).
         steps_per_lane: Symbols per rANS lane (see docs/FORMAT.md).
         streams: The coded arrays (``None`` in raw mode).
-        raw: The original bytes as uint8 (raw mode only).
+        raw: The original bytes as uint8 (raw mode), or the one value's bytes (constant mode).
         mantissa_bits: Mantissa bits kept (lossy mode only, else ``None``).
         block_size: Normalization block size (lossy mode only; ``None`` when off).
         scales: Packed block scale fields (uint8; lossy mode with normalization only).
@@ -143,6 +145,11 @@ class CompressedTensor:
             assert self.raw is not None
             flat.view(torch.uint8).copy_(self.raw)
             return out
+        if self.mode == MODE_CONST:  # copied as integers, so NaN payloads survive
+            assert self.raw is not None
+            ints = self.spec.int_dtype
+            flat.view(ints).copy_(self.raw.view(ints).expand(flat.numel()))
+            return out
         assert self.streams is not None and self.table is not None
         impl = get_backend(backend, self.device)
         if self.lossy:
@@ -203,7 +210,8 @@ class CompressedTensor:
         return blob.loads(cls, data, torch.device(device))
 
     def __repr__(self) -> str:
-        kind = {MODE_RAW: "raw", MODE_RANS: "rans"}.get(self.mode, f"lossy k={self.mantissa_bits} B={self.block_size}")
+        lossy_kind = f"lossy k={self.mantissa_bits} B={self.block_size}"
+        kind = {MODE_RAW: "raw", MODE_RANS: "rans", MODE_CONST: "const"}.get(self.mode, lossy_kind)
         return (
             f"CompressedTensor(shape={tuple(self.shape)}, dtype={self.dtype}, device={self.device}, mode={kind}, "
             f"nbytes={self.nbytes}, bits_per_weight={self.bits_per_weight:.3f})"
@@ -239,8 +247,9 @@ def compress(
             ``None`` for none. Ignored in lossless mode.
 
     Returns:
-        The compressed tensor. When coding would not make it smaller, raw bytes are kept instead: the original
-        bytes (lossless mode) or those of the rounded values (lossy mode).
+        The compressed tensor. A lossless tensor of two or more elements that all share one bit pattern is
+        stored as that one value (constant mode). When coding would not make it smaller, raw bytes are kept
+        instead: the original bytes (lossless mode) or those of the rounded values (lossy mode).
 
     Raises:
         TypeError: ``t`` is not a tensor or has an unsupported dtype.
@@ -271,6 +280,11 @@ def compress(
             return _raw(coded.decompress(backend=backend), steps_per_lane)  # tiny tensors: raw rounded values
         return coded
     counts = impl.exponent_histogram(x, spec).tolist()
+    if n >= 2 and sum(1 for c in counts if c) == 1:
+        ints = x.reshape(-1).view(spec.int_dtype)
+        if bool((ints == ints[0]).all()):
+            value = ints[:1].view(torch.uint8).clone()
+            return CompressedTensor(x.shape, x.dtype, MODE_CONST, None, steps_per_lane, raw=value)
     table = quantize_counts(counts, prob_bits)
     raw_size = n * spec.itemsize
     lanes = num_lanes(n, steps_per_lane)

@@ -19,7 +19,7 @@ from typing import Any, BinaryIO, cast
 import torch
 
 from kernels.blob import serialized_size
-from kernels.compressed import MODE_RANS, CompressedTensor, compress
+from kernels.compressed import MODE_CONST, MODE_RANS, CompressedTensor, compress
 from kernels.freqtable import entropy_bits
 from kernels.spec import spec_for
 
@@ -223,7 +223,7 @@ def _stats(seg: Segment, stored: int, t: torch.Tensor | None = None, ct: Compres
     h = exponent_entropy(t)
     if ct.lossy:  # the bound of what is stored: sign + k mantissa bits + the decoded exponents' entropy
         return TensorStats(*common, f"lossy-k{ct.mantissa_bits}", bpw, ratio, h, 1 + (ct.mantissa_bits or 0) + h)
-    mode = "rans" if ct.mode == MODE_RANS else "nzct-raw"
+    mode = {MODE_RANS: "rans", MODE_CONST: "const"}.get(ct.mode, "nzct-raw")
     return TensorStats(*common, mode, bpw, ratio, h, spec_for(t.dtype).sm_bits + h)
 
 

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import zlib
+
 import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from kernels import MODE_RANS, MODE_RAW, CompressedTensor
+from kernels import MODE_CONST, MODE_RANS, MODE_RAW, CompressedTensor, blob, spec_for
 from kernels.layout import DEFAULT_STEPS_PER_LANE
 from nz_lightning import compress
 from tests.strategies import DTYPES, bits_to_tensor, float_tensors, special_patterns
@@ -86,14 +88,45 @@ def test_zero_dim_and_empty(dtype: torch.dtype) -> None:
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_constant_tensor_codes_to_almost_nothing(dtype: torch.dtype) -> None:
-    x = torch.ones(100_000, dtype=dtype)
+def test_one_exponent_codes_to_no_words(dtype: torch.dtype) -> None:
+    g = torch.Generator().manual_seed(0)
+    x = (1 + torch.rand(100_000, generator=g)).to(dtype).clamp(1, 1.5)  # exponent 0 only, varied mantissas
     c = compress(x)
     assert c.mode == MODE_RANS
     assert c.streams is not None and c.streams.words.numel() == 0
     sm_bits = {torch.bfloat16: 8, torch.float16: 11, torch.float32: 24}[dtype]
     assert c.bits_per_weight < sm_bits + 0.05
     assert_bit_equal(x, c.decompress())
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_constant_tensor_stores_one_value(dtype: torch.dtype, backend: str) -> None:
+    spec = spec_for(dtype)
+    for pattern in special_patterns(spec) + [0x3F80 if spec.total_bits == 16 else 0x3F800000]:
+        x = bits_to_tensor([pattern] * 4099, dtype).reshape(1, 4099)
+        c = compress(x, backend=backend)
+        assert c.mode == MODE_CONST
+        assert len(c.to_bytes()) == blob.header_size(2, MODE_CONST) + spec.itemsize
+        assert_bit_equal(x, c.decompress(backend=backend))
+        out = torch.empty_like(x)
+        assert c.decompress(out=out) is out
+        assert_bit_equal(x, out)
+        assert_bit_equal(x, CompressedTensor.from_bytes(c.to_bytes()).decompress())
+    almost = torch.ones(4099, dtype=dtype)
+    almost[17] = -1.0  # one sign differs: not constant
+    assert compress(almost).mode == MODE_RANS
+    assert compress(torch.ones(1, dtype=dtype)).mode == MODE_RAW  # one element: the raw blob is as small
+
+
+def test_corrupt_constant_blobs_raise() -> None:
+    good = compress(torch.zeros(10, dtype=torch.bfloat16)).to_bytes()
+    with pytest.raises(ValueError, match="truncated|corrupt"):
+        CompressedTensor.from_bytes(good[:-5] + good[-4:])
+    body = bytearray(good[:-4])
+    body[8:16] = (1).to_bytes(8, "little")  # shape (1,): a constant blob needs two or more elements
+    with pytest.raises(ValueError, match="constant mode"):
+        CompressedTensor.from_bytes(bytes(body) + zlib.crc32(bytes(body)).to_bytes(4, "little"))
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
