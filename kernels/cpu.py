@@ -1,7 +1,8 @@
 """Fast CPU backend: numba-compiled loops, byte-identical to the torch reference.
 
 Encoding runs each segment in reverse, 8 lanes per SIMD step (``kernels.cpu_encode``; a scalar lane loop
-here for ``prob_bits < 10``); decoding runs the 32 interleaved lanes of a segment
+here for ``prob_bits < 10``). Decoding is vectorized the same way for ``prob_bits <= 12``
+(``kernels.cpu_decode``); the scalar decoder here runs the 32 interleaved lanes of a segment
 together (32 independent dependency chains for the CPU to overlap), merging each decoded exponent with
 its sign+mantissa field and writing the float bits directly into the output buffer. Segments decode in
 parallel (``numba.prange``) when numba has more than one thread; set ``NUMBA_NUM_THREADS`` or
@@ -14,12 +15,15 @@ import numba
 import numpy as np
 import torch
 
+from .cpu_decode import VECTOR_MAX_PROB_BITS, table32
+from .cpu_decode import decode_lanes as decode_lanes_vector
 from .cpu_encode import VECTOR_MIN_PROB_BITS
 from .cpu_encode import encode_lanes as encode_lanes_vector
 from .cpu_lossy import fields as lossy_fields
 from .cpu_lossy import merge as lossy_merge
 from .cpu_lossy import quantize as lossy_quantize
 from .cpu_lossy import supported as lossy_supported
+from .cpu_merge import merge_fp16, sm_bf16, sm_fp32
 from .freqtable import FreqTable
 from .layout import LANES_PER_SEGMENT, STATE_LOWER, effective_steps, num_segments
 from .spec import FloatSpec
@@ -194,78 +198,6 @@ def encode(x: torch.Tensor, spec: FloatSpec, table: FreqTable, steps: int) -> St
 
 
 @numba.njit(inline="always", nogil=True, boundscheck=False)
-def _sm_bf16(sm: np.ndarray, i: np.uint64) -> np.uint64:  # pragma: no cover - jitted
-    v = np.uint64(sm[i])
-    return ((v & np.uint64(0x80)) << np.uint64(8)) | (v & np.uint64(0x7F))
-
-
-@numba.njit(inline="always", nogil=True, boundscheck=False)
-def _sm_fp16(sm: np.ndarray, i: np.uint64) -> np.uint64:  # pragma: no cover - jitted
-    bit = i * np.uint64(11)
-    o = bit >> np.uint64(3)
-    v = np.uint64(sm[o])
-    if o + np.uint64(1) < sm.size:
-        v |= np.uint64(sm[o + np.uint64(1)]) << np.uint64(8)
-    if o + np.uint64(2) < sm.size:
-        v |= np.uint64(sm[o + np.uint64(2)]) << np.uint64(16)
-    v = (v >> (bit & np.uint64(7))) & np.uint64(0x7FF)
-    return ((v >> np.uint64(10)) << np.uint64(15)) | (v & np.uint64(0x3FF))
-
-
-@numba.njit(inline="always", nogil=True, boundscheck=False)
-def _merge_fp16(out: np.ndarray, sm: np.ndarray, base: int, rest: int) -> None:  # pragma: no cover - jitted
-    """OR the sign+mantissa fields of elements ``[base, base + rest)`` (``base % 8 == 0``) into ``out``."""
-    u = np.uint64
-    groups = rest // 8
-    m = u(0x7FF)
-    for g in range(groups):  # unsigned indices: no negative-index wraparound code in the loop
-        o = u((base // 8 + g) * 11)
-        lo = _u64(sm, o)
-        hi = u(sm[o + u(8)]) | (u(sm[o + u(9)]) << u(8)) | (u(sm[o + u(10)]) << u(16))
-        r = u(base + 8 * g)
-        f0 = lo & m
-        f1 = (lo >> u(11)) & m
-        f2 = (lo >> u(22)) & m
-        f3 = (lo >> u(33)) & m
-        f4 = (lo >> u(44)) & m
-        f5 = ((lo >> u(55)) | (hi << u(9))) & m
-        f6 = (hi >> u(2)) & m
-        f7 = (hi >> u(13)) & m
-        out[r] |= ((f0 >> u(10)) << u(15)) | (f0 & u(0x3FF))
-        out[r + u(1)] |= ((f1 >> u(10)) << u(15)) | (f1 & u(0x3FF))
-        out[r + u(2)] |= ((f2 >> u(10)) << u(15)) | (f2 & u(0x3FF))
-        out[r + u(3)] |= ((f3 >> u(10)) << u(15)) | (f3 & u(0x3FF))
-        out[r + u(4)] |= ((f4 >> u(10)) << u(15)) | (f4 & u(0x3FF))
-        out[r + u(5)] |= ((f5 >> u(10)) << u(15)) | (f5 & u(0x3FF))
-        out[r + u(6)] |= ((f6 >> u(10)) << u(15)) | (f6 & u(0x3FF))
-        out[r + u(7)] |= ((f7 >> u(10)) << u(15)) | (f7 & u(0x3FF))
-    for i in range(base + 8 * groups, base + rest):
-        out[i] |= _sm_fp16(sm, u(i))
-
-
-@numba.njit(inline="always", nogil=True, boundscheck=False)
-def _u64(sm: np.ndarray, o: np.uint64) -> np.uint64:  # pragma: no cover - jitted
-    """Little-endian uint64 from 8 bytes at ``o``."""
-    u = np.uint64
-    v = u(sm[o]) | (u(sm[o + u(1)]) << u(8)) | (u(sm[o + u(2)]) << u(16)) | (u(sm[o + u(3)]) << u(24))
-    return (
-        v
-        | (u(sm[o + u(4)]) << u(32))
-        | (u(sm[o + u(5)]) << u(40))
-        | (u(sm[o + u(6)]) << u(48))
-        | (u(sm[o + u(7)]) << u(56))
-    )
-
-
-@numba.njit(inline="always", nogil=True, boundscheck=False)
-def _sm_fp32(sm: np.ndarray, i: np.uint64) -> np.uint64:  # pragma: no cover - jitted
-    o = np.uint64(3) * i
-    v = np.uint64(sm[o]) | (np.uint64(sm[o + np.uint64(1)]) << np.uint64(8))
-    v |= np.uint64(sm[o + np.uint64(2)]) << np.uint64(16)
-    return ((v >> np.uint64(23)) << np.uint64(31)) | (v & np.uint64(0x7FFFFF))
-
-
-@numba.njit(inline="always", nogil=True, boundscheck=False)
 def _advance(
     x: np.ndarray,
     p: np.ndarray,
@@ -329,7 +261,7 @@ def _decode_lanes(
                     if s < full or s < steps_j[j]:
                         e = _advance(x, p, j, dtab, words, slot_mask, pb, lim)
                         r = u(base + s * _W + j)
-                        out[r] = _sm_bf16(sm, r) | ((e >> u(16)) & u(0xFFFFFFFF))
+                        out[r] = sm_bf16(sm, r) | ((e >> u(16)) & u(0xFFFFFFFF))
         elif code == 2:  # each row of 32 exponents, then its 11-bit fields merged 8 at a time (11 whole bytes)
             for s in range(nsteps):
                 for j in range(_W):
@@ -337,16 +269,16 @@ def _decode_lanes(
                         e = _advance(x, p, j, dtab, words, slot_mask, pb, lim)
                         out[u(base + s * _W + j)] = (e >> u(16)) & u(0xFFFFFFFF)
                 if s < full:
-                    _merge_fp16(out, sm, base + s * _W, _W)
+                    merge_fp16(out, sm, base + s * _W, _W)
             if rest > full * _W:
-                _merge_fp16(out, sm, base + full * _W, rest - full * _W)
+                merge_fp16(out, sm, base + full * _W, rest - full * _W)
         else:
             for s in range(nsteps):
                 for j in range(_W):
                     if s < full or s < steps_j[j]:
                         e = _advance(x, p, j, dtab, words, slot_mask, pb, lim)
                         r = u(base + s * _W + j)
-                        out[r] = _sm_fp32(sm, r) | ((e >> u(16)) & u(0xFFFFFFFF))
+                        out[r] = sm_fp32(sm, r) | ((e >> u(16)) & u(0xFFFFFFFF))
         err = 0
         for j in range(_W):
             if x[j] != u(_L) or p[j] != u(offsets[g * _W + j + 1]):
@@ -356,10 +288,15 @@ def _decode_lanes(
 
 
 def decode_tables(table: FreqTable, spec: FloatSpec, device: torch.device) -> torch.Tensor:
-    """Per-slot decoder entries (uint64 bits in int64): ``freq << 48 | (symbol << man_bits) << 16 | (slot - cum)``.
+    """Per-slot decoder entries. For ``prob_bits <= 12``: 32-bit entries of the vectorized decoder (int32,
+    :func:`kernels.cpu_decode.table32`). Otherwise 64-bit entries of the scalar decoder (int64)::
+
+        freq << 48 | (symbol << man_bits) << 16 | (slot - cum)
 
     One lookup per decoded symbol gives the frequency, the exponent already shifted into place, and the bias.
     """
+    if table.prob_bits <= VECTOR_MAX_PROB_BITS:
+        return torch.from_numpy(table32(table, spec.alphabet).view(np.int32))
     m = 1 << table.prob_bits
     freq_l, cum_l = table.dense(spec.alphabet)
     freq = np.asarray(freq_l, dtype=np.uint64)
@@ -388,16 +325,10 @@ def decode(
     k = effective_steps(n, steps)
     if streams.states.numel() != _W * num_segments(n, k):
         raise ValueError("corrupt blob: lane count does not match the tensor size")
-    bad = _decode_lanes(
-        _bits_array(out, spec),
-        streams.sm.numpy(),
-        streams.states.numpy().view(np.uint32),
-        offsets,
-        words,
-        tables.numpy().view(np.uint64),
-        prob_bits,
-        k,
-        spec.code,
-    )
+    args = (_bits_array(out, spec), streams.sm.numpy(), streams.states.numpy().view(np.uint32), offsets, words)
+    if tables.dtype == torch.int32:  # 32-bit entries: the vectorized decoder (prob_bits <= 12)
+        bad = decode_lanes_vector(*args, tables.numpy().view(np.uint32), prob_bits, k, spec.code, spec.man_bits)
+    else:
+        bad = _decode_lanes(*args, tables.numpy().view(np.uint64), prob_bits, k, spec.code)
     if bad:
         raise ValueError(f"corrupt blob: {bad} segment(s) of rANS lanes do not decode consistently")

@@ -21,56 +21,20 @@ import numba
 import numpy as np
 from llvmlite import ir
 from numba.core import types
-from numba.core.cgutils import get_or_insert_function
 from numba.cpython.unsafe.numbers import trailing_zeros as _trailing_zeros
 from numba.extending import intrinsic
 
 from .layout import LANES_PER_SEGMENT, STATE_LOWER
+from .simd_ir import broadcast as _broadcast
+from .simd_ir import element_ptr as _element_ptr
+from .simd_ir import gather_i32
+from .simd_ir import splat as _splat
 
 VECTOR_MIN_PROB_BITS = 10
 """The float32 division is exact after one correction only for ``prob_bits >= 10`` (module docstring)."""
 _W = LANES_PER_SEGMENT
-_I1x8 = ir.VectorType(ir.IntType(1), 8)
 _I32x8 = ir.VectorType(ir.IntType(32), 8)
-_I64x8 = ir.VectorType(ir.IntType(64), 8)
 _F32x8 = ir.VectorType(ir.FloatType(), 8)
-
-
-def _splat(value: int, ty: ir.VectorType = _I32x8) -> ir.Constant:
-    return ir.Constant(ty, [value] * 8)
-
-
-def _broadcast(builder: ir.IRBuilder, scalar: ir.Value, ty: ir.VectorType) -> ir.Value:
-    vec = ir.Constant(ty, ir.Undefined)
-    for i in range(8):
-        vec = builder.insert_element(vec, scalar, ir.Constant(ir.IntType(32), i))
-    return vec
-
-
-def _element_ptr(context: Any, builder: ir.IRBuilder, aryty: Any, ary: ir.Value, index: ir.Value) -> ir.Value:
-    data = context.make_array(aryty)(context, builder, ary).data
-    return builder.gep(data, [index])
-
-
-def gather_i32(context: Any, builder: ir.IRBuilder, aryty: Any, ary: ir.Value, index: ir.Value, width: int) -> ir.Value:
-    """``ary[index]`` for an ``<8 x i32>`` or ``<8 x i64>`` index vector, as ``<8 x i32>`` (zero-extended).
-
-    A gather through a vector of pointers: LLVM emits hardware gathers or scalar loads, whichever its cost
-    model prefers for the target. Every index must be in bounds.
-    """
-    first = _element_ptr(context, builder, aryty, ary, ir.Constant(ir.IntType(64), 0))
-    base = builder.ptrtoint(first, ir.IntType(64))
-    wide = index if index.type == _I64x8 else builder.zext(index, _I64x8)
-    offsets = builder.shl(wide, _splat((width // 8).bit_length() - 1, _I64x8))
-    addrs = builder.add(_broadcast(builder, base, _I64x8), offsets)
-    ety = ir.IntType(width)
-    ptrs = builder.inttoptr(addrs, ir.VectorType(ety.as_pointer(), 8))
-    vty = ir.VectorType(ety, 8)
-    gather_ty = ir.FunctionType(vty, [ptrs.type, ir.IntType(32), _I1x8, vty])
-    gather = get_or_insert_function(builder.module, gather_ty, f"llvm.masked.gather.v8i{width}.v8p0")
-    align = ir.Constant(ir.IntType(32), width // 8)
-    loaded = builder.call(gather, [ptrs, align, _splat(1, _I1x8), ir.Constant(vty, [0] * 8)])
-    return loaded if width == 32 else builder.zext(loaded, _I32x8)
 
 
 def _encode8_intrinsic(

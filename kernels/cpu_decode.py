@@ -1,0 +1,254 @@
+"""Vectorized rANS decoder for the CPU backend: a segment's 32 lane states live in four 8-lane registers.
+
+The scalar decoder is bound by its ~40 instructions per symbol and the store/reload of each lane's state
+between steps. Here the states and word cursors of a segment are values of a numba ``Vec8`` type whose
+data model is an LLVM ``<8 x i32>``, so they stay in vector registers for the whole segment. One step of
+8 lanes (an intrinsic) does the slot lookup as a gather from a 32-bit decoder table, the state update,
+and the renormalization, which gathers every lane's next word unconditionally (the cursor clamped to the
+word array, so a corrupt blob cannot read out of bounds) and keeps it only where the state fell below ``L``.
+bf16 values are merged with their sign+mantissa bytes in the same vector code; fp16 and fp32 rows are
+written as exponents first and OR-ed with their packed fields right after.
+
+The table entry is ``(freq - 1) << 20 | bias << 8 | symbol`` with ``bias = slot - cum``: it fits 32 bits for
+``prob_bits <= 12`` (``VECTOR_MAX_PROB_BITS``); larger ``prob_bits`` use the scalar decoder.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numba
+import numpy as np
+from llvmlite import ir
+from numba.core import types
+from numba.extending import intrinsic, models, register_model
+
+from .cpu_merge import merge_fp16, sm_bf16, sm_fp32
+from .freqtable import FreqTable
+from .layout import LANES_PER_SEGMENT, STATE_LOWER
+from .simd_ir import I32x8, broadcast, element_ptr, gather_i32, splat
+
+VECTOR_MAX_PROB_BITS = 12
+"""Entries pack ``freq - 1`` and the bias in 12 bits each."""
+_W = LANES_PER_SEGMENT
+_I16x8 = ir.VectorType(ir.IntType(16), 8)
+_I8x8 = ir.VectorType(ir.IntType(8), 8)
+
+
+class Vec8Type(types.Type):
+    """numba type of eight uint32 lanes held as one LLVM vector value."""
+
+    def __init__(self) -> None:
+        super().__init__(name="Vec8")
+
+
+vec8 = Vec8Type()
+
+
+@register_model(Vec8Type)
+class _Vec8Model(models.PrimitiveModel):
+    def __init__(self, dmm: Any, fe_type: Any) -> None:
+        super().__init__(dmm, fe_type, I32x8)
+
+
+def table32(table: FreqTable, alphabet: int) -> np.ndarray:
+    """Per-slot 32-bit decoder entries (uint32) for ``table.prob_bits <= VECTOR_MAX_PROB_BITS``."""
+    if table.prob_bits > VECTOR_MAX_PROB_BITS:
+        raise ValueError(f"32-bit decoder entries need prob_bits <= {VECTOR_MAX_PROB_BITS}, got {table.prob_bits}")
+    freq_l, cum_l = table.dense(alphabet)
+    freq = np.asarray(freq_l, dtype=np.uint32)
+    cum = np.asarray(cum_l, dtype=np.uint32)
+    sym = np.repeat(np.asarray(table.symbols, dtype=np.uint32), table.freqs)
+    bias = np.arange(1 << table.prob_bits, dtype=np.uint32) - cum[sym]
+    entries: np.ndarray = ((freq[sym] - np.uint32(1)) << np.uint32(20)) | (bias << np.uint32(8)) | sym
+    return entries
+
+
+def _vec_ptr(context: Any, builder: ir.IRBuilder, aryty: Any, ary: ir.Value, index: ir.Value, vty: Any) -> ir.Value:
+    return builder.bitcast(element_ptr(context, builder, aryty, ary, index), vty.as_pointer())
+
+
+def _vload_intrinsic(typingctx: Any, ary: Any, at: Any) -> Any:  # pragma: no cover - compiled
+    """``ary[at:at+8]`` (uint32 or int32) as a ``Vec8``."""
+
+    def codegen(context: Any, builder: ir.IRBuilder, signature: Any, args: Any) -> ir.Value:
+        return builder.load(_vec_ptr(context, builder, signature.args[0], args[0], args[1], I32x8), align=4)
+
+    return vec8(ary, at), codegen
+
+
+def _vstore_intrinsic(typingctx: Any, ary: Any, at: Any, value: Any) -> Any:  # pragma: no cover - compiled
+    """``ary[at:at+8] = value`` (a 32-bit array, or a 16-bit one: then the low halves are stored)."""
+    width = ary.dtype.bitwidth
+
+    def codegen(context: Any, builder: ir.IRBuilder, signature: Any, args: Any) -> ir.Value:
+        vty = ir.VectorType(ir.IntType(width), 8)
+        val = args[2] if width == 32 else builder.trunc(args[2], vty)
+        builder.store(val, _vec_ptr(context, builder, signature.args[0], args[0], args[1], vty), align=width // 8)
+        return ir.Constant(ir.IntType(32), 0)
+
+    return types.int32(ary, at, value), codegen
+
+
+def _shl_intrinsic(typingctx: Any, value: Any, shift: Any) -> Any:  # pragma: no cover - compiled
+    """Every lane shifted left by the same amount."""
+
+    def codegen(context: Any, builder: ir.IRBuilder, signature: Any, args: Any) -> ir.Value:
+        return builder.shl(args[0], broadcast(builder, builder.trunc(args[1], ir.IntType(32)), I32x8))
+
+    return vec8(value, shift), codegen
+
+
+def _step_intrinsic(
+    typingctx: Any, x: Any, p: Any, table: Any, words: Any, start: Any, lim: Any, pb: Any
+) -> Any:  # pragma: no cover - compiled
+    """One decoding step of 8 lanes: returns ``(states, cursors, symbols)``.
+
+    Cursors are relative to ``words[start]``; reads are clamped to relative position ``lim``.
+    """
+
+    def codegen(context: Any, builder: ir.IRBuilder, signature: Any, args: Any) -> ir.Value:
+        state, pos, tab_v, words_v, start_v, lim_v, pb_v = args
+        sty = signature.args
+        pbs = broadcast(builder, builder.trunc(pb_v, ir.IntType(32)), I32x8)
+        slot = builder.and_(state, builder.sub(builder.shl(splat(1), pbs), splat(1)))
+        entry = gather_i32(context, builder, sty[2], tab_v, slot, 32)
+        freq = builder.add(builder.lshr(entry, splat(20)), splat(1))
+        bias = builder.and_(builder.lshr(entry, splat(8)), splat(0xFFF))
+        new = builder.add(builder.mul(freq, builder.lshr(state, pbs)), bias)
+        refill = builder.icmp_unsigned("<", new, splat(STATE_LOWER))
+        lim8 = broadcast(builder, builder.trunc(lim_v, ir.IntType(32)), I32x8)
+        safe = builder.select(builder.icmp_unsigned(">", pos, lim8), lim8, pos)
+        word = gather_i32(context, builder, sty[3], words_v, safe, 16, start_v)
+        state = builder.select(refill, builder.or_(builder.shl(new, splat(16)), word), new)
+        pos = builder.add(pos, builder.zext(refill, I32x8))
+        sym = builder.and_(entry, splat(0xFF))
+        return context.make_tuple(builder, signature.return_type, [state, pos, sym])
+
+    return types.UniTuple(vec8, 3)(x, p, table, words, start, lim, pb), codegen
+
+
+def _store_bf16_intrinsic(typingctx: Any, out: Any, sm: Any, at: Any, sym: Any) -> Any:  # pragma: no cover
+    """``out[at:at+8] = sign << 15 | sym << 7 | mantissa`` from the bf16 sign+mantissa bytes ``sm[at:at+8]``."""
+
+    def codegen(context: Any, builder: ir.IRBuilder, signature: Any, args: Any) -> ir.Value:
+        out_v, sm_v, at_v, sym_v = args
+        sty = signature.args
+        fields = builder.zext(builder.load(_vec_ptr(context, builder, sty[1], sm_v, at_v, _I8x8), align=1), _I16x8)
+        sign = builder.shl(builder.and_(fields, splat(0x80, _I16x8)), splat(8, _I16x8))
+        exp = builder.shl(builder.trunc(sym_v, _I16x8), splat(7, _I16x8))
+        value = builder.or_(builder.or_(sign, builder.and_(fields, splat(0x7F, _I16x8))), exp)
+        builder.store(value, _vec_ptr(context, builder, sty[0], out_v, at_v, _I16x8), align=2)
+        return ir.Constant(ir.IntType(32), 0)
+
+    return types.int32(out, sm, at, sym), codegen
+
+
+_vload: Any = intrinsic(_vload_intrinsic)
+_vstore: Any = intrinsic(_vstore_intrinsic)
+_shl: Any = intrinsic(_shl_intrinsic)
+_step: Any = intrinsic(_step_intrinsic)
+_store_bf16: Any = intrinsic(_store_bf16_intrinsic)
+
+
+@numba.njit(inline="always", nogil=True, boundscheck=False)
+def _write_row(out: np.ndarray, sm: np.ndarray, r: int, y: Any, code: int, shift: int) -> None:  # pragma: no cover
+    """Write 8 decoded symbols at ``r``: merged for bf16, exponent bits only for fp16/fp32 (merged per row)."""
+    if code == 1:
+        _store_bf16(out, sm, r, y)
+    else:
+        _vstore(out, r, _shl(y, shift))
+
+
+@numba.njit(inline="always", nogil=True, boundscheck=False)
+def _merge_tail(out: np.ndarray, sm: np.ndarray, r0: int, cnt: int, code: int) -> None:  # pragma: no cover
+    """OR the sign+mantissa fields of ``out[r0:r0+cnt]`` (which holds exponent bits) into place."""
+    u = np.uint64
+    if code == 2:
+        merge_fp16(out, sm, r0, cnt)
+    elif code == 3:
+        for j in range(cnt):
+            out[u(r0 + j)] |= sm_fp32(sm, u(r0 + j))
+    else:
+        for j in range(cnt):
+            out[u(r0 + j)] |= sm_bf16(sm, u(r0 + j))
+
+
+@numba.njit(parallel=True, nogil=True, cache=True, boundscheck=False)
+def decode_lanes(
+    out: np.ndarray,
+    sm: np.ndarray,
+    states: np.ndarray,
+    offsets: np.ndarray,
+    words: np.ndarray,
+    table: np.ndarray,
+    pb: int,
+    k: int,
+    code: int,
+    man_bits: int,
+) -> int:  # pragma: no cover - jitted
+    """Decode all segments (in parallel) into ``out`` (uint16/uint32 bits); returns the inconsistent segments.
+
+    Same contract as the scalar ``kernels.cpu._decode_lanes``, with ``table`` from :func:`table32`.
+    """
+    n = out.size
+    seg = _W * k
+    nseg = (n + seg - 1) // seg
+    bad = 0
+    for g in numba.prange(nseg):
+        base = g * seg
+        rest = min(seg, n - base)
+        full = rest // _W
+        # Cursors are relative to `start`; `start` is pulled back onto the array when a trailing segment
+        # has no words, so even a corrupt blob reads only inside `words`.
+        start = min(offsets[g * _W], words.size - 1)
+        lim = words.size - 1 - start
+        rel = np.empty(_W, dtype=np.uint32)
+        xs = np.empty(_W, dtype=np.uint32)
+        for j in range(_W):
+            rel[j] = np.uint32(offsets[g * _W + j] - start)
+        x0, x1 = _vload(states, g * _W), _vload(states, g * _W + 8)
+        x2, x3 = _vload(states, g * _W + 16), _vload(states, g * _W + 24)
+        p0, p1, p2, p3 = _vload(rel, 0), _vload(rel, 8), _vload(rel, 16), _vload(rel, 24)
+        for s in range(full):
+            r = base + s * _W
+            x0, p0, y0 = _step(x0, p0, table, words, start, lim, pb)
+            x1, p1, y1 = _step(x1, p1, table, words, start, lim, pb)
+            x2, p2, y2 = _step(x2, p2, table, words, start, lim, pb)
+            x3, p3, y3 = _step(x3, p3, table, words, start, lim, pb)
+            _write_row(out, sm, r, y0, code, man_bits)
+            _write_row(out, sm, r + 8, y1, code, man_bits)
+            _write_row(out, sm, r + 16, y2, code, man_bits)
+            _write_row(out, sm, r + 24, y3, code, man_bits)
+            if code != 1:
+                _merge_tail(out, sm, r, _W, code)
+        _vstore(xs, 0, x0)
+        _vstore(xs, 8, x1)
+        _vstore(xs, 16, x2)
+        _vstore(xs, 24, x3)
+        _vstore(rel, 0, p0)
+        _vstore(rel, 8, p1)
+        _vstore(rel, 16, p2)
+        _vstore(rel, 24, p3)
+        r0 = base + full * _W
+        for j in range(rest - full * _W):  # the partial last row, scalar
+            xj = xs[j]
+            e = table[xj & np.uint32((1 << pb) - 1)]
+            xn = ((e >> np.uint32(20)) + np.uint32(1)) * (xj >> np.uint32(pb)) + (
+                (e >> np.uint32(8)) & np.uint32(0xFFF)
+            )
+            if xn < np.uint32(STATE_LOWER):
+                xn = (xn << np.uint32(16)) | np.uint32(words[start + min(int(rel[j]), lim)])
+                rel[j] += np.uint32(1)
+            xs[j] = xn
+            out[r0 + j] = (e & np.uint32(0xFF)) << np.uint32(man_bits)
+        _merge_tail(out, sm, r0, rest - full * _W, code)
+        err = 0
+        for j in range(_W):
+            if xs[j] != np.uint32(STATE_LOWER) or start + np.int64(rel[j]) != offsets[g * _W + j + 1]:
+                err = 1
+        bad += err
+    return bad
+
+
+__all__ = ["VECTOR_MAX_PROB_BITS", "decode_lanes", "table32"]
