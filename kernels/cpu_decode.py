@@ -253,7 +253,7 @@ def decode_lanes(
         # Cursors are relative to `start`; `start` is pulled back onto the array when a trailing segment
         # has no words, so even a corrupt blob reads only inside `words`.
         start = min(offsets[g * _W], words.size - 1)
-        lim = words.size - 1 - start
+        lim = min(words.size - 1 - start, 0x7FFFFFFF)  # the step compares 32-bit relative cursors
         rel = np.empty(_W, dtype=np.uint32)
         xs = np.empty(_W, dtype=np.uint32)
         for j in range(_W):
