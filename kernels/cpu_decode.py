@@ -200,15 +200,9 @@ _store_bf16: Any = intrinsic(_store_bf16_intrinsic)
 
 
 @numba.njit(inline="always", nogil=True, boundscheck=False)
-def _write_row(out: np.ndarray, sm: np.ndarray, r: int, y: Any, code: int, shift: int, fused: bool) -> None:
-    """Write 8 decoded symbols at ``r``: merged with their fields (bf16 always, fp16/fp32 when ``fused``),
-    else exponent bits only (the caller merges the row)."""  # pragma: no cover - jitted
-    if code == 1:
-        _store_bf16(out, sm, r, y)
-    elif fused:
-        _store_packed(out, sm, r, y)
-    else:
-        _vstore(out, r, _shl(y, shift))
+def _field_load_end(at: int, code: int) -> int:  # pragma: no cover - jitted
+    """One past the last sign+mantissa byte that ``_store_packed`` reads for the 8 values at ``at``."""
+    return at // 8 * 11 + 16 if code == 2 else 3 * at + 32
 
 
 @numba.njit(inline="always", nogil=True, boundscheck=False)
@@ -261,21 +255,37 @@ def decode_lanes(
         x0, x1 = _vload(states, g * _W), _vload(states, g * _W + 8)
         x2, x3 = _vload(states, g * _W + 16), _vload(states, g * _W + 24)
         p0, p1, p2, p3 = _vload(rel, 0), _vload(rel, 8), _vload(rel, 16), _vload(rel, 24)
-        for s in range(full):
+        # fp16/fp32 fields are loaded 16/32 bytes at a time: rows from `fused` on would read past `sm`, so
+        # they get exponent bits here and a scalar merge below. The hot loops call only intrinsics.
+        fused = full
+        while code != 1 and fused > 0 and _field_load_end(base + (fused - 1) * _W + 24, code) > sm.size:
+            fused -= 1
+        for s in range(fused):
             r = base + s * _W
             x0, p0, y0 = _step(x0, p0, table, words, start, lim, pb)
             x1, p1, y1 = _step(x1, p1, table, words, start, lim, pb)
             x2, p2, y2 = _step(x2, p2, table, words, start, lim, pb)
             x3, p3, y3 = _step(x3, p3, table, words, start, lim, pb)
-            # fp16/fp32 fields are loaded 16/32 bytes at a time: only where that stays inside `sm`.
-            last = (r + 24) // 8 * 11 + 16 if code == 2 else 3 * (r + 24) + 32
-            fused = code == 1 or last <= sm.size
-            _write_row(out, sm, r, y0, code, man_bits, fused)
-            _write_row(out, sm, r + 8, y1, code, man_bits, fused)
-            _write_row(out, sm, r + 16, y2, code, man_bits, fused)
-            _write_row(out, sm, r + 24, y3, code, man_bits, fused)
-            if not fused:
-                _merge_tail(out, sm, r, _W, code)
+            if code == 1:
+                _store_bf16(out, sm, r, y0)
+                _store_bf16(out, sm, r + 8, y1)
+                _store_bf16(out, sm, r + 16, y2)
+                _store_bf16(out, sm, r + 24, y3)
+            else:
+                _store_packed(out, sm, r, y0)
+                _store_packed(out, sm, r + 8, y1)
+                _store_packed(out, sm, r + 16, y2)
+                _store_packed(out, sm, r + 24, y3)
+        for s in range(fused, full):
+            r = base + s * _W
+            x0, p0, y0 = _step(x0, p0, table, words, start, lim, pb)
+            x1, p1, y1 = _step(x1, p1, table, words, start, lim, pb)
+            x2, p2, y2 = _step(x2, p2, table, words, start, lim, pb)
+            x3, p3, y3 = _step(x3, p3, table, words, start, lim, pb)
+            _vstore(out, r, _shl(y0, man_bits))
+            _vstore(out, r + 8, _shl(y1, man_bits))
+            _vstore(out, r + 16, _shl(y2, man_bits))
+            _vstore(out, r + 24, _shl(y3, man_bits))
         _vstore(xs, 0, x0)
         _vstore(xs, 8, x1)
         _vstore(xs, 16, x2)
@@ -296,7 +306,7 @@ def decode_lanes(
                 rel[j] += np.uint32(1)
             xs[j] = xn
             out[r0 + j] = (e & np.uint32(0xFF)) << np.uint32(man_bits)
-        _merge_tail(out, sm, r0, rest - full * _W, code)
+        _merge_tail(out, sm, base + fused * _W, rest - fused * _W, code)
         err = 0
         for j in range(_W):
             if xs[j] != np.uint32(STATE_LOWER) or start + np.int64(rel[j]) != offsets[g * _W + j + 1]:
