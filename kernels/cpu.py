@@ -308,9 +308,19 @@ def decode_tables(table: FreqTable, spec: FloatSpec, device: torch.device) -> to
 
 
 def decode(
-    streams: Streams, spec: FloatSpec, tables: torch.Tensor, prob_bits: int, steps: int, out: torch.Tensor
+    streams: Streams,
+    spec: FloatSpec,
+    tables: torch.Tensor,
+    prob_bits: int,
+    steps: int,
+    out: torch.Tensor,
+    *,
+    fields: bool = True,
 ) -> None:
     """Decode into the flat contiguous CPU float tensor ``out`` (``tables`` from :func:`decode_tables`).
+
+    With ``fields=False`` only the exponent bits are written and ``streams.sm`` is not read (the lossy mode's
+    carrier decode).
 
     Raises:
         ValueError: A lane reads past its words, or does not end in the initial state with all words used.
@@ -326,9 +336,12 @@ def decode(
     if streams.states.numel() != _W * num_segments(n, k):
         raise ValueError("corrupt blob: lane count does not match the tensor size")
     args = (_bits_array(out, spec), streams.sm.numpy(), streams.states.numpy().view(np.uint32), offsets, words)
+    code = spec.code if fields else 0
     if tables.dtype == torch.int32:  # 32-bit entries: the vectorized decoder (prob_bits <= 12)
-        bad = decode_lanes_vector(*args, tables.numpy().view(np.uint32), prob_bits, k, spec.code, spec.man_bits)
+        bad = decode_lanes_vector(*args, tables.numpy().view(np.uint32), prob_bits, k, code, spec.man_bits)
     else:
+        if not fields:
+            args = (args[0], np.zeros((n * spec.sm_bits + 7) // 8, dtype=np.uint8), *args[2:])
         bad = _decode_lanes(*args, tables.numpy().view(np.uint64), prob_bits, k, spec.code)
     if bad:
         raise ValueError(f"corrupt blob: {bad} segment(s) of rANS lanes do not decode consistently")

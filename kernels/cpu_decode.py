@@ -209,6 +209,8 @@ def _field_load_end(at: int, code: int) -> int:  # pragma: no cover - jitted
 def _merge_tail(out: np.ndarray, sm: np.ndarray, r0: int, cnt: int, code: int) -> None:  # pragma: no cover
     """OR the sign+mantissa fields of ``out[r0:r0+cnt]`` (which holds exponent bits) into place."""
     u = np.uint64
+    if code == 0:
+        return
     if code == 2:
         merge_fp16(out, sm, r0, cnt)
     elif code == 3:
@@ -257,8 +259,8 @@ def decode_lanes(
         p0, p1, p2, p3 = _vload(rel, 0), _vload(rel, 8), _vload(rel, 16), _vload(rel, 24)
         # fp16/fp32 fields are loaded 16/32 bytes at a time: rows from `fused` on would read past `sm`, so
         # they get exponent bits here and a scalar merge below. The hot loops call only intrinsics.
-        fused = full
-        while code != 1 and fused > 0 and _field_load_end(base + (fused - 1) * _W + 24, code) > sm.size:
+        fused = full if code != 0 else 0  # code 0: exponent bits only, no fields to merge
+        while code > 1 and fused > 0 and _field_load_end(base + (fused - 1) * _W + 24, code) > sm.size:
             fused -= 1
         for s in range(fused):
             r = base + s * _W

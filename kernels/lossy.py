@@ -320,17 +320,21 @@ def decode(
     """
     n = out.numel()
     cs = carrier_spec(spec)
-    exps = torch.empty(n, dtype=cs.dtype, device=out.device)
-    zero_sm = torch.zeros((n * cs.sm_bits + 7) // 8, dtype=torch.uint8, device=out.device)
-    impl.decode(Streams(streams.states, streams.counts, streams.words, zero_sm), cs, tables, prob_bits, steps, exps)
-    del zero_sm
     scales = None
     if block_size is not None and packed_scales is not None:
         scales = unpack_fields(packed_scales, 8 * scale_bytes(spec), num_blocks(n, block_size))
     if _fast(impl, spec):
+        # Exponents only, straight into `out` when the carrier has the same width (the merge reads each
+        # element before it overwrites it), so no extra buffer and no zero sign+mantissa stream.
+        exps = out.view(cs.dtype) if out.element_size() == cs.itemsize else torch.empty(n, dtype=cs.dtype)
+        impl.decode(streams, cs, tables, prob_bits, steps, exps, fields=False)
         impl.lossy_merge(exps, streams.sm, spec, mantissa_bits, block_size, scales, out)
         restore_nans(out, spec, nan_index)
         return
+    exps = torch.empty(n, dtype=cs.dtype, device=out.device)
+    zero_sm = torch.zeros((n * cs.sm_bits + 7) // 8, dtype=torch.uint8, device=out.device)
+    impl.decode(Streams(streams.states, streams.counts, streams.words, zero_sm), cs, tables, prob_bits, steps, exps)
+    del zero_sm
     exp = (exps.view(torch.int16).to(_int_dtype(spec)) >> cs.man_bits) & (spec.alphabet - 1)
     del exps
     fields = unpack_fields(streams.sm, 1 + mantissa_bits, n).to(_int_dtype(spec))
