@@ -89,7 +89,7 @@ def render(result: dict[str, Any]) -> str:
         )
     lines += [
         "",
-        "bf16 and fp32 use the numba lossy loops (`kernels/cpu_lossy.py`); fp16 uses the torch code. Lossy decode "
+        "All three dtypes use the numba lossy loops (`kernels/cpu_lossy.py`). Lossy decode "
         "= the ordinary rANS decode of the exponents into a carrier tensor, then one pass merging fields and scales.",
         END,
     ]

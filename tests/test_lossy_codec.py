@@ -212,3 +212,25 @@ def test_many_nans_match_across_backends() -> None:
         assert cpu.to_bytes() == compress(x, mantissa_bits=2, block_size=block, backend="torch").to_bytes()
         y = cpu.decompress()
         assert torch.isnan(y[::2]).all() and not torch.isnan(y[1::2]).any()
+
+
+def _every_pattern(dtype: torch.dtype, seed: int) -> torch.Tensor:
+    """All 2^16 bit patterns of a 16-bit dtype (a 2^16 sample for fp32), shuffled so blocks mix magnitudes."""
+    g = torch.Generator().manual_seed(seed)
+    if dtype == torch.float32:
+        ints = torch.randint(-(2**31), 2**31, (1 << 16,), generator=g, dtype=torch.int64).to(torch.int32)
+    else:
+        ints = torch.arange(-(2**15), 2**15, dtype=torch.int32).to(torch.int16)
+    return ints[torch.randperm(ints.numel(), generator=g)].view(dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(("k", "block"), [(0, 512), (1, 64), (3, None), (3, 512), (5, 4)])
+def test_numba_lossy_loops_match_torch_on_every_pattern(dtype: torch.dtype, k: int, block: int | None) -> None:
+    """The numba quantize/fields/merge (all three dtypes) against the torch code, on every 16-bit pattern:
+    subnormals, the largest finite values (saturation and overflow of the scaled product), NaN, inf."""
+    x = _every_pattern(dtype, seed=k)
+    cpu_blob = compress(x, mantissa_bits=k, block_size=block, backend="cpu").to_bytes()
+    assert cpu_blob == compress(x, mantissa_bits=k, block_size=block, backend="torch").to_bytes()
+    restored = CompressedTensor.from_bytes(cpu_blob)
+    assert _bits(restored.decompress(backend="cpu")) == _bits(restored.decompress(backend="torch"))
