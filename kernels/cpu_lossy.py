@@ -10,7 +10,6 @@ the bits, with fp16 subnormals and overflow to inf, as torch does). The loops ta
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import numba
@@ -65,9 +64,9 @@ def _fp16_value(mag: Any) -> Any:  # pragma: no cover - jitted
     m = mag & 0x3FF
     if e == 31:
         return np.inf
-    if e == 0:
-        return math.ldexp(np.float64(m), -24)
-    return math.ldexp(np.float64(m | 0x400), e - 25)
+    if e == 0:  # subnormal: m * 2^-24, exact in float32
+        return np.float64(np.float32(m) * np.float32(5.9604644775390625e-08))
+    return np.float64(_f32(_U32(((e + 112) << 23) | (m << 13))))
 
 
 @numba.njit(inline="always")
@@ -76,8 +75,8 @@ def _to_fp16(x: Any) -> Any:  # pragma: no cover - jitted
     b = np.int64(_bits32(x))
     if b >= 0x47800000:  # >= 65536 (or inf): inf
         return np.int64(0x7C00)
-    if b < 0x38800000:  # below 2^-14: a subnormal multiple of 2^-24 (1024 is the smallest normal's pattern)
-        return np.int64(np.rint(np.float64(x) * 16777216.0))
+    if b < 0x38800000:  # below 2^-14: adding 0.5 rounds x to a multiple of 2^-24 (nearest even) in float32
+        return np.int64(_bits32(x + np.float32(0.5))) - 0x3F000000  # 1024 is the smallest normal's pattern
     return ((b + 0xFFF + ((b >> 13) & 1)) >> 13) - (112 << 10)  # a carry into exponent 31 gives inf
 
 
@@ -100,6 +99,16 @@ def _scaled(mag: Any, s: Any, code: int) -> Any:  # pragma: no cover - jitted
     if code == 2:
         return _fp16_value(_to_fp16(np.float32(_value(mag, 2)) * np.float32(s)))
     return np.float64(np.float32(_value(mag, 3) * s))
+
+
+@numba.njit(inline="always")
+def _scaled_bits(mag: Any, s: Any, code: int) -> Any:  # pragma: no cover - jitted
+    """Bits of ``dtype(value(mag) * s)`` (what ``_magnitude_of(_scaled(mag, s, code), code)`` gives, directly)."""
+    if code == 1:
+        return np.int64(_to_bf16(_bits32(np.float32(_value(mag, 1)) * np.float32(s))))
+    if code == 2:
+        return _to_fp16(np.float32(_value(mag, 2)) * np.float32(s))
+    return np.int64(_bits32(np.float32(_value(mag, 3) * s)))
 
 
 @numba.njit(inline="always")
@@ -203,7 +212,7 @@ def _merge(
             exp = (u(carrier[i]) >> cman) & top
             mag = (exp << u(man)) | ((field & kmask) << u(man - k))
             if block > 0 and exp != top:
-                mag = u(_magnitude_of(_scaled(np.int64(mag), s, code), code))
+                mag = u(_scaled_bits(np.int64(mag), s, code))
             out[i] = ((field >> u(k)) << u(total - 1)) | mag
 
 
