@@ -23,7 +23,7 @@ from .layout import (
     num_lanes,
 )
 from .lossy import MAX_BLOCK_LOG2, NO_BLOCK, num_blocks, scale_bytes
-from .spec import spec_for, spec_for_code
+from .spec import folded, max_fold_bits, spec_for, spec_for_code
 from .streams import Streams
 
 if TYPE_CHECKING:
@@ -31,6 +31,9 @@ if TYPE_CHECKING:
 
 MAGIC = b"NZCT"
 VERSION = 1
+"""Written for every blob except those with folded mantissa bits."""
+VERSION_FOLDED = 2
+"""Written when mantissa bits are coded with the exponent (the coder header's byte 1 holds how many)."""
 MAX_NDIM = 64
 _HEAD = struct.Struct("<4sBBBB")  # magic, version, dtype code, mode, ndim
 _RANS = struct.Struct("<BBHIQ")  # prob_bits, reserved, n_symbols, steps_per_lane, n_words
@@ -70,7 +73,8 @@ def _le(t: torch.Tensor, np_dtype: str) -> bytes:
 
 def dumps(ct: CompressedTensor) -> bytes:
     """Serialize ``ct`` (see docs/FORMAT.md)."""
-    parts = [_HEAD.pack(MAGIC, VERSION, ct.spec.code, ct.mode, len(ct.shape))]
+    version = VERSION_FOLDED if ct.fold_bits else VERSION
+    parts = [_HEAD.pack(MAGIC, version, ct.spec.code, ct.mode, len(ct.shape))]
     parts.append(struct.pack(f"<{len(ct.shape)}Q", *ct.shape))
     if ct.mode in (0, 3):  # raw bytes, or the one value of a constant tensor
         assert ct.raw is not None
@@ -78,7 +82,7 @@ def dumps(ct: CompressedTensor) -> bytes:
     else:
         assert ct.streams is not None and ct.table is not None
         st, tb = ct.streams, ct.table
-        parts.append(_RANS.pack(tb.prob_bits, 0, len(tb.symbols), ct.steps_per_lane, st.words.numel()))
+        parts.append(_RANS.pack(tb.prob_bits, ct.fold_bits, len(tb.symbols), ct.steps_per_lane, st.words.numel()))
         if ct.mode == 2:
             assert ct.mantissa_bits is not None and ct.nan_index is not None
             log2 = NO_BLOCK if ct.block_size is None else ct.block_size.bit_length() - 1
@@ -130,8 +134,8 @@ def loads(cls: type[CompressedTensor], data: bytes | bytearray | memoryview, dev
     magic, version, code, mode, ndim = _HEAD.unpack(view[: _HEAD.size])
     if magic != MAGIC:
         raise ValueError(f"not an nz_lightning blob: magic {bytes(magic)!r}, expected {MAGIC!r}")
-    if version != VERSION:
-        raise ValueError(f"unsupported blob version {version}; this build reads version {VERSION}")
+    if version not in (VERSION, VERSION_FOLDED):
+        raise ValueError(f"unsupported blob version {version}; this build reads versions {VERSION}-{VERSION_FOLDED}")
     (crc,) = _CRC.unpack(view[-_CRC.size :])
     body = view[: -_CRC.size]
     if zlib.crc32(body) != crc:
@@ -143,6 +147,8 @@ def loads(cls: type[CompressedTensor], data: bytes | bytearray | memoryview, dev
     rd.take(_HEAD.size, "header")
     shape = torch.Size(struct.unpack(f"<{ndim}Q", rd.take(8 * ndim, "shape")))
     n = math.prod(shape)
+    if version == VERSION_FOLDED and mode != 1:
+        raise ValueError(f"corrupt blob: version {version} with mode {mode}")
     if mode == 0:
         raw = torch.from_numpy(rd.array(n * spec.itemsize, "u1", "raw payload"))
         _finish(rd)
@@ -157,8 +163,13 @@ def loads(cls: type[CompressedTensor], data: bytes | bytearray | memoryview, dev
         raise ValueError(f"corrupt blob: unknown mode {mode}")
     if n == 0:
         raise ValueError("corrupt blob: coded mode with no elements")
-    prob_bits, _, nsym, steps, nwords = rd.unpack(_RANS, "coder header")
-    sm_bits, block_size, n_nan, scale_len = spec.sm_bits, None, 0, 0
+    prob_bits, fold, nsym, steps, nwords = rd.unpack(_RANS, "coder header")
+    if version == VERSION:
+        fold = 0  # a reserved byte in version 1
+    elif not 1 <= fold <= max_fold_bits(spec):
+        raise ValueError(f"corrupt blob: {fold} folded mantissa bits for {spec.dtype}")
+    coding = folded(spec, fold)
+    sm_bits, block_size, n_nan, scale_len = coding.sm_bits, None, 0, 0
     if mode == 2:
         k, log2, _, n_nan = rd.unpack(_LOSSY, "lossy header")
         if not 0 <= k < spec.man_bits:
@@ -174,7 +185,7 @@ def loads(cls: type[CompressedTensor], data: bytes | bytearray | memoryview, dev
         raise ValueError(f"corrupt blob: prob_bits {prob_bits} out of range")
     if not 1 <= steps <= MAX_STEPS_PER_LANE:
         raise ValueError(f"corrupt blob: steps_per_lane {steps} out of range")
-    table = _read_table(rd, nsym, prob_bits, spec.alphabet)
+    table = _read_table(rd, nsym, prob_bits, coding.alphabet)
     k = effective_steps(n, steps)
     lanes = num_lanes(n, k)
     if nwords > n:
@@ -210,7 +221,7 @@ def loads(cls: type[CompressedTensor], data: bytes | bytearray | memoryview, dev
     )
     assert lanes % LANES_PER_SEGMENT == 0
     if mode == 1:
-        return cls(shape, spec.dtype, 1, table, steps, streams.to(device))
+        return cls(shape, spec.dtype, 1, table, steps, streams.to(device), fold_bits=fold)
     assert nans is not None
     return cls(
         shape,

@@ -19,13 +19,16 @@ from .layout import (
     MIN_PROB_BITS,
     num_lanes,
 )
-from .spec import FloatSpec, spec_for
+from .spec import FloatSpec, folded, spec_for
 from .streams import Streams
 
 MODE_RAW = 0
 MODE_RANS = 1
 MODE_LOSSY = 2
 MODE_CONST = 3
+FOLD_BITS = {torch.float16: 2}
+"""Top mantissa bits the lossless encoder tries coding together with the exponent, per dtype (it keeps whichever
+layout is smaller). Only fp16 has room: its symbol grows from 5 to 7 bits; bf16 and fp32 exponents fill 8."""
 CACHE_TABLES_MIN_NUMEL = 1 << 20
 """Decoder tables (up to 32 KiB) are cached only for tensors this large, where they cost < 3% of the compressed
 size; smaller tensors rebuild them per decode (tens of microseconds)."""
@@ -52,6 +55,7 @@ class CompressedTensor:
         block_size: Normalization block size (lossy mode only; ``None`` when off).
         scales: Packed block scale fields (uint8; lossy mode with normalization only).
         nan_index: Positions of NaNs (int64; lossy mode only).
+        fold_bits: Top mantissa bits coded together with the exponent in each rANS symbol (lossless fp16; else 0).
     """
 
     shape: torch.Size
@@ -65,6 +69,7 @@ class CompressedTensor:
     block_size: int | None = None
     scales: torch.Tensor | None = None
     nan_index: torch.Tensor | None = None
+    fold_bits: int = 0
     _tables: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
 
     @property
@@ -80,7 +85,7 @@ class CompressedTensor:
     @property
     def coding_spec(self) -> FloatSpec:
         """Layout whose exponent field the rANS lanes decode into (the carrier's, in lossy mode)."""
-        return lossy.carrier_spec(self.spec) if self.lossy else self.spec
+        return lossy.carrier_spec(self.spec) if self.lossy else folded(self.spec, self.fold_bits)
 
     @property
     def device(self) -> torch.device:
@@ -168,7 +173,8 @@ class CompressedTensor:
                 flat,
             )
             return out
-        impl.decode(self.streams, self.spec, self.decoder_tables(impl), self.table.prob_bits, self.steps_per_lane, flat)
+        tables = self.decoder_tables(impl)
+        impl.decode(self.streams, self.coding_spec, tables, self.table.prob_bits, self.steps_per_lane, flat)
         return out
 
     def _check_out(self, out: torch.Tensor) -> None:
@@ -194,6 +200,7 @@ class CompressedTensor:
             self.block_size,
             None if self.scales is None else self.scales.to(device),
             None if self.nan_index is None else self.nan_index.to(device),
+            self.fold_bits,
         )
 
     def to_bytes(self) -> bytes:
@@ -279,20 +286,28 @@ def compress(
         if blob.serialized_size(coded) >= blob.raw_serialized_size(x.shape, x.dtype):
             return _raw(coded.decompress(backend=backend), steps_per_lane)  # tiny tensors: raw rounded values
         return coded
-    counts = impl.exponent_histogram(x, spec).tolist()
+    fold = FOLD_BITS.get(x.dtype, 0)
+    folded_counts = impl.exponent_histogram(x, folded(spec, fold)).tolist()
+    counts = [sum(folded_counts[s << fold : (s + 1) << fold]) for s in range(spec.alphabet)]
     if n >= 2 and sum(1 for c in counts if c) == 1:
         ints = x.reshape(-1).view(spec.int_dtype)
         if bool((ints == ints[0]).all()):
             value = ints[:1].view(torch.uint8).clone()
             return CompressedTensor(x.shape, x.dtype, MODE_CONST, None, steps_per_lane, raw=value)
-    table = quantize_counts(counts, prob_bits)
-    raw_size = n * spec.itemsize
-    lanes = num_lanes(n, steps_per_lane)
-    estimate = table.cost_bits(counts) / 8 + (n * spec.sm_bits) / 8 + 6 * lanes + 3 * len(table.symbols)
-    if estimate >= raw_size:
+    # Plain exponents, or (fp16) exponents with the top mantissa bits: whichever the size estimate prefers.
+    layouts = [(0, counts)] + ([(fold, folded_counts)] if fold else [])
+    best: tuple[float, int, FreqTable] | None = None
+    for bits, cnt in layouts:
+        table = quantize_counts(cnt, prob_bits)
+        size = table.cost_bits(cnt) / 8 + n * folded(spec, bits).sm_bits / 8 + 3 * len(table.symbols)
+        if best is None or size < best[0]:
+            best = (size, bits, table)
+    assert best is not None
+    size, fold, table = best
+    if size + 6 * num_lanes(n, steps_per_lane) >= n * spec.itemsize:
         return _raw(x, steps_per_lane)
-    streams = impl.encode(x, spec, table, steps_per_lane)
-    coded = CompressedTensor(x.shape, x.dtype, MODE_RANS, table, steps_per_lane, streams)
+    streams = impl.encode(x, folded(spec, fold), table, steps_per_lane)
+    coded = CompressedTensor(x.shape, x.dtype, MODE_RANS, table, steps_per_lane, streams, fold_bits=fold)
     if blob.serialized_size(coded) >= blob.raw_serialized_size(x.shape, x.dtype):
         return _raw(x, steps_per_lane)
     return coded

@@ -23,10 +23,10 @@ from .cpu_lossy import fields as lossy_fields
 from .cpu_lossy import merge as lossy_merge
 from .cpu_lossy import quantize as lossy_quantize
 from .cpu_lossy import supported as lossy_supported
-from .cpu_merge import merge_fp16, sm_bf16, sm_fp32
+from .cpu_merge import merge_fields, merge_fp16, sm_bf16, sm_fp32
 from .freqtable import FreqTable
 from .layout import LANES_PER_SEGMENT, STATE_LOWER, effective_steps, num_segments
-from .spec import FloatSpec
+from .spec import FloatSpec, spec_for
 from .streams import Streams
 
 __all__ = [
@@ -255,7 +255,13 @@ def _decode_lanes(
         full = rest // _W
         nsteps = (rest + _W - 1) // _W
         # One loop per dtype (the merge differs); the rANS step itself is shared and inlined.
-        if code == 1:
+        if code == 0:  # exponent bits only
+            for s in range(nsteps):
+                for j in range(_W):
+                    if s < full or s < steps_j[j]:
+                        e = _advance(x, p, j, dtab, words, slot_mask, pb, lim)
+                        out[u(base + s * _W + j)] = (e >> u(16)) & u(0xFFFFFFFF)
+        elif code == 1:
             for s in range(nsteps):
                 for j in range(_W):
                     if s < full or s < steps_j[j]:
@@ -335,13 +341,19 @@ def decode(
     k = effective_steps(n, steps)
     if streams.states.numel() != _W * num_segments(n, k):
         raise ValueError("corrupt blob: lane count does not match the tensor size")
-    args = (_bits_array(out, spec), streams.sm.numpy(), streams.states.numpy().view(np.uint32), offsets, words)
-    code = spec.code if fields else 0
-    if tables.dtype == torch.int32:  # 32-bit entries: the vectorized decoder (prob_bits <= 12)
+    bits = _bits_array(out, spec)
+    args = (bits, streams.sm.numpy(), streams.states.numpy().view(np.uint32), offsets, words)
+    vector = tables.dtype == torch.int32  # 32-bit entries: the vectorized decoder (prob_bits <= 12)
+    native = spec == spec_for(spec.dtype)
+    # Layouts the decode loops merge themselves; any other (folded fp16 fields other than 9 bits, or folded
+    # fields in the scalar decoder) is decoded as exponent bits and merged afterwards.
+    fused_merge = native or (vector and spec.code == 2 and spec.man_bits == 8)
+    code = spec.code if fields and fused_merge else 0
+    if vector:
         bad = decode_lanes_vector(*args, tables.numpy().view(np.uint32), prob_bits, k, code, spec.man_bits)
     else:
-        if not fields:
-            args = (args[0], np.zeros((n * spec.sm_bits + 7) // 8, dtype=np.uint8), *args[2:])
-        bad = _decode_lanes(*args, tables.numpy().view(np.uint64), prob_bits, k, spec.code)
+        bad = _decode_lanes(*args, tables.numpy().view(np.uint64), prob_bits, k, code)
+    if fields and not fused_merge:
+        merge_fields(bits, args[1], 0, n, spec.man_bits, spec.total_bits)
     if bad:
         raise ValueError(f"corrupt blob: {bad} segment(s) of rANS lanes do not decode consistently")

@@ -23,7 +23,7 @@ from llvmlite import ir
 from numba.core import types
 from numba.extending import intrinsic, models, register_model
 
-from .cpu_merge import merge_fp16, sm_bf16, sm_fp32
+from .cpu_merge import merge_fields, merge_fp16, sm_bf16, sm_fp32
 from .freqtable import FreqTable
 from .layout import LANES_PER_SEGMENT, STATE_LOWER
 from .simd_ir import I32x8, broadcast, element_ptr, gather_i32, splat
@@ -144,40 +144,37 @@ def _store_bf16_intrinsic(typingctx: Any, out: Any, sm: Any, at: Any, sym: Any) 
     return types.int32(out, sm, at, sym), codegen
 
 
-_FP16_BYTE = (0, 1, 2, 4, 5, 6, 8, 9)
-"""First byte of the 11-bit field of element i of a group of 8 (the group's fields fill 11 whole bytes)."""
-_FP16_SHIFT = (0, 3, 6, 1, 4, 7, 2, 5)
-"""Bit offset of that field inside its first byte."""
+def _field_load_bytes(fieldw: int) -> int:
+    """Bytes ``_store_packed`` loads for 8 fields of ``fieldw`` bits (each field's 4-byte window included)."""
+    return 16 if (7 * fieldw) // 8 + 4 <= 16 else 32
 
 
-def _store_packed_intrinsic(typingctx: Any, out: Any, sm: Any, at: Any, sym: Any) -> Any:  # pragma: no cover
-    """fp16 (``out`` uint16) or fp32 (``out`` uint32): merge 8 symbols at ``at`` with their packed fields.
+def _store_packed_intrinsic(typingctx: Any, out: Any, sm: Any, at: Any, sym: Any, fieldw: Any) -> Any:
+    """Merge 8 symbols at ``at`` (``at % 8 == 0``) with their packed sign+mantissa fields of literal width
+    ``fieldw`` (11 fp16, 9 fp16 with two folded mantissa bits, 24 fp32).
 
-    The fields are fetched with one unaligned load (16 bytes for fp16 at byte ``11 * at / 8``, ``at % 8 == 0``;
-    32 bytes for fp32 at byte ``3 * at``) and one byte shuffle, so the caller must make sure the load stays
-    inside ``sm``.
-    """
+    The 8 fields fill ``fieldw`` whole bytes from byte ``at / 8 * fieldw``; they are fetched with one unaligned
+    load of 16 or 32 bytes and one byte shuffle, so the caller must make sure the load stays inside ``sm``.
+    """  # pragma: no cover - compiled
+    if not isinstance(fieldw, types.IntegerLiteral):
+        return None  # numba retries with the literal
     width = out.dtype.bitwidth
+    w = fieldw.literal_value
+    nbytes = _field_load_bytes(w)
+    picks = [(j * w) // 8 + q for j in range(8) for q in range(4)]
+    shifts = [(j * w) % 8 for j in range(8)]
+    man = w - 1
 
     def codegen(context: Any, builder: ir.IRBuilder, signature: Any, args: Any) -> ir.Value:
-        out_v, sm_v, at_v, sym_v = args
+        out_v, sm_v, at_v, sym_v, _ = args
         sty = signature.args
         i64 = ir.IntType(64)
-        if width == 16:
-            offset = builder.mul(builder.lshr(at_v, ir.Constant(i64, 3)), ir.Constant(i64, 11))
-            nbytes, picks = 16, [b + q for b in _FP16_BYTE for q in range(4)]
-        else:
-            offset = builder.mul(at_v, ir.Constant(i64, 3))
-            nbytes, picks = 32, [3 * i + q if q < 3 else 32 for i in range(8) for q in range(4)]
+        offset = builder.mul(builder.lshr(at_v, ir.Constant(i64, 3)), ir.Constant(i64, w))
         vty = ir.VectorType(ir.IntType(8), nbytes)
         raw = builder.load(_vec_ptr(context, builder, sty[1], sm_v, offset, vty), align=1)
-        spread = builder.shuffle_vector(
-            raw, ir.Constant(vty, [0] * nbytes), ir.Constant(ir.VectorType(ir.IntType(32), 32), picks)
-        )
+        spread = builder.shuffle_vector(raw, raw, ir.Constant(ir.VectorType(ir.IntType(32), 32), picks))
         fields = builder.bitcast(spread, I32x8)
-        if width == 16:
-            fields = builder.and_(builder.lshr(fields, ir.Constant(I32x8, list(_FP16_SHIFT))), splat(0x7FF))
-        man = width - 6 if width == 16 else 23
+        fields = builder.and_(builder.lshr(fields, ir.Constant(I32x8, shifts)), splat((1 << w) - 1))
         sign = builder.shl(builder.lshr(fields, splat(man)), splat(width - 1))
         value = builder.or_(
             builder.or_(sign, builder.and_(fields, splat((1 << man) - 1))), builder.shl(sym_v, splat(man))
@@ -188,7 +185,7 @@ def _store_packed_intrinsic(typingctx: Any, out: Any, sm: Any, at: Any, sym: Any
         builder.store(value, _vec_ptr(context, builder, sty[0], out_v, at_v, oty), align=width // 8)
         return ir.Constant(ir.IntType(32), 0)
 
-    return types.int32(out, sm, at, sym), codegen
+    return types.int32(out, sm, at, sym, fieldw), codegen
 
 
 _store_packed: Any = intrinsic(_store_packed_intrinsic)
@@ -200,19 +197,43 @@ _store_bf16: Any = intrinsic(_store_bf16_intrinsic)
 
 
 @numba.njit(inline="always", nogil=True, boundscheck=False)
-def _field_load_end(at: int, code: int) -> int:  # pragma: no cover - jitted
+def _field_load_end(at: int, fieldw: int) -> int:  # pragma: no cover - jitted
     """One past the last sign+mantissa byte that ``_store_packed`` reads for the 8 values at ``at``."""
-    return at // 8 * 11 + 16 if code == 2 else 3 * at + 32
+    return at // 8 * fieldw + (16 if (7 * fieldw) // 8 + 4 <= 16 else 32)
 
 
 @numba.njit(inline="always", nogil=True, boundscheck=False)
-def _merge_tail(out: np.ndarray, sm: np.ndarray, r0: int, cnt: int, code: int) -> None:  # pragma: no cover
+def _store_row(out: np.ndarray, sm: np.ndarray, r: int, y0: Any, y1: Any, y2: Any, y3: Any, fieldw: int) -> None:
+    """One row of 32 values with packed fields of width ``fieldw`` (11 or 9 for fp16, 24 for fp32)."""
+    # pragma: no cover - jitted
+    if fieldw == 11:
+        _store_packed(out, sm, r, y0, 11)
+        _store_packed(out, sm, r + 8, y1, 11)
+        _store_packed(out, sm, r + 16, y2, 11)
+        _store_packed(out, sm, r + 24, y3, 11)
+    elif fieldw == 9:
+        _store_packed(out, sm, r, y0, 9)
+        _store_packed(out, sm, r + 8, y1, 9)
+        _store_packed(out, sm, r + 16, y2, 9)
+        _store_packed(out, sm, r + 24, y3, 9)
+    else:
+        _store_packed(out, sm, r, y0, 24)
+        _store_packed(out, sm, r + 8, y1, 24)
+        _store_packed(out, sm, r + 16, y2, 24)
+        _store_packed(out, sm, r + 24, y3, 24)
+
+
+@numba.njit(inline="always", nogil=True, boundscheck=False)
+def _merge_tail(out: np.ndarray, sm: np.ndarray, r0: int, cnt: int, code: int, man_bits: int) -> None:
+    # pragma: no cover - jitted
     """OR the sign+mantissa fields of ``out[r0:r0+cnt]`` (which holds exponent bits) into place."""
     u = np.uint64
     if code == 0:
         return
-    if code == 2:
+    if code == 2 and man_bits == 10:
         merge_fp16(out, sm, r0, cnt)
+    elif code == 2:
+        merge_fields(out, sm, r0, cnt, man_bits, 16)
     elif code == 3:
         for j in range(cnt):
             out[u(r0 + j)] |= sm_fp32(sm, u(r0 + j))
@@ -236,7 +257,9 @@ def decode_lanes(
 ) -> int:  # pragma: no cover - jitted
     """Decode all segments (in parallel) into ``out`` (uint16/uint32 bits); returns the inconsistent segments.
 
-    Same contract as the scalar ``kernels.cpu._decode_lanes``, with ``table`` from :func:`table32`.
+    Same contract as the scalar ``kernels.cpu._decode_lanes``, with ``table`` from :func:`table32`. ``code`` is
+    the dtype code (1 bf16, 2 fp16, 3 fp32) with fields of ``man_bits + 1`` bits (fp16: 11, or 9 with two folded
+    mantissa bits; the caller routes other widths to ``code`` 0), or 0 to write exponent bits only.
     """
     n = out.size
     seg = _W * k
@@ -259,8 +282,9 @@ def decode_lanes(
         p0, p1, p2, p3 = _vload(rel, 0), _vload(rel, 8), _vload(rel, 16), _vload(rel, 24)
         # fp16/fp32 fields are loaded 16/32 bytes at a time: rows from `fused` on would read past `sm`, so
         # they get exponent bits here and a scalar merge below. The hot loops call only intrinsics.
+        fieldw = man_bits + 1
         fused = full if code != 0 else 0  # code 0: exponent bits only, no fields to merge
-        while code > 1 and fused > 0 and _field_load_end(base + (fused - 1) * _W + 24, code) > sm.size:
+        while code > 1 and fused > 0 and _field_load_end(base + (fused - 1) * _W + 24, fieldw) > sm.size:
             fused -= 1
         for s in range(fused):
             r = base + s * _W
@@ -274,10 +298,7 @@ def decode_lanes(
                 _store_bf16(out, sm, r + 16, y2)
                 _store_bf16(out, sm, r + 24, y3)
             else:
-                _store_packed(out, sm, r, y0)
-                _store_packed(out, sm, r + 8, y1)
-                _store_packed(out, sm, r + 16, y2)
-                _store_packed(out, sm, r + 24, y3)
+                _store_row(out, sm, r, y0, y1, y2, y3, fieldw)
         for s in range(fused, full):
             r = base + s * _W
             x0, p0, y0 = _step(x0, p0, table, words, start, lim, pb)
@@ -308,7 +329,7 @@ def decode_lanes(
                 rel[j] += np.uint32(1)
             xs[j] = xn
             out[r0 + j] = (e & np.uint32(0xFF)) << np.uint32(man_bits)
-        _merge_tail(out, sm, base + fused * _W, rest - fused * _W, code)
+        _merge_tail(out, sm, base + fused * _W, rest - fused * _W, code, man_bits)
         err = 0
         for j in range(_W):
             if xs[j] != np.uint32(STATE_LOWER) or start + np.int64(rel[j]) != offsets[g * _W + j + 1]:

@@ -76,3 +76,26 @@ def sm_fp32(sm: np.ndarray, i: np.uint64) -> np.uint64:  # pragma: no cover - ji
     v = np.uint64(sm[o]) | (np.uint64(sm[o + np.uint64(1)]) << np.uint64(8))
     v |= np.uint64(sm[o + np.uint64(2)]) << np.uint64(16)
     return ((v >> np.uint64(23)) << np.uint64(31)) | (v & np.uint64(0x7FFFFF))
+
+
+@numba.njit(nogil=True, cache=True, boundscheck=False)
+def merge_fields(
+    out: np.ndarray, sm: np.ndarray, start: int, count: int, man_bits: int, total_bits: int
+) -> None:  # pragma: no cover - jitted
+    """OR ``sign << (total_bits - 1) | mantissa`` into ``out[start:start + count]`` from the LSB-first packed
+    fields of ``man_bits + 1`` bits (any width up to 25; bounds-checked, for layouts without a fast path)."""
+    u = np.uint64
+    width = u(man_bits + 1)
+    fmask = (u(1) << width) - u(1)
+    mmask = (u(1) << u(man_bits)) - u(1)
+    size = u(sm.size)
+    for ii in range(start, start + count):
+        i = u(ii)
+        bit = i * width
+        o = bit >> u(3)
+        v = u(0)
+        for q in range(4):
+            if o + u(q) < size:
+                v |= u(sm[o + u(q)]) << u(8 * q)
+        v = (v >> (bit & u(7))) & fmask
+        out[i] |= ((v >> u(man_bits)) << u(total_bits - 1)) | (v & mmask)

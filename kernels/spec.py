@@ -65,6 +65,27 @@ def spec_for(dtype: torch.dtype) -> FloatSpec:
     return spec
 
 
+def max_fold_bits(spec: FloatSpec) -> int:
+    """How many top mantissa bits can join the exponent in one rANS symbol (symbols are at most 8 bits)."""
+    return max(0, 8 - spec.exp_bits)
+
+
+def folded(spec: FloatSpec, bits: int) -> FloatSpec:
+    """The coding layout with the top ``bits`` mantissa bits moved from the raw field into the symbol.
+
+    ``folded(spec, 0)`` is ``spec``. For fp16 the top mantissa bits of Gaussian-like weights are not uniform,
+    so coding them with the 5-bit exponent saves bits (docs/FORMAT.md §1.4, version 2).
+
+    Raises:
+        ValueError: ``bits`` is negative or the symbol would exceed 8 bits.
+    """
+    if not 0 <= bits <= max_fold_bits(spec):
+        raise ValueError(f"cannot fold {bits} mantissa bits into the {spec.exp_bits}-bit exponent of {spec.dtype}")
+    if bits == 0:
+        return spec
+    return FloatSpec(spec.dtype, spec.code, spec.total_bits, spec.exp_bits + bits, spec.man_bits - bits, spec.int_dtype)
+
+
 def spec_for_code(code: int) -> FloatSpec:
     """Return the layout stored under header dtype ``code``.
 

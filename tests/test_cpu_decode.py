@@ -30,7 +30,7 @@ def _scalar_tables(c: object, spec: FloatSpec) -> torch.Tensor:
 
 def _decode_both(c: object, streams: Streams) -> tuple[object, object]:
     """Run both decoders on ``streams``; each result is the decoded tensor or the ValueError message."""
-    spec = c.spec  # type: ignore[attr-defined]
+    spec = c.coding_spec  # type: ignore[attr-defined]
     results = []
     for tables in (cpu.decode_tables(c.table, spec, torch.device("cpu")), _scalar_tables(c, spec)):  # type: ignore[attr-defined]
         out = torch.empty(c.shape, dtype=c.dtype)  # type: ignore[attr-defined]
