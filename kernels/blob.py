@@ -147,6 +147,8 @@ def loads(cls: type[CompressedTensor], data: bytes | bytearray | memoryview, dev
     rd.take(_HEAD.size, "header")
     shape = torch.Size(struct.unpack(f"<{ndim}Q", rd.take(8 * ndim, "shape")))
     n = math.prod(shape)
+    if n * spec.itemsize >= 1 << 63:
+        raise ValueError(f"corrupt blob: shape {tuple(shape)} is too large ({n} elements)")
     if version == VERSION_FOLDED and mode != 1:
         raise ValueError(f"corrupt blob: version {version} with mode {mode}")
     if mode == 0:

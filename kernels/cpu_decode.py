@@ -6,8 +6,10 @@ data model is an LLVM ``<8 x i32>``, so they stay in vector registers for the wh
 8 lanes (an intrinsic) does the slot lookup as a gather from a 32-bit decoder table, the state update,
 and the renormalization, which gathers every lane's next word unconditionally (the cursor clamped to the
 word array, so a corrupt blob cannot read out of bounds) and keeps it only where the state fell below ``L``.
-bf16 values are merged with their sign+mantissa bytes in the same vector code; fp16 and fp32 rows are
-written as exponents first and OR-ed with their packed fields right after.
+The sign+mantissa fields are merged in the same vector code: bf16 bytes directly, fp16 (11-bit, or 9-bit
+with two folded mantissa bits) and fp32 (24-bit) fields with one unaligned load and a byte shuffle per 8
+values. Rows near the end of the stream, where that load would overrun, and other field widths are written as
+exponent bits and merged by scalar code.
 
 The table entry is ``(freq - 1) << 20 | bias << 8 | symbol`` with ``bias = slot - cum``: it fits 32 bits for
 ``prob_bits <= 12`` (``VECTOR_MAX_PROB_BITS``); larger ``prob_bits`` use the scalar decoder.

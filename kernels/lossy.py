@@ -326,7 +326,8 @@ def decode(
     if _fast(impl, spec):
         # Exponents only, straight into `out` when the carrier has the same width (the merge reads each
         # element before it overwrites it), so no extra buffer and no zero sign+mantissa stream.
-        exps = out.view(cs.dtype) if out.element_size() == cs.itemsize else torch.empty(n, dtype=cs.dtype)
+        same_width = out.element_size() == cs.itemsize
+        exps = out.view(cs.dtype) if same_width else torch.empty(n, dtype=cs.dtype, device=out.device)
         impl.decode(streams, cs, tables, prob_bits, steps, exps, fields=False)
         impl.lossy_merge(exps, streams.sm, spec, mantissa_bits, block_size, scales, out)
         restore_nans(out, spec, nan_index)

@@ -128,6 +128,10 @@ def test_corrupt_constant_blobs_raise() -> None:
     body[8:16] = (1).to_bytes(8, "little")  # shape (1,): a constant blob needs two or more elements
     with pytest.raises(ValueError, match="constant mode"):
         CompressedTensor.from_bytes(bytes(body) + zlib.crc32(bytes(body)).to_bytes(4, "little"))
+    for huge in (2**62, 2**64 - 1):  # a tiny constant blob must not claim an impossible size
+        body[8:16] = huge.to_bytes(8, "little")
+        with pytest.raises(ValueError, match="too large"):
+            CompressedTensor.from_bytes(bytes(body) + zlib.crc32(bytes(body)).to_bytes(4, "little"))
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
