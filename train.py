@@ -261,7 +261,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
 
 def _method(cfg: DictConfig) -> str:
-    from nz_lightning.evaluate import bnb_quant_mode
+    from nz_lightning.lm.evaluate import bnb_quant_mode
 
     mode = bnb_quant_mode(cfg.trainer)
     if mode is not None:
@@ -315,7 +315,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     """
     from torch.utils.data import DataLoader
 
-    from nz_lightning.evaluate import PerplexityEvaluator, bf16_nbytes, check_quant_requirements, eval_dataset
+    from nz_lightning.lm.evaluate import PerplexityEvaluator, bf16_nbytes, check_quant_requirements, eval_dataset
 
     start = time.perf_counter()
     if cfg.get("cpu_threads"):

@@ -12,9 +12,9 @@ from typing import Any
 
 import torch
 import zipnn
+from nz_lightning.kernels import MODE_CONST, MODE_RANS, FloatSpec, entropy_bits, spec_for
 
 from benchmarks.codec_inputs import DTYPE_NAME, normal_tensor
-from kernels import MODE_CONST, MODE_RANS, FloatSpec, entropy_bits, spec_for
 from nz_lightning import CompressedTensor, compress
 
 LANE_OVERHEAD_BITS = 48

@@ -49,7 +49,7 @@ def _out_numel(args: tuple[Any, ...]) -> int:
 
 def _dense(t: torch.Tensor) -> torch.Tensor:
     """A dense tensor with ``t``'s values, decoding a compressed weight once (without a second copy)."""
-    from nz_lightning.compressed_param import NZParameter
+    from nz_lightning.tensor.parameter import NZParameter
 
     if isinstance(t, NZParameter):
         return t.store.read().as_strided(*t._view)

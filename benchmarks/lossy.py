@@ -3,7 +3,7 @@
 ``.venv/bin/python benchmarks/lossy.py [--quick]`` trains a small Llama-architecture decoder on byte tokens of stdlib
 modules (the project's offline text), casts it to bf16 and compares, on held-out modules, weight bytes, weight errors
 and perplexity of bf16, lossless NeuZip, NeuZip keeping k = 0, 1, 3 mantissa bits (blocks of 512, 64; none for k = 3),
-per-row int8 (``nz_lightning.baselines``) and nf4 where bitsandbytes runs on CPU; plus weight statistics of a random
+per-row int8 (``nz_lightning.lm.baselines``) and nf4 where bitsandbytes runs on CPU; plus weight statistics of a random
 init. Outputs: ``benchmarks/out/lossy.json``, a ``lossy`` block in ``docs/BENCHMARKS.md``, ``docs/lossy_pareto.png``.
 """
 
@@ -28,9 +28,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script 
 
 from benchmarks.common import machine_info, machine_line, write_results  # noqa: E402
 from benchmarks.cpu_matmul import Bf16MatmulInFp32  # noqa: E402
-from nz_lightning import baselines as bl  # noqa: E402
 from nz_lightning import compress, compress_model  # noqa: E402
-from nz_lightning.data import DEFAULT_STDLIB_FILES, stdlib_files  # noqa: E402
+from nz_lightning.lm import baselines as bl  # noqa: E402
+from nz_lightning.lm.data import DEFAULT_STDLIB_FILES, stdlib_files  # noqa: E402
 
 MD_BEGIN = "<!-- lossy:begin -->"
 MD_END = "<!-- lossy:end -->"
@@ -186,7 +186,7 @@ def build_variant(base: nn.Module, v: Variant, nf4: Any = None) -> nn.Module:
 
 
 def weight_errors(weights: list[torch.Tensor], v: Variant, nf4: Any = None) -> dict[str, Any]:
-    """:func:`nz_lightning.baselines.relative_errors` of the variant's reconstructions, and their bits/weight."""
+    """:func:`nz_lightning.lm.baselines.relative_errors` of the variant's reconstructions, and their bits/weight."""
     done = [(w, *reconstruct(w, v, nf4)) for w in weights]
     nbytes, numel = sum(b for *_, b in done), sum(w.numel() for w in weights)
     stats: dict[str, Any] = bl.relative_errors((w, w_hat) for w, w_hat, _ in done)

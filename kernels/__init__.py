@@ -1,13 +1,18 @@
 """The NeuZip codec: float tensor <-> (rANS-coded exponents, raw sign+mantissa) <-> portable bytes.
 
 No Lightning import here. Backends: ``torch`` (reference), ``cpu`` (numba), ``triton`` (CUDA or interpreter).
+This folder installs as ``nz_lightning.kernels`` (never as a top-level ``kernels`` module); the rest of
+``nz_lightning`` uses only the names exported here (``nz_lightning/kernels.pyi`` mirrors them for mypy).
 """
 
+from .blob import serialized_size
 from .compressed import MODE_CONST, MODE_LOSSY, MODE_RANS, MODE_RAW, CompressedTensor, compress
 from .freqtable import FreqTable, entropy_bits, quantize_counts
+from .lossy import DEFAULT_BLOCK_SIZE
 from .spec import SPECS, FloatSpec, spec_for
 
 __all__ = [
+    "DEFAULT_BLOCK_SIZE",
     "MODE_CONST",
     "MODE_LOSSY",
     "MODE_RANS",
@@ -19,5 +24,6 @@ __all__ = [
     "compress",
     "entropy_bits",
     "quantize_counts",
+    "serialized_size",
     "spec_for",
 ]

@@ -11,7 +11,7 @@ import torch
 
 BackendName = Literal["torch", "cpu", "triton"]
 BACKENDS: tuple[str, ...] = ("torch", "cpu", "triton")
-_MODULES = {"torch": "kernels.reference", "cpu": "kernels.cpu", "triton": "kernels.triton_backend"}
+_MODULES = {"torch": ".reference", "cpu": ".cpu", "triton": ".triton_backend"}
 
 
 def default_backend(device: torch.device) -> str:
@@ -38,4 +38,4 @@ def get_backend(name: str | None, device: torch.device) -> ModuleType:
         raise ValueError(
             f"backend 'triton' needs a CUDA tensor (got {device}); on CPU it runs only under TRITON_INTERPRET=1"
         )
-    return importlib.import_module(_MODULES[chosen])
+    return importlib.import_module(_MODULES[chosen], __package__)

@@ -17,7 +17,7 @@ from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from .checkpoint_file import (
+from nz_lightning.formats.nzsf import (
     InspectReport,
     ProgressFn,
     compress_file,
@@ -43,7 +43,7 @@ def _resolve_backend(name: str | None) -> str | None:
     if name is not None:
         return name
     try:
-        importlib.import_module("kernels.cpu")
+        importlib.import_module("nz_lightning.kernels.cpu")
     except ImportError as e:
         print(f"nz-lightning: note: numba CPU backend unavailable ({e}); using the torch backend", file=sys.stderr)
         return "torch"

@@ -5,8 +5,8 @@ parameter (re-compressing compressed ones) as soon as its gradient is ready; dri
 ``opt.backward(loss)``.
 """
 
-from .fused import RULES, FusedOptimizer, fused_optimizer
-from .rules import SGD, AdaLomo, AdamW, UpdateRule, stochastic_round_to_bf16
+from nz_lightning.optim.fused import RULES, FusedOptimizer, fused_optimizer
+from nz_lightning.optim.rules import SGD, AdaLomo, AdamW, UpdateRule, stochastic_round_to_bf16
 
 __all__ = [
     "RULES",

@@ -1,6 +1,6 @@
 """One fused update (read -> rule -> write) of one parameter, row block by row block.
 
-A compressed weight is held as row blocks (:func:`~nz_lightning.workspace.row_bounds`). For an elementwise rule
+A compressed weight is held as row blocks (:func:`~nz_lightning.tensor.workspace.row_bounds`). For an elementwise rule
 (SGD, AdamW) each block is decoded into a pooled buffer, updated with the matching rows of the gradient and of the
 state, and re-encoded before the next block is decoded, so one block's dense copy and encoder buffers exist at a
 time instead of a whole matrix's. AdaLomo first takes its row/column statistics (and, with ``scale_parameter``, the
@@ -20,9 +20,9 @@ from collections.abc import Callable, Iterator
 import torch
 from torch import Tensor
 
-from ..compressed_param import _POOL, NZParameter, read_dense, write_dense
-from ..workspace import row_block, row_bounds
-from .rules import AdaLomo, UpdateRule, stochastic_round_to_bf16
+from nz_lightning.optim.rules import AdaLomo, UpdateRule, stochastic_round_to_bf16
+from nz_lightning.tensor.parameter import _POOL, NZParameter, read_dense, write_dense
+from nz_lightning.tensor.workspace import row_block, row_bounds
 
 __all__ = ["SR_CHUNK", "apply_update", "mix_seed", "sr_noise"]
 

@@ -1,7 +1,7 @@
 """Fused in-backward optimizer (LOMO-style): each parameter is updated, and re-compressed, as soon as its
 gradient is ready, and its gradient is freed at once, so no full-model gradient buffer ever exists.
 
-Compressed (:class:`~nz_lightning.compressed_param.NZParameter`) and dense parameters take exactly the same
+Compressed (:class:`~nz_lightning.tensor.parameter.NZParameter`) and dense parameters take exactly the same
 code path (read -> rule -> write, row block by row block for large weights: :mod:`.blockwise`), so a compressed
 model and its uncompressed twin trained with the same fused optimizer stay bit-identical.
 """
@@ -15,9 +15,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..compressed_param import is_compressed
-from .blockwise import apply_update, sr_noise
-from .rules import SGD, AdaLomo, AdamW, UpdateRule
+from nz_lightning.optim.blockwise import apply_update, sr_noise
+from nz_lightning.optim.rules import SGD, AdaLomo, AdamW, UpdateRule
+from nz_lightning.tensor.parameter import is_compressed
 
 __all__ = ["FusedOptimizer", "fused_optimizer"]
 

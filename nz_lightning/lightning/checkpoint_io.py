@@ -1,0 +1,226 @@
+"""Checkpoint files for :class:`~nz_lightning.lightning.strategy.NeuZipStrategy`: atomic writes, compressed state.
+
+* :class:`AtomicCheckpointIO` writes each checkpoint to a temporary file in the target directory and renames it
+  over the target (``os.replace``), so a failed or interrupted write leaves the previous checkpoint intact.
+* :func:`compressed_state_dict` stores each compressed weight as bytes in a 1-D ``uint8`` tensor: the portable
+  bytes of its :class:`~kernels.CompressedTensor` (docs/FORMAT.md) when the weight is one block, else a row-block
+  container (:func:`pack_blobs`: magic ``NZRB``, version, block count, block lengths, then the blocks' bytes). The
+  file then holds only tensors and plain containers, so ``torch.load(weights_only=True)`` reads it and no object of
+  ours is pickled. :func:`load_state_dict` restores such a state dict (old single-blob ones and dense ones too).
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+from collections import OrderedDict
+from typing import Any
+
+import torch
+from lightning.fabric.utilities.types import _PATH
+from lightning.pytorch.plugins.io import TorchCheckpointIO
+from torch import Tensor, nn
+from typing_extensions import override
+
+from nz_lightning.formats.atomic import atomic_write
+from nz_lightning.tensor.parameter import NZParameter, WeightStore
+
+__all__ = [
+    "AtomicCheckpointIO",
+    "atomic_save",
+    "compressed_state_dict",
+    "is_compressed_blob",
+    "load_state_dict",
+    "pack_blobs",
+    "unpack_blobs",
+]
+
+_ROWS_MAGIC = b"NZRB"
+_ROWS_HEAD = struct.Struct("<4sII")  # magic, version, number of blocks (then one uint64 length per block)
+
+
+def pack_blobs(blobs: list[bytes]) -> bytes:
+    """One byte string for the row blocks of a weight: the blob itself for one block, else an ``NZRB`` container."""
+    if len(blobs) == 1:
+        return blobs[0]
+    lengths = struct.pack(f"<{len(blobs)}Q", *map(len, blobs))
+    return b"".join([_ROWS_HEAD.pack(_ROWS_MAGIC, 1, len(blobs)), lengths, *blobs])
+
+
+def unpack_blobs(data: bytes | memoryview) -> list[memoryview]:
+    """The block blobs in bytes written by :func:`pack_blobs` (a plain blob is one block).
+
+    Raises:
+        ValueError: A truncated or inconsistent ``NZRB`` container, or an unknown version.
+    """
+    view = memoryview(data)
+    if bytes(view[:4]) != _ROWS_MAGIC:
+        return [view]
+    if len(view) < _ROWS_HEAD.size:
+        raise ValueError("truncated row-block container")
+    _, version, count = _ROWS_HEAD.unpack_from(view)
+    if version != 1 or count < 1:
+        raise ValueError(f"unsupported row-block container (version {version}, {count} blocks)")
+    offset = _ROWS_HEAD.size + 8 * count
+    if len(view) < offset:
+        raise ValueError("truncated row-block container")
+    lengths = struct.unpack_from(f"<{count}Q", view, _ROWS_HEAD.size)
+    if offset + sum(lengths) != len(view):
+        raise ValueError("row-block container: block lengths do not add up to its size")
+    blobs = []
+    for n in lengths:
+        blobs.append(view[offset : offset + n])
+        offset += n
+    return blobs
+
+
+def atomic_save(obj: Any, path: _PATH) -> None:
+    """``torch.save(obj)`` to ``path`` through a temporary file in the same directory and ``os.replace``.
+
+    The temporary file (``.<name>.<random>.tmp``) is flushed and fsynced before the rename; on any error it is
+    removed and the exception re-raised, leaving an existing ``path`` untouched.
+
+    Args:
+        obj: What to save.
+        path: Local destination file (its directory is created if needed).
+    """
+    with atomic_write(path) as f:
+        torch.save(obj, f)
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """:class:`TorchCheckpointIO` whose local writes are atomic (temporary file + ``os.replace``).
+
+    Lightning's default already serializes into memory before writing, but then writes the destination in place
+    and holds a second copy of the checkpoint in RAM; this writes straight to a temporary file instead. Remote
+    (``scheme://``) paths go through :class:`TorchCheckpointIO` unchanged.
+    """
+
+    @override
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: _PATH, storage_options: Any | None = None) -> None:
+        """Save ``checkpoint`` to ``path`` atomically.
+
+        Args:
+            checkpoint: The checkpoint dict.
+            path: Destination file.
+            storage_options: Not supported (must be ``None``).
+
+        Raises:
+            TypeError: ``storage_options`` was given.
+        """
+        target = os.fspath(path)
+        if "://" in str(target) and not str(target).startswith("file://"):
+            super().save_checkpoint(checkpoint, path, storage_options=storage_options)
+            return
+        if storage_options is not None:
+            raise TypeError(f"{type(self).__name__}.save_checkpoint does not support `storage_options`")
+        atomic_save(checkpoint, str(target).removeprefix("file://"))
+
+
+class _BlobDestination(OrderedDict):
+    """A ``state_dict`` destination that stores full compressed parameters as their encoded bytes.
+
+    ``Module.state_dict`` writes ``param.detach()`` (still compressed) into the destination; intercepting the write
+    means no weight is ever decoded, and the dense-on-save hook of :func:`~nz_lightning.compress_model` then sees a
+    ``uint8`` tensor and leaves it alone. Tied weights share one blob tensor (``torch.save`` stores it once).
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._metadata: OrderedDict[str, Any] = OrderedDict()
+        self._blobs: dict[int, Tensor] = {}
+
+    def __setitem__(self, key: str, value: Any) -> None:
+        if isinstance(value, NZParameter) and value._is_full():
+            blob = self._blobs.get(id(value.store))
+            if blob is None:
+                data = bytearray(pack_blobs(value.store.to_blobs()))
+                blob = self._blobs[id(value.store)] = torch.frombuffer(data, dtype=torch.uint8)
+            value = blob
+        super().__setitem__(key, value)
+
+
+def compressed_state_dict(module: nn.Module) -> dict[str, Any]:
+    """``module.state_dict()`` with every compressed weight as a ``uint8`` tensor of its portable bytes.
+
+    Dense parameters and buffers are stored as usual. Nothing is decoded.
+
+    Args:
+        module: A (partly) compressed module.
+
+    Returns:
+        A plain ``OrderedDict`` (with torch's ``_metadata``), safe for ``torch.load(weights_only=True)``.
+    """
+    destination = _BlobDestination()
+    module.state_dict(destination=destination)
+    out: OrderedDict[str, Any] = OrderedDict(destination.items())
+    setattr(out, "_metadata", destination._metadata)  # noqa: B010 - OrderedDict has no declared _metadata
+    return out
+
+
+def is_compressed_blob(value: Any, target: Tensor | None) -> bool:
+    """Whether a state-dict value is an encoded weight for ``target`` (a 1-D uint8 tensor for a float parameter)."""
+    return (
+        isinstance(value, Tensor)
+        and value.dtype == torch.uint8
+        and value.dim() == 1
+        and target is not None
+        and target.dtype.is_floating_point
+    )
+
+
+def _decode_blob(key: str, blob: Tensor, target: Tensor) -> WeightStore:
+    like = target.store if isinstance(target, NZParameter) else None
+    store = WeightStore.from_blobs(
+        unpack_blobs(blob.detach().cpu().contiguous().numpy().tobytes()),
+        backend=None if like is None else like.backend,
+        device=target.device,
+        **({} if like is None else {"mantissa_bits": like.mantissa_bits, "block_size": like.block_size}),
+    )
+    if store.shape != target.shape or store.dtype != target.dtype:
+        raise ValueError(
+            f"compressed weight {key!r} holds a {tuple(store.shape)} {store.dtype} tensor, the model expects "
+            f"{tuple(target.shape)} {target.dtype}"
+        )
+    return store
+
+
+def load_state_dict(module: nn.Module, state_dict: dict[str, Any], strict: bool = True) -> None:
+    """Load a dense or :func:`compressed_state_dict` state dict into ``module``.
+
+    Encoded weights go straight into compressed parameters (no decode, no re-encode); for dense targets they are
+    decoded. Dense values go through ``module.load_state_dict`` (compressed parameters re-compress them on copy).
+
+    Args:
+        module: The module (compressed or not).
+        state_dict: The state dict.
+        strict: Whether missing or unexpected keys raise.
+
+    Raises:
+        RuntimeError: ``strict`` and keys are missing or unexpected.
+        ValueError: An encoded weight is corrupt or has the wrong shape or dtype.
+    """
+    targets = dict(module.named_parameters(remove_duplicate=False))
+    dense: OrderedDict[str, Any] = OrderedDict()
+    installed: set[str] = set()
+    for key, value in state_dict.items():
+        target = targets.get(key)
+        if target is None or not is_compressed_blob(value, target):
+            dense[key] = value
+            continue
+        store = _decode_blob(key, value, target)
+        if isinstance(target, NZParameter) and target._is_full():
+            target.store.set_blocks(store.blocks)  # the saved row split is kept
+            installed.add(key)
+        else:
+            dense[key] = store.read()
+    metadata = getattr(state_dict, "_metadata", None)
+    if metadata is not None:
+        setattr(dense, "_metadata", metadata)  # noqa: B010
+    result = module.load_state_dict(dense, strict=False)
+    missing = [k for k in result.missing_keys if k not in installed]
+    if strict and (missing or result.unexpected_keys):
+        raise RuntimeError(
+            f"Error(s) in loading state_dict for {type(module).__name__}: missing keys {missing}, "
+            f"unexpected keys {list(result.unexpected_keys)}"
+        )

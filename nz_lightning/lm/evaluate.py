@@ -1,0 +1,282 @@
+"""Perplexity evaluation of a (compressed, lossy or quantized) language model: ``python train.py task=eval ...``.
+
+The paper's Table 3 protocol: the evaluation text is tokenized as one stream and cut into non-overlapping windows
+(1024 tokens by default; the last, shorter window is kept), scored at batch size 1. Reported:
+
+* token-level perplexity: torchmetrics ``Perplexity`` = exp(total NLL / predicted tokens), where each window
+  predicts all its tokens but the first;
+* word-level perplexity: exp(total NLL / words), words being the whitespace-separated tokens of the raw text;
+* the bytes held by the weights (:func:`~nz_lightning.lm.baselines.weight_nbytes`) and their ratio to the same
+  model in bf16.
+
+Seq2seq models (T5) are scored on the targets of the data module's pairs (teacher forcing); words are those of the
+raw targets. The weights are whatever the run makes of them: dense (no strategy), NeuZip lossless or lossy (the
+strategy compresses them when the evaluation starts), per-row absmax int8 (``eval.quantize=rowwise_int8``) or
+bitsandbytes int8 / nf4 / fp4 / nf4-dq (Lightning's ``BitsandbytesPrecision``, ``+quant=...``).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from torch import Tensor, nn
+from torch.utils.data import Dataset, Subset
+from torchmetrics.text import Perplexity
+
+__all__ = [
+    "PerplexityEvaluator",
+    "WindowDataset",
+    "bf16_nbytes",
+    "bnb_quant_mode",
+    "check_quant_requirements",
+    "count_words",
+    "eval_dataset",
+    "quant_state_nbytes",
+]
+
+IGNORE_INDEX = -100
+QUANTIZERS = ("rowwise_int8",)
+"""Names ``eval.quantize`` accepts (CPU-capable baselines from :mod:`nz_lightning.lm.baselines`)."""
+
+
+def _exp(x: float) -> float:
+    return math.exp(x) if x < 700.0 else math.inf
+
+
+def count_words(texts: str | Sequence[str]) -> int:
+    """Whitespace-separated tokens of the raw text (the denominator of word-level perplexity)."""
+    return sum(len(t.split()) for t in ([texts] if isinstance(texts, str) else texts))
+
+
+class WindowDataset(Dataset):
+    """Non-overlapping windows of a 1-D token stream, each ``{"input_ids", "labels"}`` (labels = inputs).
+
+    Args:
+        tokens: The token stream.
+        window: Window length in tokens (>= 2).
+        max_windows: Keep only the first ``max_windows`` windows (``None``: all).
+
+    Raises:
+        ValueError: ``window < 2`` or the stream is shorter than 2 tokens.
+    """
+
+    def __init__(self, tokens: Tensor, window: int, max_windows: int | None = None) -> None:
+        if window < 2:
+            raise ValueError(f"eval window must be >= 2 tokens, got {window}")
+        tokens = tokens.reshape(-1).long()
+        starts = [s for s in range(0, tokens.numel(), window) if tokens.numel() - s >= 2]
+        if not starts:
+            raise ValueError(f"the evaluation text has {tokens.numel()} tokens: nothing to score")
+        self.windows = [tokens[s : s + window] for s in starts[:max_windows]]
+        self.covered = sum(w.numel() for w in self.windows)
+        """Tokens of the stream the windows cover (from its start)."""
+        self.complete = self.covered == tokens.numel()
+
+    def __len__(self) -> int:
+        return len(self.windows)
+
+    def __getitem__(self, i: int) -> dict[str, Tensor]:
+        return {"input_ids": self.windows[i], "labels": self.windows[i]}
+
+
+def eval_dataset(
+    datamodule: Any, split: str = "test", window: int = 1024, max_windows: int | None = None
+) -> tuple[Dataset, int, Callable[..., Any] | None]:
+    """The scored data of a :class:`~nz_lightning.lm.data.TextDataModule` split, its word count and collate function.
+
+    Causal task: the split's raw text (:meth:`~nz_lightning.lm.data.TextDataModule.raw_texts`, joined) tokenized
+    as one stream, in :class:`WindowDataset` windows. Seq2seq task: the data module's (source, target) pairs.
+
+    Args:
+        datamodule: The data module (its tokenizer is used).
+        split: ``"test"`` (falls back to the validation data where there is none), ``"val"`` or ``"train"``.
+        window: Window length in tokens (causal task).
+        max_windows: Score only the first windows / pairs (``None``: all); words then count the covered text.
+    """
+    texts = datamodule.raw_texts(split)
+    if datamodule.task == "causal":
+        text = "".join(texts)
+        tokens = torch.tensor(datamodule.tokenizer([text], add_special_tokens=False)["input_ids"][0], dtype=torch.long)
+        windows = WindowDataset(tokens, window, max_windows)
+        covered = text if windows.complete else datamodule.tokenizer.decode(tokens[: windows.covered].tolist())
+        return windows, count_words(covered), None
+    from nz_lightning.lm.data import pad_pairs
+
+    datamodule.setup()
+    pairs = datamodule.data[split if split in datamodule.data else "val"]
+    n = len(pairs) if max_windows is None else min(len(pairs), max_windows)
+    return Subset(pairs, range(n)), count_words(texts[:n]), pad_pairs(datamodule.tokenizer.pad_token_id)
+
+
+def bf16_nbytes(lm: Any) -> int:
+    """Bytes of the LM's parameters in bf16 (each tied tensor once), from its architecture built on ``meta``."""
+    import transformers
+
+    auto = getattr(transformers, lm.auto_class)
+    with torch.device("meta"):
+        model = auto.from_config(lm.build_hf_config())
+    return 2 * sum(p.numel() for p in model.parameters())
+
+
+def quant_state_nbytes(model: nn.Module) -> int:
+    """Bytes of bitsandbytes quantization constants, which live outside the packed weight tensors.
+
+    4-bit weights (``Params4bit.quant_state``): absmax per block, the code book, and with double quantization
+    the second-level state; int8 weights: the per-row scales (``SCB``). 0 for models without bitsandbytes layers.
+    """
+    total, seen = 0, set()
+
+    def add(t: Any) -> None:
+        nonlocal total
+        if isinstance(t, Tensor) and id(t) not in seen:
+            seen.add(id(t))
+            total += t.numel() * t.element_size()
+
+    for module in model.modules():
+        for param in module.parameters(recurse=False):
+            state = getattr(param, "quant_state", None)
+            if state is not None:
+                add(getattr(state, "absmax", None))
+                add(getattr(state, "code", None))
+                nested = getattr(state, "state2", None)
+                if nested is not None:
+                    add(getattr(nested, "absmax", None))
+                    add(getattr(nested, "code", None))
+            add(getattr(param, "SCB", None))
+        add(getattr(getattr(module, "state", None), "SCB", None))
+    return total
+
+
+def bnb_quant_mode(trainer_conf: Mapping[str, Any]) -> str | None:
+    """The mode of a ``BitsandbytesPrecision`` plugin in a trainer config (``+quant=...``), else ``None``."""
+    for plugin in trainer_conf.get("plugins") or []:
+        if isinstance(plugin, Mapping) and str(plugin.get("_target_", "")).endswith("BitsandbytesPrecision"):
+            return str(plugin.get("mode"))
+    return None
+
+
+def check_quant_requirements(trainer_conf: Mapping[str, Any]) -> None:
+    """Fail early, naming what is missing, when a bitsandbytes baseline cannot run here.
+
+    Raises:
+        RuntimeError: A ``BitsandbytesPrecision`` plugin is configured without the ``bitsandbytes`` package, without
+            a CUDA device, or with ``accelerator: cpu``.
+    """
+    mode = bnb_quant_mode(trainer_conf)
+    if mode is None:
+        return
+    missing = []
+    if importlib.util.find_spec("bitsandbytes") is None:
+        missing.append("the bitsandbytes package (pip install bitsandbytes)")
+    if not torch.cuda.is_available():
+        missing.append("a CUDA GPU")
+    elif trainer_conf.get("accelerator") == "cpu":
+        missing.append("trainer=gpu (the trainer is on the CPU)")
+    if missing:
+        raise RuntimeError(
+            f"the bitsandbytes {mode} baseline (Lightning BitsandbytesPrecision) needs {' and '.join(missing)}; "
+            "on a CPU use eval.quantize=rowwise_int8 (per-row absmax int8) instead"
+        )
+
+
+class PerplexityEvaluator(pl.LightningModule):
+    """Scores an HF LM module (``CausalLMModule`` / ``Seq2SeqLMModule``) in ``trainer.test``.
+
+    Logs ``eval/token_ppl``, ``eval/word_ppl``, ``eval/nll`` (mean per token), ``eval/tokens``, ``eval/words``,
+    ``eval/weight_bytes``, ``eval/bf16_bytes`` and ``eval/weight_ratio`` (weight bytes / bf16 bytes).
+
+    Args:
+        lm: The LM module; its model is built in :meth:`configure_model` (under the strategy's and precision's
+            init contexts).
+        words: Words of the scored raw text (for word-level perplexity).
+        causal: Causal LM (labels shifted by one) or seq2seq (labels scored as they are).
+        bf16_bytes: The model's weight bytes in bf16 (the reference of ``eval/weight_ratio``).
+        quantize: ``None`` or ``"rowwise_int8"`` (:func:`~nz_lightning.lm.baselines.quantize_rowwise_int8`, applied
+            after the model is built).
+        weights_from: A Lightning checkpoint (e.g. ``final.ckpt`` of a training run) whose ``state_dict`` is loaded
+            into ``lm`` after it is built, dense or NeuZip-compressed format.
+
+    Raises:
+        ValueError: Unknown ``quantize``.
+    """
+
+    def __init__(
+        self,
+        lm: pl.LightningModule,
+        words: int,
+        *,
+        causal: bool = True,
+        bf16_bytes: int | None = None,
+        quantize: str | None = None,
+        weights_from: str | None = None,
+    ) -> None:
+        super().__init__()
+        if quantize is not None and quantize not in QUANTIZERS:
+            raise ValueError(f"unknown eval.quantize {quantize!r}; choose one of {', '.join(QUANTIZERS)} or null")
+        self.lm = lm
+        self.words, self.causal, self.bf16_bytes = int(words), causal, bf16_bytes
+        self.quantize, self.weights_from = quantize, weights_from
+        self.perplexity = Perplexity(ignore_index=IGNORE_INDEX)
+        self.results: dict[str, float] = {}
+
+    def configure_model(self) -> None:
+        """Build the LM (once), load ``weights_from``, apply ``quantize``, and put it in eval mode."""
+        if getattr(self.lm, "model", None) is not None:
+            return
+        self.lm.configure_model()
+        if self.weights_from:
+            from nz_lightning.lightning.checkpoint_io import load_state_dict
+
+            checkpoint = torch.load(self.weights_from, map_location="cpu", weights_only=False)  # a Lightning ckpt
+            load_state_dict(self.lm, checkpoint.get("state_dict", checkpoint))
+        if self.quantize == "rowwise_int8":
+            from nz_lightning.lm.baselines import quantize_rowwise_int8
+
+            self.lm.model = quantize_rowwise_int8(self._model())
+        self._model().eval()
+
+    def _model(self) -> nn.Module:
+        model = getattr(self.lm, "model", None)
+        if model is None:
+            raise RuntimeError("the model is not built yet: call configure_model() (the Trainer does)")
+        return model
+
+    def test_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+        """Accumulate the NLL of one window (causal) or one pair's target tokens (seq2seq)."""
+        model = self._model()
+        labels = batch["labels"]
+        if self.causal:
+            logits = model(input_ids=batch["input_ids"]).logits[:, :-1]
+            labels = labels[:, 1:]
+        else:
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"), labels=labels)
+            logits = logits.logits
+        self.perplexity.update(logits.float(), labels)
+
+    def on_test_epoch_end(self) -> None:
+        """Compute and log the perplexities and the weight sizes."""
+        from nz_lightning.lm.baselines import weight_nbytes
+
+        nll, count = self.perplexity.total_log_probs.double(), self.perplexity.count.double()
+        self.perplexity.reset()
+        model = self._model()
+        held = weight_nbytes(model) + quant_state_nbytes(model)
+        results = {
+            "eval/token_ppl": _exp(float(nll / count)) if count else float("nan"),
+            "eval/word_ppl": _exp(float(nll) / self.words) if self.words else float("nan"),
+            "eval/nll": float(nll / count) if count else float("nan"),
+            "eval/tokens": float(count),
+            "eval/words": float(self.words),
+            "eval/weight_bytes": float(held),
+        }
+        if self.bf16_bytes:
+            results["eval/bf16_bytes"] = float(self.bf16_bytes)
+            results["eval/weight_ratio"] = held / self.bf16_bytes
+        self.results = results
+        for key, value in results.items():
+            self.log(key, value, sync_dist=False)

@@ -1,0 +1,1 @@
+"""Application tests: train.py and Hydra configs, evaluation, baselines, benchmark smoke runs."""

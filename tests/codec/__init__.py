@@ -1,0 +1,1 @@
+"""Codec tests: bit-exact round trips, blob format, CPU and Triton backends."""

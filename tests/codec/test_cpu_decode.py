@@ -1,0 +1,104 @@
+"""The vectorized CPU rANS decoder decodes exactly what the scalar one does, and rejects corrupt lanes safely."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from nz_lightning.kernels import cpu, cpu_decode
+from nz_lightning.kernels.compressed import MODE_RANS, compress
+from nz_lightning.kernels.layout import DEFAULT_STEPS_PER_LANE, MIN_PROB_BITS, effective_steps
+from nz_lightning.kernels.spec import FloatSpec
+from nz_lightning.kernels.streams import Streams
+
+from tests.helpers.generators import DTYPES, float_tensors
+
+
+def _scalar_tables(c: object, spec: FloatSpec) -> torch.Tensor:
+    """The 64-bit entries of the scalar decoder, whatever prob_bits is."""
+    table = c.table  # type: ignore[attr-defined]
+    freq_l, cum_l = table.dense(spec.alphabet)
+    freq = np.asarray(freq_l, dtype=np.uint64)
+    cum = np.asarray(cum_l, dtype=np.uint64)
+    lut = np.repeat(np.asarray(table.symbols, dtype=np.uint64), table.freqs)
+    bias = np.arange(1 << table.prob_bits, dtype=np.uint64) - cum[lut]
+    entries = (freq[lut] << np.uint64(48)) | ((lut << np.uint64(spec.man_bits)) << np.uint64(16)) | bias
+    return torch.from_numpy(entries.view(np.int64))
+
+
+def _decode_both(c: object, streams: Streams) -> tuple[object, object]:
+    """Run both decoders on ``streams``; each result is the decoded tensor or the ValueError message."""
+    spec = c.coding_spec  # type: ignore[attr-defined]
+    results = []
+    for tables in (cpu.decode_tables(c.table, spec, torch.device("cpu")), _scalar_tables(c, spec)):  # type: ignore[attr-defined]
+        out = torch.empty(c.shape, dtype=c.dtype)  # type: ignore[attr-defined]
+        try:
+            cpu.decode(streams, spec, tables, c.table.prob_bits, c.steps_per_lane, out.view(-1))  # type: ignore[attr-defined]
+            results.append(out)
+        except ValueError as err:
+            results.append(str(err))
+    return results[0], results[1]
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    x=float_tensors(max_size=5000),
+    prob_bits=st.integers(MIN_PROB_BITS, cpu_decode.VECTOR_MAX_PROB_BITS),
+    steps=st.sampled_from([1, 2, 7, 33, DEFAULT_STEPS_PER_LANE]),
+)
+def test_vector_decoder_is_bit_exact(x: torch.Tensor, prob_bits: int, steps: int) -> None:
+    c = compress(x, backend="cpu", prob_bits=prob_bits, steps_per_lane=steps)
+    if c.mode != MODE_RANS:
+        return
+    assert c.decoder_tables(cpu).dtype == torch.int32  # the vectorized decoder is the one used
+    vector, scalar = _decode_both(c, c.streams)  # type: ignore[arg-type]
+    want = x.contiguous().view(c.spec.int_dtype)
+    assert isinstance(vector, torch.Tensor) and isinstance(scalar, torch.Tensor)
+    assert torch.equal(vector.view(c.spec.int_dtype), want) and torch.equal(scalar.view(c.spec.int_dtype), want)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_prob_bits_above_12_use_the_scalar_decoder(dtype: torch.dtype) -> None:
+    x = (torch.randn(10_000, generator=torch.Generator().manual_seed(1)) * 0.02).to(dtype)
+    c = compress(x, backend="cpu", prob_bits=14)
+    assert c.decoder_tables(cpu).dtype == torch.int64
+    assert torch.equal(c.decompress().view(c.spec.int_dtype), x.view(c.spec.int_dtype))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_corrupt_words_are_rejected_like_the_scalar_decoder(dtype: torch.dtype) -> None:
+    g = torch.Generator().manual_seed(7)
+    x = (torch.randn(70_001, generator=g) * 0.02).to(dtype)
+    c = compress(x, backend="cpu", steps_per_lane=512)
+    assert c.streams is not None
+    rejected = 0
+    for trial in range(20):
+        words = c.streams.words.clone()
+        idx = torch.randint(0, words.numel(), (1 + trial % 3,), generator=g)
+        words[idx] ^= torch.randint(1, 1 << 15, (idx.numel(),), generator=g, dtype=torch.int64).to(torch.int16)
+        corrupt = Streams(states=c.streams.states, counts=c.streams.counts, words=words, sm=c.streams.sm)
+        vector, scalar = _decode_both(c, corrupt)
+        if isinstance(vector, str):
+            assert isinstance(scalar, str) and "corrupt" in vector
+            rejected += 1
+        else:
+            assert isinstance(scalar, torch.Tensor) and torch.equal(vector.view(torch.uint8), scalar.view(torch.uint8))
+    assert rejected >= 18
+
+
+def test_lanes_without_words_never_read_out_of_bounds() -> None:
+    """Counts claiming no words for the last segment (words cut short): reads stay inside the array, and it raises."""
+    x = (torch.randn(3 * 32 * 64, generator=torch.Generator().manual_seed(3)) * 0.02).to(torch.bfloat16)
+    c = compress(x, backend="cpu", steps_per_lane=64)
+    assert c.streams is not None
+    k = effective_steps(x.numel(), 64)
+    counts = c.streams.counts.clone()
+    last = counts[-32:].sum()
+    counts[-32:] = 0
+    words = c.streams.words[: c.streams.words.numel() - int(last)].clone()
+    corrupt = Streams(states=c.streams.states, counts=counts, words=words, sm=c.streams.sm)
+    vector, scalar = _decode_both(c, corrupt)
+    assert isinstance(vector, str) and isinstance(scalar, str) and "corrupt" in vector
+    assert k == 64

@@ -1,0 +1,1 @@
+"""File-format tests: the NZSF container, whole-model files, the CLI."""

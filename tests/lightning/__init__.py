@@ -1,0 +1,1 @@
+"""Lightning-layer tests: strategies, optimizer translation, checkpoints, callbacks."""

@@ -1,0 +1,280 @@
+"""NeuZipStrategy: Lightning training on compressed weights == LOMO == the fused optimizer by hand; resume, errors."""
+
+from __future__ import annotations
+
+import csv
+import glob
+import os
+import warnings
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.strategies import StrategyRegistry
+from torch import Tensor, nn
+
+from nz_lightning.lightning.callbacks import NeuZipStats
+from nz_lightning.lightning.checkpoint_io import AtomicCheckpointIO
+from nz_lightning.lightning.strategy import NeuZipStrategy, register_strategies
+from nz_lightning.optim import FusedOptimizer, fused_optimizer
+from nz_lightning.tensor.convert import compress_model
+from nz_lightning.tensor.parameter import is_compressed
+from tests.helpers.lit import BATCH, SEQ, VOCAB, WIDTH, Manual, Tiny, batches, build, fit, loader, trainer
+
+
+@pytest.fixture(autouse=True)
+def _quiet() -> Iterator[None]:
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", ".*does not have many workers.*")
+        warnings.filterwarnings("ignore", ".*isinstance.treespec, LeafSpec.*")
+        warnings.filterwarnings("ignore", ".*but have no `val_dataloader`.*")
+        warnings.filterwarnings("ignore", ".*when using `ckpt_path`, callbacks used to create the checkpoint.*")
+        yield
+
+
+def weights(model: nn.Module) -> dict[str, Tensor]:
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def assert_same(a: dict[str, Tensor], b: dict[str, Tensor]) -> None:
+    assert a.keys() == b.keys()
+    for key in a:
+        assert a[key].dtype == b[key].dtype and torch.equal(a[key], b[key]), key
+
+
+def manual(
+    name: str,
+    lr: float,
+    steps: list[list[Tensor]],
+    scale: float = 1.0,
+    sched: Callable[[Any], Any] | None = None,
+    **o: Any,
+) -> dict[str, Tensor]:
+    """The same training with nz.compress_model + nz.fused_optimizer driven by hand."""
+    model = compress_model(build())
+    opt = fused_optimizer(model, name, lr=lr, **o)
+    scheduler = sched(opt) if sched is not None else None
+    for batch in steps:
+        loss = model.loss(batch)
+        opt.backward(loss / scale if scale != 1.0 else loss)
+        if opt.micro_step == 0 and scheduler is not None:
+            opt.step()
+            scheduler.step()
+    return weights(model)
+
+
+def step_lr(opt: Any) -> Any:
+    return torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.5)
+
+
+MANUAL: dict[str, Callable[[list[list[Tensor]]], dict[str, Tensor]]] = {
+    "sgd": lambda b: manual("sgd", 0.5, b, momentum=0.9, weight_decay=1e-3),
+    "adamw": lambda b: manual("adamw", 1e-2, b, betas=(0.8, 0.99), eps=1e-7, weight_decay=0.05, sched=step_lr),
+    "adalomo": lambda b: manual("adalomo", 1e-2, b),
+}
+
+
+def test_registered() -> None:
+    register_strategies()  # idempotent
+    assert {"neuzip", "lomo"} <= set(StrategyRegistry.available_strategies())
+    assert StrategyRegistry["lomo"]["init_params"] == {"compress": False}
+
+
+@pytest.mark.parametrize("opt", ["sgd", "adamw", "adalomo"])
+def test_neuzip_equals_lomo_and_manual(opt: str) -> None:
+    nz = fit("neuzip", opt)
+    assert is_compressed(nz.fc.weight) and not is_compressed(nz.fc.bias)
+    assert isinstance(nz.trainer.optimizers[0], FusedOptimizer) and nz.trainer.global_step == 4
+    lomo = fit("lomo", opt)
+    assert not is_compressed(lomo.fc.weight)
+    assert_same(weights(nz), weights(lomo))
+    assert_same(weights(nz), MANUAL[opt](batches(4)))
+    if opt == "adamw":  # the StepLR scheduler drove the fused optimizer's lr: 1e-2 -> 5e-3 -> 2.5e-3
+        assert nz.trainer.optimizers[0].lr == pytest.approx(2.5e-3)
+        assert nz.trainer.lr_scheduler_configs[0].scheduler.optimizer is nz.trainer.optimizers[0]
+    assert any(not torch.equal(a, b) for a, b in zip(weights(nz).values(), weights(build(opt)).values(), strict=True))
+
+
+@pytest.mark.parametrize(
+    ("clip", "accum", "name", "options"),
+    [(0.05, 1, "clip", {"max_grad_norm": 0.05}), (None, 2, "accum", {}), (0.05, 2, "both", {"max_grad_norm": 0.05})],
+)
+def test_clip_and_accumulation_match_fused(clip: float | None, accum: int, name: str, options: dict[str, Any]) -> None:
+    nz = fit("neuzip", n_batches=4, max_steps=4 // accum, gradient_clip_val=clip, accumulate_grad_batches=accum)
+    expected = manual(
+        "sgd", 0.5, batches(4), scale=accum, momentum=0.9, weight_decay=1e-3, accumulate_grad_batches=accum, **options
+    )
+    assert_same(weights(nz), expected)
+    assert nz.trainer.global_step == 4 // accum
+
+
+def test_epoch_end_flushes_partial_accumulation() -> None:
+    nz = build()
+    trainer("neuzip", max_steps=-1, max_epochs=1, accumulate_grad_batches=2).fit(nz, loader(3))
+    assert nz.trainer.global_step == 2 and nz.trainer.optimizers[0].micro_step == 0
+    model = compress_model(build())
+    opt = fused_optimizer(model, "sgd", lr=0.5, momentum=0.9, weight_decay=1e-3, accumulate_grad_batches=2)
+    data = batches(3)
+    for batch in data[:2]:
+        opt.backward(model.loss(batch) / 2)
+    opt.accumulate_grad_batches = 1  # Lightning steps on the epoch's last batch
+    opt.backward(model.loss(data[2]) / 2)
+    assert_same(weights(nz), weights(model))
+
+
+@pytest.mark.parametrize("fmt", ["dense", "compressed"])
+def test_resume_is_bit_identical(tmp_path: Any, fmt: str) -> None:
+    def strategy() -> NeuZipStrategy:
+        return NeuZipStrategy(stochastic_rounding=True, seed=3, checkpoint_format=fmt)
+
+    every3 = ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=3, save_top_k=-1)
+    full = build("adamw")
+    trainer(strategy(), max_steps=6, enable_checkpointing=True, callbacks=[every3]).fit(full, loader(3))
+    (ckpt,) = glob.glob(os.path.join(tmp_path, "*step=3.ckpt"))
+    raw = torch.load(ckpt, weights_only=True)
+    assert raw["nz_lightning"]["checkpoint_format"] == fmt
+    assert (raw["state_dict"]["fc.weight"].dtype == torch.uint8) == (fmt == "compressed")
+    assert "fused" in raw["optimizer_states"][0]
+
+    torch.manual_seed(123)  # a different init: everything must come from the checkpoint
+    resumed = Tiny("adamw")
+    trainer(strategy(), max_steps=6).fit(resumed, loader(3), ckpt_path=ckpt)
+    assert resumed.trainer.global_step == 6 and is_compressed(resumed.fc.weight)
+    assert_same(weights(resumed), weights(full))
+    assert resumed.trainer.optimizers[0].lr == full.trainer.optimizers[0].lr
+    for i, state in full.trainer.optimizers[0].state_dict()["state"].items():
+        again = resumed.trainer.optimizers[0].state_dict()["state"][i]
+        assert state["step"] == again["step"] == 6
+        assert all(torch.equal(state[k], again[k]) for k in ("exp_avg", "exp_avg_sq"))
+    if fmt == "compressed":  # the LOMO baseline reads the compressed checkpoint too, and continues identically
+        lomo = Tiny("adamw")
+        trainer(NeuZipStrategy(compress=False, stochastic_rounding=True, seed=3), max_steps=6).fit(
+            lomo, loader(3), ckpt_path=ckpt
+        )
+        assert not is_compressed(lomo.fc.weight)
+        assert_same(weights(lomo), weights(full))
+
+
+def test_dense_checkpoint_loads_without_nz_lightning(tmp_path: Any) -> None:
+    model = fit("neuzip", max_steps=2)
+    path = os.path.join(tmp_path, "model.ckpt")
+    model.trainer.save_checkpoint(path)
+    state = torch.load(path, weights_only=True)["state_dict"]
+    assert all(type(v) is Tensor for v in state.values())
+    plain = nn.ModuleDict({"emb": nn.Embedding(VOCAB, WIDTH), "fc": nn.Linear(WIDTH, WIDTH)})
+    plain.update({"ln": nn.LayerNorm(WIDTH), "head": nn.Linear(WIDTH, VOCAB)})
+    plain.to(torch.bfloat16).load_state_dict(state)
+    assert_same(weights(plain), weights(model))
+    compact = os.path.join(tmp_path, "compact.ckpt")
+    strategy = model.trainer.strategy
+    assert isinstance(strategy, NeuZipStrategy)
+    strategy.checkpoint_format = "compressed"
+    model.trainer.save_checkpoint(compact)
+    assert torch.load(compact, weights_only=True)["state_dict"]["head.weight"].dtype == torch.uint8
+
+
+def test_atomic_checkpoint_write(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    model = fit("neuzip", max_steps=1)
+    path = os.path.join(tmp_path, "last.ckpt")
+    assert isinstance(model.trainer.strategy.checkpoint_io, AtomicCheckpointIO)
+    model.trainer.save_checkpoint(path)
+    before = open(path, "rb").read()
+
+    def broken_save(obj: Any, f: Any, *args: Any, **kwargs: Any) -> None:
+        f.write(b"half a checkpoint")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", broken_save)
+    with pytest.raises(OSError, match="disk full"):
+        model.trainer.save_checkpoint(path)
+    assert open(path, "rb").read() == before
+    assert os.listdir(tmp_path) == ["last.ckpt"]
+
+
+def test_validate_test_predict_on_compressed_weights() -> None:
+    model = build()
+    t = trainer("neuzip", max_steps=2, limit_val_batches=1, val_check_interval=2)
+    t.fit(model, loader(2), loader(1))
+    assert is_compressed(model.head.weight)
+    before = weights(model)
+    (val,) = t.validate(model, loader(1))
+    (test,) = t.test(model, loader(1))
+    predictions = t.predict(model, loader(2))
+    assert val["val_loss"] > 0 and test["test_loss"] == pytest.approx(val["val_loss"])
+    assert predictions is not None and len(predictions) == 2 and predictions[0].shape == (BATCH, SEQ, VOCAB)
+    assert is_compressed(model.head.weight)
+    assert_same(weights(model), before)
+    dense = build()
+    dense.load_state_dict(before)
+    with torch.no_grad():
+        assert torch.equal(dense(batches(2)[0][0]), predictions[0])
+    evaluator = build()  # validate alone also compresses, then evaluates without gradients
+    trainer("neuzip").validate(evaluator, loader(1))
+    assert is_compressed(evaluator.emb.weight)
+
+
+def test_model_built_in_configure_model_is_compressed() -> None:
+    torch.manual_seed(0)
+    lazy = Tiny(lazy=True)
+    trainer(NeuZipStrategy(exclude=["head.weight"]), max_steps=4).fit(lazy, loader(4))
+    assert is_compressed(lazy.emb.weight) and not is_compressed(lazy.head.weight)
+    assert_same(weights(lazy), MANUAL["sgd"](batches(4)))
+
+
+def test_model_on_meta_is_filled_from_weights() -> None:
+    with torch.device("meta"):
+        model = Tiny()
+    trainer(NeuZipStrategy(weights=build().state_dict()), max_steps=4).fit(model, loader(4))
+    assert is_compressed(model.fc.weight) and model.ln.weight.device.type == "cpu"
+    assert_same(weights(model), MANUAL["sgd"](batches(4)))
+    with torch.device("meta"):
+        empty = Tiny()
+    with pytest.raises(ValueError, match="meta device"):
+        trainer("neuzip").fit(empty, loader(1))
+
+
+def test_neuzip_stats_logged(tmp_path: Any) -> None:
+    model = build()
+    logger = CSVLogger(tmp_path, name="stats")
+    trainer("neuzip", max_steps=3, logger=logger, log_every_n_steps=1, callbacks=[NeuZipStats()]).fit(model, loader(3))
+    with open(os.path.join(logger.log_dir, "metrics.csv")) as f:
+        rows = [r for r in csv.DictReader(f) if r.get("neuzip/bits_per_weight")]
+    assert len(rows) == 3
+    for key in ("compressed_bytes", "dense_bytes", "compression_ratio", "codec_time_share", "decode_time_share"):
+        assert all(r[f"neuzip/{key}"] != "" for r in rows), key
+    assert all(8 < float(r["neuzip/bits_per_weight"]) < 16 for r in rows)
+    assert all(0 < float(r["neuzip/codec_time_share"]) <= 1 for r in rows)
+    assert all(float(r["neuzip/compression_ratio"]) > 1 for r in rows)
+
+
+@pytest.mark.parametrize(
+    ("make", "match"),
+    [
+        (lambda: fit("neuzip", "rmsprop"), "RMSprop"),
+        (lambda: fit("neuzip", "two-groups"), "param group 1 differs .* weight_decay"),
+        (lambda: trainer("neuzip").fit(Manual(), loader(1)), "manual optimization"),
+        (lambda: fit("neuzip", gradient_clip_val=1.0, gradient_clip_algorithm="value"), "'value'"),
+        (lambda: NeuZipStrategy(mantissa_bits=-1), "mantissa_bits=-1"),
+        (lambda: NeuZipStrategy(mantissa_bits=3, compress=False), "compress=True"),
+        (lambda: NeuZipStrategy(mantissa_bits=3, block_size=100), "block_size=100"),
+        (lambda: trainer("neuzip", devices=2), "multi-device"),
+        (lambda: trainer("neuzip", num_nodes=2), "multi-device"),
+    ],
+    ids=[
+        "optimizer",
+        "param-groups",
+        "manual",
+        "clip-value",
+        "mantissa-bits",
+        "lossy-dense",
+        "block-size",
+        "devices",
+        "num-nodes",
+    ],  # fmt: skip
+)
+def test_errors(make: Callable[[], Any], match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        make()

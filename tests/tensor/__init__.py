@@ -1,0 +1,1 @@
+"""Tensor-layer and optimizer tests: compressed parameters, model conversion, fused optimizers."""
