@@ -17,10 +17,9 @@ from torch import nn
 from torchmetrics import MeanMetric
 from torchmetrics.text import BLEUScore
 
+from nz_lightning.lm.data import IGNORE_INDEX
 from nz_lightning.lm.lora import apply_lora
 from nz_lightning.lm.optimizer_config import build_optimizer, build_scheduler
-
-IGNORE_INDEX = -100
 
 
 def hf_config(config: Mapping[str, Any]) -> Any:

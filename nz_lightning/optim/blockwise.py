@@ -21,8 +21,8 @@ import torch
 from torch import Tensor
 
 from nz_lightning.optim.rules import AdaLomo, UpdateRule, stochastic_round_to_bf16
-from nz_lightning.tensor.parameter import _POOL, NZParameter, read_dense, write_dense
-from nz_lightning.tensor.workspace import row_block, row_bounds
+from nz_lightning.tensor.parameter import NZParameter, read_dense, write_dense
+from nz_lightning.tensor.workspace import decoded_block, row_block, row_bounds
 
 __all__ = ["SR_CHUNK", "apply_update", "mix_seed", "sr_noise"]
 
@@ -155,13 +155,8 @@ def _block(p: Tensor, bounds: list[tuple[int, int]], k: int) -> Iterator[Tensor]
     if not isinstance(p, NZParameter):
         yield row_block(p.detach(), bounds, k)
         return
-    store = p.store
-    start, stop = bounds[k]
-    view, base = _POOL.acquire((stop - start, *store.shape[1:]), store.dtype, store.device)
-    try:
-        yield store.decode_block(k, view)
-    finally:
-        _POOL.release(base)
+    with decoded_block(p.store, k) as value:
+        yield value
 
 
 def _write_block(p: Tensor, bounds: list[tuple[int, int]], k: int, new: Tensor) -> None:

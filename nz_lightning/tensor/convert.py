@@ -29,7 +29,7 @@ def _matches(name: str, patterns: Iterable[str] | None) -> bool:
     return patterns is not None and any(fnmatch.fnmatchcase(name, p) for p in patterns)
 
 
-def default_should_compress(name: str, param: torch.Tensor) -> bool:
+def default_should_compress(param: torch.Tensor) -> bool:
     """The default policy: every floating-point (bf16/fp16/fp32) parameter with 2 or more dimensions.
 
     That covers Linear, Embedding, HF Conv1D, lm_head and tied weights. Biases and norm weights (1-D) stay
@@ -140,7 +140,7 @@ def compress_model(
                 else (torch.device("cpu") if value.device.type == "meta" else value.device)
             )
             value = value.to(target)
-            wanted = (default_should_compress(full, param) or _matches(full, include)) and not _matches(full, exclude)
+            wanted = (default_should_compress(param) or _matches(full, include)) and not _matches(full, exclude)
             if wanted:
                 new = make_parameter(
                     value,

@@ -20,9 +20,7 @@ from torch import Tensor
 from torch.utils._pytree import tree_map
 
 from nz_lightning.kernels import DEFAULT_BLOCK_SIZE, CompressedTensor, compress, serialized_size
-from nz_lightning.tensor.workspace import CODEC_STATS, WorkspacePool, gather_rows, row_block, row_bounds
-
-_POOL = WorkspacePool()
+from nz_lightning.tensor.workspace import CODEC_STATS, DECODE_POOL, gather_rows, row_block, row_bounds
 
 
 class WeightStore:
@@ -270,7 +268,7 @@ class NZParameter(torch.Tensor):
         return full.as_strided(*self._view).clone()
 
     def _materialize(self, pool_keys: list[torch.Tensor]) -> torch.Tensor:
-        view, base = _POOL.acquire(self._store.shape, self._store.dtype, self._store.device)
+        view, base = DECODE_POOL.acquire(self._store.shape, self._store.dtype, self._store.device)
         pool_keys.append(base)
         return self._store.decode_into(view).as_strided(*self._view)
 
@@ -289,7 +287,9 @@ class NZParameter(torch.Tensor):
         if schema.is_mutable and isinstance(first, NZParameter):
             return _mutate(func, first, args[1:], kwargs)
         if func is torch.ops.aten.embedding.default and isinstance(first, NZParameter) and _row_gather_ok(first, args):
-            return gather_rows(first.store, args[1], _POOL)  # one decoded row block at a time, not the whole table
+            return gather_rows(
+                first.store, args[1], DECODE_POOL
+            )  # one decoded row block at a time, not the whole table
         held: list[torch.Tensor] = []
 
         def unwrap(a: Any) -> Any:
@@ -299,7 +299,7 @@ class NZParameter(torch.Tensor):
             return func(*tree_map(unwrap, args), **tree_map(unwrap, kwargs))
         finally:
             for buf in held:
-                _POOL.release(buf)
+                DECODE_POOL.release(buf)
 
 
 def _row_gather_ok(weight: NZParameter, args: tuple[Any, ...]) -> bool:
@@ -343,7 +343,7 @@ def _mutate(func: Any, target: NZParameter, rest: tuple[Any, ...], kwargs: dict[
         func(full.as_strided(*target._view), *tree_map(unwrap, rest), **tree_map(unwrap, kwargs))
     finally:
         for buf in held:
-            _POOL.release(buf)
+            DECODE_POOL.release(buf)
     store.write(full)
     return target
 

@@ -6,9 +6,10 @@ Weights are decoded into a few long-lived buffers, never fresh allocations. A la
 
 from __future__ import annotations
 
+import contextlib
 import math
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -152,3 +153,18 @@ def gather_rows(store: _RowBlocks, indices: Tensor, pool: WorkspacePool) -> Tens
         finally:
             pool.release(base)
     return out.view(*indices.shape, *store.shape[1:])
+
+
+DECODE_POOL = WorkspacePool()
+"""The process-wide pool that compressed parameters (and the block-wise optimizers) decode weights into."""
+
+
+@contextlib.contextmanager
+def decoded_block(store: _RowBlocks, k: int) -> Iterator[Tensor]:
+    """Row block ``k`` of ``store`` decoded into a :data:`DECODE_POOL` buffer, released when the block is left."""
+    start, stop = store.bounds[k]
+    view, base = DECODE_POOL.acquire((stop - start, *store.shape[1:]), store.dtype, store.device)
+    try:
+        yield store.decode_block(k, view)
+    finally:
+        DECODE_POOL.release(base)
