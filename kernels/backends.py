@@ -1,17 +1,162 @@
-"""Backend registry: one set of codec ops, implemented by a pure-torch reference, numba (CPU) and Triton."""
+"""Backend contract and registry: one set of codec ops, implemented by a pure-torch reference, numba and Triton.
+
+Every backend is an object satisfying :class:`CodecBackend` (the ops' signatures and what each must produce) and
+registered by name in ``_REGISTRY`` (the only list of backend names, :data:`BACKENDS`), together with the module
+that defines it as ``BACKEND`` and the devices it runs on. Modules are imported on first use, so numba and Triton
+load only when their backend is chosen. Backends usually subclass :class:`CodecBackend`, inheriting its defaults:
+the torch reference's decoder tables and no lossy fast path (the shared torch code in ``kernels.lossy`` runs).
+Adding a backend: a module with ``BACKEND = MyBackend()`` and one ``_REGISTRY`` line.
+"""
 
 from __future__ import annotations
 
 import importlib
 import os
-from types import ModuleType
-from typing import Literal
+from abc import abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
 
 import torch
 
-BackendName = Literal["torch", "cpu", "triton"]
-BACKENDS: tuple[str, ...] = ("torch", "cpu", "triton")
-_MODULES = {"torch": ".reference", "cpu": ".cpu", "triton": ".triton_backend"}
+from .freqtable import FreqTable
+from .spec import FloatSpec
+from .streams import Streams
+
+
+@runtime_checkable
+class LossyOps(Protocol):
+    """A backend's own loops for the lossy mode, byte-identical to the torch code in ``kernels.lossy``."""
+
+    @abstractmethod
+    def quantize(
+        self, x: torch.Tensor, spec: FloatSpec, mantissa_bits: int, block_size: int | None
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+        """Quantize a flat contiguous tensor, as :func:`kernels.lossy.quantize`.
+
+        Returns:
+            ``(q, scales, nan_index)``: grid bit patterns (any integer dtype :meth:`fields` reads), block scale
+            fields (int64 ``[num_blocks]`` or ``None``) and the NaN positions (int64).
+        """
+        ...
+
+    @abstractmethod
+    def fields(self, q: torch.Tensor, spec: FloatSpec, mantissa_bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The exponent carrier tensor and the packed ``1 + mantissa_bits``-bit sign+mantissa fields of ``q``."""
+        ...
+
+    @abstractmethod
+    def decode_exponents(
+        self, streams: Streams, spec: FloatSpec, tables: torch.Tensor, prob_bits: int, steps: int, out: torch.Tensor
+    ) -> None:
+        """Decode only the exponents of the carrier layout ``spec`` into ``out`` (``streams.sm`` is not read).
+
+        Raises:
+            ValueError: The rANS lanes are inconsistent (corrupt).
+        """
+        ...
+
+    @abstractmethod
+    def merge(
+        self,
+        carrier: torch.Tensor,
+        sm: torch.Tensor,
+        spec: FloatSpec,
+        mantissa_bits: int,
+        block_size: int | None,
+        scales: torch.Tensor | None,
+        out: torch.Tensor,
+    ) -> None:
+        """Write the decoded values (NaNs still as inf) of carrier exponents, packed fields and scales to ``out``.
+
+        ``carrier`` may be a view of ``out`` (each element is read before it is overwritten).
+        """
+        ...
+
+
+@runtime_checkable
+class CodecBackend(Protocol):
+    """The ops every backend implements; all backends write the same bytes as the torch reference.
+
+    Subclass it to inherit the defaults of :meth:`decode_tables` and :meth:`lossy_ops`; the abstract ops must be
+    implemented (a subclass missing one cannot be instantiated).
+
+    Attributes:
+        name: The registry name (``"torch"``, ``"cpu"``, ``"triton"``); keys the decoder-table cache.
+    """
+
+    name: str
+
+    @abstractmethod
+    def exponent_histogram(self, x: torch.Tensor, spec: FloatSpec) -> torch.Tensor:
+        """Counts of each exponent symbol of ``spec`` in ``x`` (int64 ``[spec.alphabet]``)."""
+        ...
+
+    @abstractmethod
+    def encode(self, x: torch.Tensor, spec: FloatSpec, table: FreqTable, steps: int) -> Streams:
+        """rANS-encode the exponents of contiguous ``x`` (at least one element) and pack its sign+mantissa fields.
+
+        Args:
+            x: A tensor of dtype ``spec.dtype`` on a device this backend runs on.
+            spec: The layout to code (native, folded or lossy carrier).
+            table: Frequency table covering every symbol present in ``x``.
+            steps: Symbols per rANS lane (``steps_per_lane``).
+        """
+        ...
+
+    def decode_tables(self, table: FreqTable, spec: FloatSpec, device: torch.device) -> torch.Tensor:
+        """Lookup tables :meth:`decode` uses for ``table`` (cached by ``CompressedTensor`` for large tensors).
+
+        Default, the torch reference's layout: int32 ``[lut (2^prob_bits) | freq (alphabet) | cum (alphabet)]``.
+        """
+        return table.decode_tables(spec.alphabet, device)
+
+    @abstractmethod
+    def decode(
+        self, streams: Streams, spec: FloatSpec, tables: torch.Tensor, prob_bits: int, steps: int, out: torch.Tensor
+    ) -> None:
+        """Decode into the flat contiguous float tensor ``out`` (``tables`` from :meth:`decode_tables`).
+
+        Raises:
+            ValueError: A lane reads past its words, or does not end in the initial state with all words used.
+        """
+        ...
+
+    def lossy_ops(self, spec: FloatSpec) -> LossyOps | None:
+        """This backend's own lossy loops for ``spec``, or ``None`` (default) to run the shared torch code."""
+        return None
+
+
+def _anywhere(device: torch.device) -> str | None:
+    return None
+
+
+def _cpu_only(device: torch.device) -> str | None:
+    return None if device.type == "cpu" else f"backend 'cpu' runs on CPU tensors only, got a tensor on {device}"
+
+
+def _cuda_or_interpreter(device: torch.device) -> str | None:
+    if device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1":
+        return None
+    return f"backend 'triton' needs a CUDA tensor (got {device}); on CPU it runs only under TRITON_INTERPRET=1"
+
+
+@dataclass(frozen=True)
+class _Registration:
+    module: str
+    """Module (relative to this package) defining the backend object as ``BACKEND``, imported on first use."""
+    device_error: Callable[[torch.device], str | None]
+    """Why the backend cannot run on a device, or ``None`` when it can (checked before the import)."""
+
+
+_REGISTRY: dict[str, _Registration] = {
+    "torch": _Registration(".reference", _anywhere),
+    "cpu": _Registration(".cpu_backend", _cpu_only),
+    "triton": _Registration(".triton_backend", _cuda_or_interpreter),
+}
+BACKENDS: tuple[str, ...] = tuple(_REGISTRY)
+"""Names of the registered backends (``compress(backend=...)`` choices)."""
+_LOADED: dict[str, CodecBackend] = {}
 
 
 def default_backend(device: torch.device) -> str:
@@ -23,19 +168,33 @@ def default_backend(device: torch.device) -> str:
     return "torch"
 
 
-def get_backend(name: str | None, device: torch.device) -> ModuleType:
-    """Resolve a backend name (or None for the default) to its module, checking it can run on ``device``.
+def check_device(name: str, device: torch.device) -> None:
+    """Check that the registered backend ``name`` can run on ``device``.
+
+    Raises:
+        ValueError: Unknown backend name, or a backend that cannot run on this device.
+    """
+    registration = _REGISTRY.get(name)
+    if registration is None:
+        raise ValueError(f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)}")
+    error = registration.device_error(device)
+    if error is not None:
+        raise ValueError(error)
+
+
+def get_backend(name: str | None, device: torch.device) -> CodecBackend:
+    """Resolve a backend name (or None for the default) to its backend object, checking it can run on ``device``.
 
     Raises:
         ValueError: Unknown backend name, or a backend that cannot run on this device.
     """
     chosen = default_backend(device) if name is None else name
-    if chosen not in _MODULES:
-        raise ValueError(f"unknown backend {chosen!r}; choose one of {', '.join(BACKENDS)}")
-    if chosen == "cpu" and device.type != "cpu":
-        raise ValueError(f"backend 'cpu' runs on CPU tensors only, got a tensor on {device}")
-    if chosen == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
-        raise ValueError(
-            f"backend 'triton' needs a CUDA tensor (got {device}); on CPU it runs only under TRITON_INTERPRET=1"
-        )
-    return importlib.import_module(_MODULES[chosen], __package__)
+    check_device(chosen, device)
+    backend = _LOADED.get(chosen)
+    if backend is None:
+        module = importlib.import_module(_REGISTRY[chosen].module, __package__)
+        backend = module.BACKEND
+        if not isinstance(backend, CodecBackend) or backend.name != chosen:
+            raise TypeError(f"{module.__name__}.BACKEND is not a CodecBackend named {chosen!r}")
+        _LOADED[chosen] = backend
+    return backend

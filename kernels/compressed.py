@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from types import ModuleType
 
 import torch
 
 from . import blob, lossy
-from .backends import get_backend
+from .backends import CodecBackend, get_backend
 from .freqtable import FreqTable, quantize_counts
 from .layout import (
     DEFAULT_PROB_BITS,
@@ -111,10 +110,10 @@ class CompressedTensor:
         """Serialized bits per element (header included)."""
         return 8 * blob.serialized_size(self) / max(self.numel(), 1)
 
-    def decoder_tables(self, impl: ModuleType) -> torch.Tensor:
-        """The lookup tables backend ``impl`` decodes with (cached per backend for large tensors)."""
+    def decoder_tables(self, impl: CodecBackend) -> torch.Tensor:
+        """The lookup tables backend ``impl`` decodes with (cached per backend name for large tensors)."""
         assert self.table is not None
-        key = impl.__name__
+        key = impl.name
         cached = self._tables.get(key)
         if cached is None or cached.device != self.device:
             cached = impl.decode_tables(self.table, self.coding_spec, self.device)

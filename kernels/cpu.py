@@ -19,26 +19,12 @@ from .cpu_decode import VECTOR_MAX_PROB_BITS, table32
 from .cpu_decode import decode_lanes as decode_lanes_vector
 from .cpu_encode import VECTOR_MIN_PROB_BITS
 from .cpu_encode import encode_lanes as encode_lanes_vector
-from .cpu_lossy import fields as lossy_fields
-from .cpu_lossy import merge as lossy_merge
-from .cpu_lossy import quantize as lossy_quantize
-from .cpu_lossy import supported as lossy_supported
 from .cpu_merge import merge_fields, merge_fp16, sm_bf16, sm_fp32
 from .freqtable import FreqTable
 from .layout import LANES_PER_SEGMENT, STATE_LOWER, effective_steps, num_segments
 from .spec import FloatSpec, spec_for
 from .streams import Streams
 
-__all__ = [
-    "decode",
-    "decode_tables",
-    "encode",
-    "exponent_histogram",
-    "lossy_fields",
-    "lossy_merge",
-    "lossy_quantize",
-    "lossy_supported",
-]
 _W = LANES_PER_SEGMENT
 _L = STATE_LOWER
 

@@ -18,15 +18,15 @@ Quantization (docs/FORMAT.md §1.7):
 All of this is elementwise torch code shared by every backend (integer arithmetic plus IEEE float ops that
 torch rounds identically on CPU and CUDA), so all backends write the same bytes. The exponent symbols are
 rANS-coded by the backend's ordinary coder through a *carrier* tensor (bf16 for 8-bit exponents, fp16 for
-5-bit ones) whose sign and mantissa bits are zero.
+5-bit ones) whose sign and mantissa bits are zero. A backend may run its own byte-identical loops instead
+(:meth:`kernels.backends.CodecBackend.lossy_ops`; the numba backend does, for every dtype).
 """
 
 from __future__ import annotations
 
-from types import ModuleType
-
 import torch
 
+from .backends import CodecBackend
 from .freqtable import FreqTable, quantize_counts
 from .reference import pack_bits, unpack_bits
 from .spec import FloatSpec, spec_for
@@ -261,16 +261,10 @@ def carrier(q: torch.Tensor, spec: FloatSpec) -> torch.Tensor:
     return (exp << cs.man_bits).to(cs.int_dtype).view(cs.dtype)
 
 
-def _fast(impl: ModuleType, spec: FloatSpec) -> bool:
-    """Whether backend ``impl`` has its own (byte-identical) lossy loops for ``spec``."""
-    check = getattr(impl, "lossy_supported", None)
-    return check is not None and bool(check(spec))
-
-
 def encode(
     x: torch.Tensor,
     spec: FloatSpec,
-    impl: ModuleType,
+    impl: CodecBackend,
     mantissa_bits: int,
     block_size: int | None,
     prob_bits: int,
@@ -282,13 +276,14 @@ def encode(
         The frequency table, the streams (``sm`` holds the packed ``1 + mantissa_bits``-bit fields), the packed
         block scales (uint8, :func:`scale_bytes` little-endian bytes per block, or ``None``) and the NaN indices.
     """
-    if _fast(impl, spec):
-        q, scales, nan_index = impl.lossy_quantize(x, spec, mantissa_bits, block_size)
+    fast = impl.lossy_ops(spec)
+    if fast is not None:
+        q, scales, nan_index = fast.quantize(x, spec, mantissa_bits, block_size)
     else:
         q, scales, nan_index = quantize(x, spec, mantissa_bits, block_size)
     cs = carrier_spec(spec)
-    if _fast(impl, spec):
-        exps, sm = impl.lossy_fields(q, spec, mantissa_bits)
+    if fast is not None:
+        exps, sm = fast.fields(q, spec, mantissa_bits)
     else:
         exps, sm = carrier(q, spec), pack_fields(sm_fields(q, spec, mantissa_bits), 1 + mantissa_bits)
     del q
@@ -303,7 +298,7 @@ def encode(
 def decode(
     streams: Streams,
     spec: FloatSpec,
-    impl: ModuleType,
+    impl: CodecBackend,
     tables: torch.Tensor,
     prob_bits: int,
     steps: int,
@@ -323,13 +318,14 @@ def decode(
     scales = None
     if block_size is not None and packed_scales is not None:
         scales = unpack_fields(packed_scales, 8 * scale_bytes(spec), num_blocks(n, block_size))
-    if _fast(impl, spec):
+    fast = impl.lossy_ops(spec)
+    if fast is not None:
         # Exponents only, straight into `out` when the carrier has the same width (the merge reads each
         # element before it overwrites it), so no extra buffer and no zero sign+mantissa stream.
         same_width = out.element_size() == cs.itemsize
         exps = out.view(cs.dtype) if same_width else torch.empty(n, dtype=cs.dtype, device=out.device)
-        impl.decode(streams, cs, tables, prob_bits, steps, exps, fields=False)
-        impl.lossy_merge(exps, streams.sm, spec, mantissa_bits, block_size, scales, out)
+        fast.decode_exponents(streams, cs, tables, prob_bits, steps, exps)
+        fast.merge(exps, streams.sm, spec, mantissa_bits, block_size, scales, out)
         restore_nans(out, spec, nan_index)
         return
     exps = torch.empty(n, dtype=cs.dtype, device=out.device)
@@ -348,9 +344,3 @@ def decode(
     del fields, exp
     dequantize(q, spec, block_size, scales, out)
     restore_nans(out, spec, nan_index)
-
-
-def expected_bits_per_weight(spec: FloatSpec, mantissa_bits: int, block_size: int | None, exp_entropy: float) -> float:
-    """The ideal size ``1 + k + H(exp) + scale_bits / B`` in bits per weight (headers and lanes excluded)."""
-    per_block = 0.0 if block_size is None else 8 * scale_bytes(spec) / block_size
-    return 1 + mantissa_bits + exp_entropy + per_block

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import torch
 
+from .backends import CodecBackend
 from .freqtable import FreqTable
 from .layout import LANES_PER_SEGMENT, STATE_LOWER, WORD_BITS, effective_steps, lane_lengths, num_segments
 from .spec import FloatSpec
@@ -141,15 +142,11 @@ def _as_int32(u32: torch.Tensor) -> torch.Tensor:
     return (u32 - ((u32 >> 31) << 32)).to(torch.int32)
 
 
-def decode_tables(table: FreqTable, spec: FloatSpec, device: torch.device) -> torch.Tensor:
-    """Decoder tables for :func:`decode`: int32 ``[lut (2^prob_bits) | freq (alphabet) | cum (alphabet)]``."""
-    return table.decode_tables(spec.alphabet, device)
-
-
 def decode(
     streams: Streams, spec: FloatSpec, tables: torch.Tensor, prob_bits: int, steps: int, out: torch.Tensor
 ) -> None:
-    """Decode into the flat contiguous float tensor ``out`` (``numel`` = n).
+    """Decode into the flat contiguous float tensor ``out`` (``numel`` = n; ``tables`` from
+    :meth:`CodecBackend.decode_tables`).
 
     Raises:
         ValueError: A lane reads past its words, or does not end in the initial state with all words used.
@@ -187,3 +184,24 @@ def decode(
     exp = _from_lane_matrix(sym, n, k)
     sm = unpack_bits(streams.sm, spec.sm_bits, n)
     out.copy_(from_bits(merge_fields(exp, sm, spec), spec))
+
+
+class TorchBackend(CodecBackend):
+    """The reference as a :class:`CodecBackend` (runs on any device; decoder tables and lossy code: the defaults)."""
+
+    name = "torch"
+
+    def exponent_histogram(self, x: torch.Tensor, spec: FloatSpec) -> torch.Tensor:
+        return exponent_histogram(x, spec)
+
+    def encode(self, x: torch.Tensor, spec: FloatSpec, table: FreqTable, steps: int) -> Streams:
+        return encode(x, spec, table, steps)
+
+    def decode(
+        self, streams: Streams, spec: FloatSpec, tables: torch.Tensor, prob_bits: int, steps: int, out: torch.Tensor
+    ) -> None:
+        decode(streams, spec, tables, prob_bits, steps, out)
+
+
+BACKEND = TorchBackend()
+"""The ``"torch"`` entry of the backend registry."""

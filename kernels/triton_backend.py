@@ -15,12 +15,12 @@ is imported). Kernels live in ``kernels/triton_kernels.py``:
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
 import triton
 
 from . import triton_kernels as tk
+from .backends import CodecBackend, check_device
 from .freqtable import FreqTable
 from .layout import effective_steps, num_lanes
 from .spec import FloatSpec
@@ -36,13 +36,8 @@ def _check_device(device: torch.device) -> bool:
     Raises:
         ValueError: A non-CUDA tensor without ``TRITON_INTERPRET=1``.
     """
-    if device.type == "cuda":
-        return True
-    if os.environ.get("TRITON_INTERPRET") != "1":
-        raise ValueError(
-            f"backend 'triton' needs a CUDA tensor (got {device}); on CPU it runs only under TRITON_INTERPRET=1"
-        )
-    return False
+    check_device("triton", device)
+    return device.type == "cuda"
 
 
 @functools.lru_cache(maxsize=16)
@@ -170,11 +165,6 @@ def encode(x: torch.Tensor, spec: FloatSpec, table: FreqTable, steps: int) -> St
     return Streams(states=states, counts=counts, words=words, sm=_pack_sm(bits, spec, gpu))
 
 
-def decode_tables(table: FreqTable, spec: FloatSpec, device: torch.device) -> torch.Tensor:
-    """Decoder tables for :func:`decode`: int32 ``[lut (2^prob_bits) | freq (alphabet) | cum (alphabet)]``."""
-    return table.decode_tables(spec.alphabet, device)
-
-
 def decode(
     streams: Streams, spec: FloatSpec, tables: torch.Tensor, prob_bits: int, steps: int, out: torch.Tensor
 ) -> None:
@@ -183,7 +173,8 @@ def decode(
     Args:
         streams: Coded streams on ``out``'s device.
         spec: Bit layout of ``out``'s dtype.
-        tables: Decoder tables ``[lut (2^prob_bits) | freq (alphabet) | cum (alphabet)]`` (int32).
+        tables: Decoder tables ``[lut (2^prob_bits) | freq (alphabet) | cum (alphabet)]`` (int32; the default
+            :meth:`CodecBackend.decode_tables`).
         prob_bits: log2 of the frequency total.
         steps: Symbols per lane (``steps_per_lane``).
         out: Contiguous destination tensor of dtype ``spec.dtype``.
@@ -244,3 +235,24 @@ def decode(
     )
     if bool(status.any() | (offsets[-1] != nwords)):
         raise ValueError("corrupt blob: rANS lanes do not decode consistently")
+
+
+class TritonBackend(CodecBackend):
+    """The Triton kernels as a :class:`CodecBackend` (decoder tables and lossy code: the torch defaults)."""
+
+    name = "triton"
+
+    def exponent_histogram(self, x: torch.Tensor, spec: FloatSpec) -> torch.Tensor:
+        return exponent_histogram(x, spec)
+
+    def encode(self, x: torch.Tensor, spec: FloatSpec, table: FreqTable, steps: int) -> Streams:
+        return encode(x, spec, table, steps)
+
+    def decode(
+        self, streams: Streams, spec: FloatSpec, tables: torch.Tensor, prob_bits: int, steps: int, out: torch.Tensor
+    ) -> None:
+        decode(streams, spec, tables, prob_bits, steps, out)
+
+
+BACKEND = TritonBackend()
+"""The ``"triton"`` entry of the backend registry."""

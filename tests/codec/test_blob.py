@@ -9,6 +9,7 @@ import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
+
 from nz_lightning.kernels import CompressedTensor, compress
 from nz_lightning.kernels.blob import MAGIC
 from nz_lightning.kernels.layout import LANES_PER_SEGMENT, effective_steps, lane_lengths, num_lanes, num_segments

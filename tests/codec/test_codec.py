@@ -8,10 +8,10 @@ import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
-from nz_lightning.kernels import MODE_CONST, MODE_RANS, MODE_RAW, CompressedTensor, blob, spec_for
-from nz_lightning.kernels.layout import DEFAULT_STEPS_PER_LANE
 
 from nz_lightning import compress
+from nz_lightning.kernels import MODE_CONST, MODE_RANS, MODE_RAW, CompressedTensor, blob, spec_for
+from nz_lightning.kernels.layout import DEFAULT_STEPS_PER_LANE
 from tests.helpers.generators import DTYPES, bits_to_tensor, float_tensors, special_patterns
 
 CPU_BACKENDS = ("torch", "cpu")

@@ -7,13 +7,16 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
 from nz_lightning.kernels import cpu, cpu_decode
+from nz_lightning.kernels.backends import get_backend
 from nz_lightning.kernels.compressed import MODE_RANS, compress
 from nz_lightning.kernels.layout import DEFAULT_STEPS_PER_LANE, MIN_PROB_BITS, effective_steps
 from nz_lightning.kernels.spec import FloatSpec
 from nz_lightning.kernels.streams import Streams
-
 from tests.helpers.generators import DTYPES, float_tensors
+
+CPU_BACKEND = get_backend("cpu", torch.device("cpu"))
 
 
 def _scalar_tables(c: object, spec: FloatSpec) -> torch.Tensor:
@@ -52,7 +55,7 @@ def test_vector_decoder_is_bit_exact(x: torch.Tensor, prob_bits: int, steps: int
     c = compress(x, backend="cpu", prob_bits=prob_bits, steps_per_lane=steps)
     if c.mode != MODE_RANS:
         return
-    assert c.decoder_tables(cpu).dtype == torch.int32  # the vectorized decoder is the one used
+    assert c.decoder_tables(CPU_BACKEND).dtype == torch.int32  # the vectorized decoder is the one used
     vector, scalar = _decode_both(c, c.streams)  # type: ignore[arg-type]
     want = x.contiguous().view(c.spec.int_dtype)
     assert isinstance(vector, torch.Tensor) and isinstance(scalar, torch.Tensor)
@@ -63,7 +66,7 @@ def test_vector_decoder_is_bit_exact(x: torch.Tensor, prob_bits: int, steps: int
 def test_prob_bits_above_12_use_the_scalar_decoder(dtype: torch.dtype) -> None:
     x = (torch.randn(10_000, generator=torch.Generator().manual_seed(1)) * 0.02).to(dtype)
     c = compress(x, backend="cpu", prob_bits=14)
-    assert c.decoder_tables(cpu).dtype == torch.int64
+    assert c.decoder_tables(CPU_BACKEND).dtype == torch.int64
     assert torch.equal(c.decompress().view(c.spec.int_dtype), x.view(c.spec.int_dtype))
 
 

@@ -7,12 +7,12 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
+from nz_lightning import compress
 from nz_lightning.kernels import cpu, cpu_encode
 from nz_lightning.kernels.freqtable import quantize_counts
 from nz_lightning.kernels.layout import MAX_PROB_BITS, MIN_PROB_BITS, effective_steps
 from nz_lightning.kernels.spec import spec_for
-
-from nz_lightning import compress
 from tests.helpers.generators import DTYPES, float_tensors
 
 

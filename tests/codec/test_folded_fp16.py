@@ -7,10 +7,10 @@ import zlib
 
 import pytest
 import torch
-from nz_lightning.kernels import MODE_RANS, CompressedTensor, blob, compress, entropy_bits, quantize_counts, reference
-from nz_lightning.kernels.spec import folded, spec_for
 
-CPU_BACKENDS = ("torch", "cpu", "triton")
+from nz_lightning.kernels import MODE_RANS, CompressedTensor, blob, compress, entropy_bits, quantize_counts, reference
+from nz_lightning.kernels.backends import BACKENDS
+from nz_lightning.kernels.spec import folded, spec_for
 
 
 def _weights(n: int = 300_001, seed: int = 0) -> torch.Tensor:
@@ -40,10 +40,10 @@ def test_weights_fold_two_bits_and_beat_the_exponent_bound() -> None:
 @pytest.mark.parametrize("steps", [3, 64, 2048])
 def test_backends_write_and_read_the_same_folded_bytes(steps: int) -> None:
     x = _weights(20_000 + steps, seed=steps)
-    blobs = {b: compress(x, backend=b, steps_per_lane=steps).to_bytes() for b in CPU_BACKENDS}
+    blobs = {b: compress(x, backend=b, steps_per_lane=steps).to_bytes() for b in BACKENDS}
     assert blobs["torch"] == blobs["cpu"] == blobs["triton"]
     c = CompressedTensor.from_bytes(blobs["torch"])
-    for b in CPU_BACKENDS:
+    for b in BACKENDS:
         out = torch.empty_like(x)
         assert c.decompress(out=out, backend=b) is out and _same(out, x)
 
@@ -59,7 +59,7 @@ def test_any_valid_fold_decodes_on_every_backend(fold: int, prob_bits: int) -> N
     c = CompressedTensor(x.shape, x.dtype, MODE_RANS, table, 40, streams, fold_bits=fold)
     restored = CompressedTensor.from_bytes(c.to_bytes())
     assert restored.fold_bits == fold
-    for b in CPU_BACKENDS:
+    for b in BACKENDS:
         assert _same(restored.decompress(backend=b), x)
 
 

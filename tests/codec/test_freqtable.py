@@ -7,6 +7,7 @@ import math
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+
 from nz_lightning.kernels import entropy_bits, quantize_counts
 
 

@@ -14,6 +14,7 @@ if not torch.cuda.is_available():
 import pytest  # noqa: E402
 from hypothesis import given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
+
 from nz_lightning.kernels import reference  # noqa: E402
 from nz_lightning.kernels import triton_backend as tb  # noqa: E402
 from nz_lightning.kernels.compressed import MODE_RANS, CompressedTensor, compress  # noqa: E402

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 from hypothesis import strategies as st
+
 from nz_lightning.kernels.spec import FloatSpec, spec_for
 
 DTYPES = (torch.bfloat16, torch.float16, torch.float32)
