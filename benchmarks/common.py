@@ -1,4 +1,5 @@
-"""Helpers shared by the benchmarks: machine description, markdown block replacement, peak-RSS probes."""
+"""Helpers shared by the benchmarks: machine description, markdown block replacement, RSS probes (over
+:mod:`nz_lightning.lm.memory`)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from nz_lightning.lm import memory
 
 
 def _version(pkg: str) -> str | None:
@@ -100,14 +103,23 @@ def write_results(result: dict[str, Any], out: Path, md: Path, block: str, begin
 
 
 def reset_peak_rss() -> None:
-    """Reset this process's VmHWM to its current RSS (Linux ``clear_refs``)."""
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
+    """Reset this process's VmHWM to its current RSS (:func:`nz_lightning.lm.memory.reset_peak_rss`).
+
+    Raises:
+        RuntimeError: The kernel does not allow it (no writable ``/proc/self/clear_refs``): a peak measured after
+            this call would include earlier peaks.
+    """
+    if not memory.reset_peak_rss():
+        raise RuntimeError("cannot reset the peak RSS: /proc/self/clear_refs is missing or not writable")
 
 
 def rss_kib(field: str = "VmRSS") -> int:
-    """A memory field of ``/proc/self/status`` in KiB (``VmRSS`` or ``VmHWM``)."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise RuntimeError(f"{field} not found in /proc/self/status")
+    """A memory field of ``/proc/self/status`` in KiB (``VmRSS`` or ``VmHWM``; :mod:`nz_lightning.lm.memory`).
+
+    Raises:
+        RuntimeError: ``/proc/self/status`` or the field is missing.
+    """
+    kib = memory.proc_status_kib(field)
+    if kib is None:
+        raise RuntimeError(f"{field} not found in /proc/self/status")
+    return kib

@@ -4,16 +4,16 @@ from __future__ import annotations
 
 import json
 import math
-import sys
 from pathlib import Path
-from typing import Any
 
 import pytest
 import torch
 import torch.nn.functional as F
 from hydra import compose, initialize_config_dir
+from hydra.utils import instantiate
 from omegaconf import DictConfig
 
+from nz_lightning.lm import run
 from nz_lightning.lm.data import ByteTokenizer
 from nz_lightning.lm.evaluate import WindowDataset, count_words
 
@@ -22,14 +22,6 @@ WINDOW = 64
 TEXT = "\n".join(
     f"Line {i}: the quick brown fox jumps over {i % 7} lazy dogs; naïve café prices rose {i * 3}%." for i in range(60)
 )
-
-
-@pytest.fixture(scope="module")
-def train_module() -> Any:
-    sys.path.insert(0, str(ROOT))
-    import train
-
-    return train
 
 
 pytestmark = pytest.mark.usefixtures("restore_cpu_threads")
@@ -100,27 +92,25 @@ def text_file(tmp_path: Path) -> Path:
     return path
 
 
-def test_eval_local_pretrained_llama_dense_and_lossless(
-    saved_llama: Path, text_file: Path, tmp_path: Path, train_module: Any
-) -> None:
+def test_eval_local_pretrained_llama_dense_and_lossless(saved_llama: Path, text_file: Path, tmp_path: Path) -> None:
     nll, count = reference_nll(saved_llama, TEXT)
     words = len(TEXT.split())
-    dense = train_module.evaluate(llama_eval(saved_llama, text_file, tmp_path))["metrics"]
+    dense = run.evaluate(llama_eval(saved_llama, text_file, tmp_path))["metrics"]
     assert dense["eval/tokens"] == count and dense["eval/words"] == words
     assert dense["eval/token_ppl"] == pytest.approx(math.exp(nll / count), rel=1e-4)
     assert dense["eval/word_ppl"] == pytest.approx(math.exp(nll / words), rel=1e-3)
     assert dense["eval/weight_bytes"] == 2 * dense["eval/bf16_bytes"] and dense["eval/weight_ratio"] == 2.0  # fp32
 
-    lossless = train_module.evaluate(llama_eval(saved_llama, text_file, tmp_path, "+strategy=neuzip"))
+    lossless = run.evaluate(llama_eval(saved_llama, text_file, tmp_path, "+strategy=neuzip"))
     assert lossless["method"] == "neuzip lossless"
     assert lossless["metrics"]["eval/token_ppl"] == pytest.approx(dense["eval/token_ppl"], rel=1e-6)
     assert lossless["metrics"]["eval/weight_bytes"] < 0.95 * dense["eval/weight_bytes"]
 
 
 @pytest.mark.parametrize("bits", [3, 0])
-def test_eval_lossy_neuzip(saved_llama: Path, text_file: Path, tmp_path: Path, train_module: Any, bits: int) -> None:
-    dense = train_module.evaluate(llama_eval(saved_llama, text_file, tmp_path, "eval.max_windows=4"))["metrics"]
-    lossy = train_module.evaluate(
+def test_eval_lossy_neuzip(saved_llama: Path, text_file: Path, tmp_path: Path, bits: int) -> None:
+    dense = run.evaluate(llama_eval(saved_llama, text_file, tmp_path, "eval.max_windows=4"))["metrics"]
+    lossy = run.evaluate(
         llama_eval(saved_llama, text_file, tmp_path, f"+strategy=neuzip_lossy_{bits}bit", "eval.max_windows=4")
     )
     assert lossy["method"] == f"neuzip {bits}-bit (block 512)"
@@ -133,9 +123,9 @@ def test_eval_lossy_neuzip(saved_llama: Path, text_file: Path, tmp_path: Path, t
     assert metrics["eval/weight_ratio"] < (0.5 if bits == 3 else 0.35)
 
 
-def test_eval_rowwise_int8(saved_llama: Path, text_file: Path, tmp_path: Path, train_module: Any) -> None:
-    dense = train_module.evaluate(llama_eval(saved_llama, text_file, tmp_path, "eval.max_windows=4"))["metrics"]
-    int8 = train_module.evaluate(
+def test_eval_rowwise_int8(saved_llama: Path, text_file: Path, tmp_path: Path) -> None:
+    dense = run.evaluate(llama_eval(saved_llama, text_file, tmp_path, "eval.max_windows=4"))["metrics"]
+    int8 = run.evaluate(
         llama_eval(saved_llama, text_file, tmp_path, "eval.quantize=rowwise_int8", "eval.max_windows=4")
     )
     assert int8["method"] == "rowwise_int8"
@@ -146,15 +136,13 @@ def test_eval_rowwise_int8(saved_llama: Path, text_file: Path, tmp_path: Path, t
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only error")
 @pytest.mark.parametrize("mode", ["int8", "nf4", "fp4", "nf4_dq"])
-def test_bitsandbytes_baselines_need_cuda(
-    saved_llama: Path, text_file: Path, tmp_path: Path, train_module: Any, mode: str
-) -> None:
+def test_bitsandbytes_baselines_need_cuda(saved_llama: Path, text_file: Path, tmp_path: Path, mode: str) -> None:
     cfg = llama_eval(saved_llama, text_file, tmp_path, f"+quant={mode}")
     with pytest.raises(RuntimeError, match=rf"bitsandbytes {mode.replace('_', '-')} baseline .* needs .*CUDA GPU"):
-        train_module.evaluate(cfg)
+        run.evaluate(cfg)
 
 
-def test_eval_local_pretrained_t5(tmp_path: Path, train_module: Any) -> None:
+def test_eval_local_pretrained_t5(tmp_path: Path) -> None:
     from transformers import AutoModelForSeq2SeqLM, T5Config, T5ForConditionalGeneration
 
     rows = [{"question": f"count heads older than {n}", "answer": f"SELECT COUNT(*) FROM head WHERE age > {n}"}
@@ -171,8 +159,8 @@ def test_eval_local_pretrained_t5(tmp_path: Path, train_module: Any) -> None:
         f"data.cache_dir={tmp_path / 'cache'}", "data.num_workers=0", "data.source_template='{question}'",
         "data.val_fraction=0.25", "eval.split=val", "callbacks.rich_progress_bar.leave=false", output_dir=tmp_path,
     )  # fmt: skip
-    metrics = train_module.evaluate(cfg)["metrics"]
-    dm = train_module.instantiate(cfg.data, _convert_="all")
+    metrics = run.evaluate(cfg)["metrics"]
+    dm = instantiate(cfg.data, _convert_="all")
     dm.setup()
     model = AutoModelForSeq2SeqLM.from_pretrained(str(tmp_path / "t5")).eval()
     nll, count = 0.0, 0
@@ -201,9 +189,7 @@ def _byte_level_tokenizer(path: Path, texts: list[str]) -> None:
     fast.save_pretrained(str(path))
 
 
-def test_eval_weights_from_lightning_checkpoint(
-    saved_llama: Path, text_file: Path, tmp_path: Path, train_module: Any
-) -> None:
+def test_eval_weights_from_lightning_checkpoint(saved_llama: Path, text_file: Path, tmp_path: Path) -> None:
     """eval.weights_from loads a training run's checkpoint (the module's state_dict) over the pretrained weights."""
     from transformers import AutoModelForCausalLM
 
@@ -215,7 +201,7 @@ def test_eval_weights_from_lightning_checkpoint(
     ckpt = tmp_path / "final.ckpt"
     torch.save({"state_dict": {f"model.{k}": v for k, v in other.state_dict().items()}}, ckpt)
     cfg = llama_eval(saved_llama, text_file, tmp_path, f"eval.weights_from={ckpt}", "+strategy=neuzip")
-    metrics = train_module.evaluate(cfg)["metrics"]
+    metrics = run.evaluate(cfg)["metrics"]
     nll, count = reference_nll(tmp_path / "other", TEXT)
     assert metrics["eval/token_ppl"] == pytest.approx(math.exp(nll / count), rel=1e-4)
     assert metrics["eval/token_ppl"] != pytest.approx(math.exp(reference_nll(saved_llama, TEXT)[0] / count), rel=1e-3)

@@ -1,4 +1,4 @@
-"""The paper's Table 3 recipes (recipes/table3a, recipes/table3b): complete, and each evaluates what its name says."""
+"""The paper's Table 3 recipes (conf/experiment/table3a, table3b): complete, each evaluating what its name says."""
 
 from __future__ import annotations
 
@@ -48,9 +48,8 @@ def test_table3_recipes_are_complete() -> None:
     assert len(RECIPES) == 48
 
 
-RECIPES = sorted(
-    str(p.relative_to(ROOT / "recipes"))[: -len(".yaml")] for p in (ROOT / "recipes").glob("table3*/[!_]*.yaml")
-)
+EXPERIMENTS = ROOT / "conf" / "experiment"
+RECIPES = sorted(p.relative_to(EXPERIMENTS).with_suffix("").as_posix() for p in EXPERIMENTS.glob("table3*/*.yaml"))
 
 
 @pytest.fixture

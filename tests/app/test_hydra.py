@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import csv
-import glob
 import json
 import math
 import os
 import runpy
+import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,19 +17,18 @@ import pytest
 import torch
 import yaml
 from hydra import compose, initialize_config_dir
+from hydra.errors import MissingConfigException
 from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig, OmegaConf
 
-import nz_lightning
+from nz_lightning.lm import run
 from nz_lightning.lm.data import ByteTokenizer, TextDataModule, stdlib_files
+from nz_lightning.tensor.sizes import WeightSizes
 
 ROOT = Path(__file__).resolve().parents[2]
 CONF = ROOT / "conf"
-RECIPES = sorted(
-    os.path.relpath(p, ROOT / "recipes")[: -len(".yaml")]
-    for p in glob.glob(str(ROOT / "recipes" / "**" / "*.yaml"), recursive=True)
-    if not os.path.basename(p).startswith("_") and "sweeps" not in p
-)
+EXPERIMENTS = CONF / "experiment"  # the recipes: +experiment=<path below it, without .yaml>
+RECIPES = sorted(p.relative_to(EXPERIMENTS).with_suffix("").as_posix() for p in EXPERIMENTS.rglob("*.yaml"))
 # Published parameter counts (HF configs) of the paper's models; "T5 1B" is t5-large.
 MODEL_PARAMS = {
     "tiny_llama": 0.49e6,
@@ -46,33 +45,6 @@ SQL_ROWS = [
     | {"answer": f"SELECT COUNT(*) FROM head WHERE age > {n}"}
     for n in range(40)
 ]
-
-
-def strategy_target() -> str | None:
-    """Where NeuZipStrategy can be imported from (the conf's target once it is exported), or None."""
-    if hasattr(nz_lightning, "NeuZipStrategy"):
-        return "nz_lightning.NeuZipStrategy"
-    try:
-        from nz_lightning.lightning.strategy import NeuZipStrategy  # noqa: F401
-    except ImportError:
-        return None
-    return "nz_lightning.lightning.strategy.NeuZipStrategy"
-
-
-def instantiate_strategy(conf: DictConfig) -> Any:
-    """Build a strategy config (retargeted while the package does not export the class yet)."""
-    target = strategy_target()
-    assert target is not None
-    return instantiate(OmegaConf.merge(conf, {"_target_": target}), _convert_="all")
-
-
-def strategy_overrides(name: str) -> list[str]:
-    """``+strategy=name`` (retargeted while the package does not export the class yet), or skip the test."""
-    target = strategy_target()
-    if target is None:
-        pytest.skip("nz_lightning.NeuZipStrategy is not available in this checkout")
-    extra = [] if target == "nz_lightning.NeuZipStrategy" else [f"strategy._target_={target}"]
-    return [f"+strategy={name}", *extra]
 
 
 pytestmark = pytest.mark.usefixtures("restore_cpu_threads")
@@ -124,8 +96,7 @@ def test_every_group_option_composes(hydra_conf: None, group: str) -> None:
             assert node.compress is (option != "lomo")
             assert node.checkpoint_format == ("compressed" if option == "neuzip_compressed_ckpt" else "dense")
             assert node.get("mantissa_bits") == (int(option[13]) if option.startswith("neuzip_lossy_") else None)
-            if strategy_target() is not None:
-                assert type(instantiate_strategy(node)).__name__ == "NeuZipStrategy"
+            assert type(instantiate(node, _convert_="all")).__name__ == "NeuZipStrategy"
         if group == "quant":
             assert node.plugins[0].mode == option.replace("_", "-")
             assert node.plugins[0].dtype._target_ == "hydra.utils.get_object"
@@ -157,7 +128,7 @@ def test_models_build_on_meta_with_published_sizes(hydra_conf: None, name: str) 
 def test_recipe_composes_and_instantiates(hydra_conf: None, recipe: str) -> None:
     cfg = compose_train(f"+experiment={recipe}")
     OmegaConf.resolve(cfg)
-    header = (ROOT / "recipes" / f"{recipe}.yaml").read_text().splitlines()
+    header = (EXPERIMENTS / f"{recipe}.yaml").read_text().splitlines()
     assert header[0] == "# @package _global_"
     figures = ("GiB", "GB", "BLEU", "not in our notes")  # table3b: the paper's figures are not in our notes
     assert any(unit in line for line in header[:8] for unit in figures), "paper figures"
@@ -186,8 +157,8 @@ def test_recipe_composes_and_instantiates(hydra_conf: None, recipe: str) -> None
         plugin_conf = cfg.trainer.plugins[0]
         pytest.importorskip("bitsandbytes")
         assert type(instantiate(plugin_conf)).__name__ == "BitsandbytesPrecision"
-    if "strategy" in cfg and strategy_target() is not None:
-        assert type(instantiate_strategy(cfg.strategy)).__name__ == "NeuZipStrategy"
+    if "strategy" in cfg:
+        assert type(run.build_strategy(cfg)).__name__ == "NeuZipStrategy"
 
 
 def test_sweep_definition(hydra_conf: None) -> None:
@@ -203,53 +174,137 @@ def test_sweep_definition(hydra_conf: None) -> None:
     assert cfg.model.optimizer.lr == lr["min"] and cfg.logger.wandb.offline is False
 
 
+# -- config layout ------------------------------------------------------------------------------------------------
+
+NOT_RECIPES = [
+    "table1/_pretrain",  # the old names of the recipe bases
+    "table2/_sql_finetune",
+    "table3a/_lossy_eval",
+    "table3b/_lossy_eval_t5",
+    "qlora/_qlora",
+    "table1_pretrain",  # the bases under their new names and group
+    "recipe_base/table1_pretrain",
+    "sweeps/lr_sweep",  # a W&B sweep, not a Hydra config
+]
+
+
+def test_config_tree_is_plain_files() -> None:
+    """No links (checkouts without symlink support), no partials or sweeps among the recipes."""
+    assert not [p for p in CONF.rglob("*") if p.is_symlink()]
+    assert EXPERIMENTS.is_dir() and len(RECIPES) == 1 + 9 + 9 + 4 + 48
+    assert not [p for p in EXPERIMENTS.rglob("*") if p.is_file() and (p.name.startswith("_") or p.suffix != ".yaml")]
+    bases = sorted(p.stem for p in (CONF / "recipe_base").glob("*.yaml"))
+    assert bases == ["qlora", "table1_pretrain", "table2_sql_finetune", "table3a_lossy_eval", "table3b_lossy_eval_t5"]
+    used = {line.strip() for p in EXPERIMENTS.rglob("*.yaml") for line in p.read_text().splitlines()}
+    assert {f"- /recipe_base/{b}" for b in bases} <= used
+    assert not list(CONF.rglob("lr_sweep.yaml")) and (ROOT / "recipes" / "sweeps" / "lr_sweep.yaml").is_file()
+
+
+@pytest.mark.parametrize("name", NOT_RECIPES)
+def test_partials_and_sweeps_are_not_selectable_as_recipes(hydra_conf: None, name: str) -> None:
+    with pytest.raises(MissingConfigException, match="experiment"):
+        compose_train(f"+experiment={name}")
+
+
+@pytest.mark.parametrize("recipe", ["table1/llama3_8b_neuzip", "llama3_8b_under_16gb"])
+def test_train_py_composes_recipes_from_any_cwd(tmp_path: Path, recipe: str) -> None:
+    """``python <repo>/train.py +experiment=...`` from another directory (conf/ resolves next to train.py)."""
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "train.py"), f"+experiment={recipe}", "--cfg", "job", "--resolve"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    cfg = yaml.safe_load(result.stdout)
+    assert cfg["strategy"]["_target_"] == "nz_lightning.NeuZipStrategy" and cfg["strategy"]["compress"] is True
+    assert cfg["model"]["config"]["model_type"] == "llama" and cfg["data"]["dataset"] == "wikitext"
+    assert cfg["task_name"] == recipe.replace("/", "_") and cfg["model"]["gradient_checkpointing"] is True
+
+
+# -- broken imports fail loudly ------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def broken_package(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
+    """An importable package whose own import fails (a missing dependency)."""
+    (tmp_path / "nz_broken_pkg").mkdir()
+    (tmp_path / "nz_broken_pkg" / "__init__.py").write_text("import nz_missing_dependency_xyz\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    return "nz_broken_pkg.Thing"
+
+
+def test_broken_callback_import_raises(hydra_conf: None, broken_package: str) -> None:
+    cfg = compose_train(f"callbacks.neuzip_stats._target_={broken_package}")
+    with pytest.raises(ImportError, match=r"nz_broken_pkg\.Thing.*callbacks\.neuzip_stats.*nz_missing_dependency_xyz"):
+        run.instantiate_group(cfg.callbacks, "callbacks")
+    cfg = compose_train("callbacks.neuzip_stats._target_=nz_lightning.lightning.callbacks.NoSuchCallback")
+    with pytest.raises(ImportError, match="NoSuchCallback"):
+        run.instantiate_group(cfg.callbacks, "callbacks")
+
+
+def test_broken_strategy_import_raises(hydra_conf: None, broken_package: str) -> None:
+    cfg = compose_train("+strategy=neuzip", f"strategy._target_={broken_package}")
+    with pytest.raises(ImportError, match=r"nz_broken_pkg\.Thing.*strategy.*nz_missing_dependency_xyz") as info:
+        run.build_strategy(cfg)
+    assert isinstance(info.value.__cause__, ModuleNotFoundError)  # the real error, chained
+    assert run.build_strategy(compose_train()) == "auto"
+
+
 # -- train.py ----------------------------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def train_module() -> Any:
-    sys.path.insert(0, str(ROOT))
-    import train
-
-    return train
-
-
-def test_main_trains_tiny_default(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """``python train.py [+strategy=neuzip] ...`` in-process: the @hydra.main entry resolves conf/ next to train.py."""
-    overrides = strategy_overrides("neuzip") if strategy_target() else []
-    argv = [str(ROOT / "train.py"), *overrides, *tiny_run(), f"hydra.run.dir={tmp_path}"]
+def test_main_trains_tiny_default(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: Any) -> None:
+    """``python train.py +strategy=neuzip`` (the main job, ``make run``) in-process, a few steps, from another cwd:
+    the @hydra.main entry resolves conf/ next to train.py and prints the summary table."""
+    monkeypatch.chdir(tmp_path)
+    argv = [str(ROOT / "train.py"), "+strategy=neuzip", *tiny_run(), f"hydra.run.dir={tmp_path}"]
     monkeypatch.setattr(sys, "argv", argv)
     runpy.run_path(str(ROOT / "train.py"), run_name="__main__")
     assert (tmp_path / "checkpoints" / "final.ckpt").is_file()
+    out = capsys.readouterr().out
+    assert "nz_lightning run" in out and "NeuZipStrategy" in out
+    for row in ("weights: dense", "weights: serialized (compressed)", "weights: held in memory", "compressed tensors"):
+        assert row in out
     rows = read_metrics(tmp_path)
     losses = column(rows, "train/loss")
     assert len(losses) == 3 and all(math.isfinite(v) for v in losses)
     assert column(rows, "val/ppl")[0] == pytest.approx(math.exp(column(rows, "val/loss")[0]), rel=1e-4)
     hparams = yaml.safe_load(next(tmp_path.glob("**/hparams.yaml")).read_text())
     assert hparams["model"]["config"]["model_type"] == "llama" and hparams["data"]["seq_len"] == 64
-    if overrides:
-        assert hparams["strategy"]["compress"] is True
-        assert column(rows, "neuzip/compression_ratio")
+    assert hparams["strategy"]["compress"] is True
+    assert column(rows, "neuzip/compression_ratio")
 
 
-def test_neuzip_summary_reports_compressed_weights(tmp_path: Path, hydra_conf: None, train_module: Any) -> None:
-    cfg = compose_train(*tiny_run(*strategy_overrides("neuzip"), "logger=none"), output_dir=tmp_path)
-    summary = train_module.train(cfg)
-    sizes = summary["weights"]
+def test_neuzip_summary_reports_compressed_weights(tmp_path: Path, hydra_conf: None) -> None:
+    cfg = compose_train(*tiny_run("+strategy=neuzip", "logger=none"), output_dir=tmp_path)
+    summary = run.train(cfg)
+    sizes: WeightSizes = summary["weights"]
     assert summary["strategy"] == "NeuZipStrategy" and summary["steps"] == 3
-    assert (
-        sizes["compressed_params"] > 0 and sizes["compressed"] < sizes["dense"] and sizes["compressed"] <= sizes["held"]
-    )
+    assert sizes.compressed_tensors > 0 and 0 < sizes.compressed_dense_bytes <= sizes.dense_bytes
+    assert sizes.serialized_bytes < sizes.dense_bytes and sizes.serialized_bytes <= sizes.held_bytes
+    assert sizes.dense_bytes == 4 * sizes.numel and 0 < sizes.bits_per_weight < 32  # fp32 weights
+    assert sizes.ratio_to_dense == pytest.approx(sizes.serialized_bytes / sizes.dense_bytes)
     assert summary["peak_rss"] > 0 and os.path.isfile(summary["checkpoint"])
+    assert set(summary) == {
+        "strategy", "steps", "train_loss", "val_loss", "val_ppl", "wall_s", "peak_rss", "weights", "checkpoint",
+        "output_dir", "metrics",
+    }  # fmt: skip
 
 
-def test_wandb_offline_beside_csv(tmp_path: Path, hydra_conf: None, train_module: Any, monkeypatch: Any) -> None:
+def test_plain_run_summary_has_dense_weights(tmp_path: Path, hydra_conf: None) -> None:
+    cfg = compose_train(*tiny_run("logger=none", "save_checkpoint=false"), output_dir=tmp_path)
+    summary = run.train(cfg, print_table=False)
+    sizes: WeightSizes = summary["weights"]
+    assert summary["strategy"] != "NeuZipStrategy" and summary["checkpoint"] is None
+    assert sizes.compressed_tensors == 0 and sizes.dense_bytes == sizes.serialized_bytes == sizes.held_bytes > 0
+
+
+def test_wandb_offline_beside_csv(tmp_path: Path, hydra_conf: None, monkeypatch: Any) -> None:
     pytest.importorskip("wandb")
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
     cfg = compose_train(*tiny_run("logger=[csv,wandb]"), output_dir=tmp_path)
     try:
-        summary = train_module.train(cfg)
+        summary = run.train(cfg)
     finally:
         import wandb
 
@@ -263,9 +318,9 @@ def test_wandb_offline_beside_csv(tmp_path: Path, hydra_conf: None, train_module
         assert "model" in yaml.safe_load(config_file.read_text())
 
 
-def test_lora_trains_only_adapters(tmp_path: Path, hydra_conf: None, train_module: Any) -> None:
+def test_lora_trains_only_adapters(tmp_path: Path, hydra_conf: None) -> None:
     cfg = compose_train(*tiny_run("logger=none", "model.lora={r:4}", "model.scheduler=null"), output_dir=tmp_path)
-    summary = train_module.train(cfg)
+    summary = run.train(cfg)
     assert summary["steps"] == 3
     module = instantiate(cfg.model, _convert_="all")
     module.configure_model()
@@ -372,7 +427,7 @@ def test_text_and_parquet_causal_with_tokenizer_file(tmp_path: Path) -> None:
     assert pq_dm.data["test"] is pq_dm.data["val"]
 
 
-def test_seq2seq_module_trains_from_local_pretrained(tmp_path: Path, hydra_conf: None, train_module: Any) -> None:
+def test_seq2seq_module_trains_from_local_pretrained(tmp_path: Path, hydra_conf: None) -> None:
     from transformers import T5Config, T5ForConditionalGeneration
 
     (tmp_path / "sql.jsonl").write_text("\n".join(json.dumps(r) for r in SQL_ROWS))
@@ -385,7 +440,7 @@ def test_seq2seq_module_trains_from_local_pretrained(tmp_path: Path, hydra_conf:
     overrides += ["model.dtype=float32", f"model.pretrained={tmp_path / 't5'}", "model.max_new_tokens=8"]
     base = [o for o in tiny_run("model=t5_1b", "data=sql", "test=true") if "max_bytes" not in o]
     cfg = compose_train(*base, *overrides, "+trainer.limit_test_batches=1", "model.bleu=true", output_dir=tmp_path)
-    summary = train_module.train(cfg)
+    summary = run.train(cfg)
     assert summary["steps"] == 3 and math.isfinite(summary["train_loss"])
     assert 0.0 <= summary["metrics"]["test/bleu"] <= 100.0 and "test/ppl" in summary["metrics"]
     assert summary["val_loss"] is not None and "val/bleu" in summary["metrics"]
