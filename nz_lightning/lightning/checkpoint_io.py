@@ -17,12 +17,12 @@ from collections import OrderedDict
 from typing import Any
 
 import torch
-from lightning.fabric.utilities.types import _PATH
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from torch import Tensor, nn
 from typing_extensions import override
 
 from nz_lightning.formats.atomic import atomic_write
+from nz_lightning.lightning.compat import _PATH
 from nz_lightning.tensor.parameter import NZParameter, WeightStore
 
 __all__ = [

@@ -9,13 +9,12 @@ from __future__ import annotations
 import lightning.pytorch as pl
 import torch
 from lightning.fabric.plugins import CheckpointIO
-from lightning.fabric.utilities.types import _DEVICE
-from lightning.pytorch.plugins.io.wrapper import _WrappingCheckpointIO
 from lightning.pytorch.plugins.precision import Precision
 from lightning.pytorch.strategies import SingleDeviceStrategy
 from typing_extensions import override
 
 from nz_lightning.lightning.checkpoint_io import AtomicCheckpointIO
+from nz_lightning.lightning.compat import _DEVICE, _WrappingCheckpointIO
 
 __all__ = ["OneDeviceStrategy"]
 

@@ -18,11 +18,8 @@ from typing import Any, Literal
 import lightning.pytorch as pl
 import torch
 from lightning.fabric.plugins import CheckpointIO
-from lightning.fabric.utilities.optimizer import _optimizers_to_device
-from lightning.fabric.utilities.types import _DEVICE, _PATH
 from lightning.pytorch.plugins.precision import Precision
 from lightning.pytorch.strategies import StrategyRegistry
-from lightning.pytorch.trainer import call
 from lightning.pytorch.trainer.states import TrainerFn
 from torch import Tensor, nn
 from torch.optim import Optimizer
@@ -30,6 +27,13 @@ from typing_extensions import override
 
 from nz_lightning.kernels import DEFAULT_BLOCK_SIZE
 from nz_lightning.lightning.checkpoint_io import compressed_state_dict, load_state_dict
+from nz_lightning.lightning.compat import (
+    _DEVICE,
+    _PATH,
+    _call_callback_hooks,
+    _call_lightning_module_hook,
+    _optimizers_to_device,
+)
 from nz_lightning.lightning.one_device import OneDeviceStrategy
 from nz_lightning.lightning.optimizer_bridge import check_supported, rebind_schedulers, to_fused
 from nz_lightning.optim import FusedOptimizer
@@ -286,8 +290,8 @@ class NeuZipStrategy(OneDeviceStrategy):
             self._stepping = False
         module = self.lightning_module
         assert module is not None
-        call._call_callback_hooks(module.trainer, "on_before_optimizer_step", fused)
-        call._call_lightning_module_hook(module.trainer, "on_before_optimizer_step", fused)
+        _call_callback_hooks(module.trainer, "on_before_optimizer_step", fused)
+        _call_lightning_module_hook(module.trainer, "on_before_optimizer_step", fused)
         fused.step()
         return result
 
