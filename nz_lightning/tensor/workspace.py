@@ -97,7 +97,8 @@ class WorkspacePool:
             else:
                 if free:
                     free.remove(max(free, key=lambda b: b.numel()))  # replace the largest too-small buffer
-                buf = torch.empty(max(numel, 1), dtype=dtype, device=device)
+                with torch.inference_mode(False):  # a buffer made under inference_mode must stay writable after it
+                    buf = torch.empty(max(numel, 1), dtype=dtype, device=device)
         return buf[:numel].view(shape), buf
 
     def release(self, base: torch.Tensor) -> None:

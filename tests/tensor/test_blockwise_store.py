@@ -7,10 +7,10 @@ from typing import Any
 
 import pytest
 import torch
-from nz_lightning.kernels import compress
 from torch import nn
 
 import nz_lightning.tensor.workspace as workspace
+from nz_lightning.kernels import compress
 from nz_lightning.lightning.checkpoint_io import compressed_state_dict, load_state_dict, pack_blobs, unpack_blobs
 from nz_lightning.optim import blockwise, fused_optimizer
 from nz_lightning.tensor.parameter import CODEC_STATS, WeightStore, is_compressed, make_parameter
@@ -136,6 +136,21 @@ def test_block_wise_training_bit_identical(kind: str, case: str) -> None:
     rule, options = CASES[case]
     dense, comp, data = build(kind), build(kind, compressed=True), batches(3)
     assert _multi_block(comp)
+    losses = [train(m, fused_optimizer(m, rule, lr=RULE_LR[rule], **options), data) for m in (dense, comp)]
+    assert losses[0] == losses[1]
+    assert_same_state(dense, comp)
+
+
+@pytest.mark.usefixtures("small_blocks")
+def test_training_after_an_inference_mode_forward() -> None:
+    """Decode buffers pooled under ``torch.inference_mode`` (Lightning's validate) stay writable for the updates."""
+    workspace.DECODE_POOL.clear()
+    dense, comp, data = build("gpt2-fp32"), build("gpt2-fp32", compressed=True), batches(3)
+    with torch.inference_mode():
+        comp(input_ids=data[0], labels=data[0])
+    pooled = [b for bufs in workspace.DECODE_POOL._free.values() for b in bufs]
+    assert pooled and not any(b.is_inference() for b in pooled)
+    rule, options = CASES["momentum"]
     losses = [train(m, fused_optimizer(m, rule, lr=RULE_LR[rule], **options), data) for m in (dense, comp)]
     assert losses[0] == losses[1]
     assert_same_state(dense, comp)
