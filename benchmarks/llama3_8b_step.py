@@ -27,6 +27,7 @@ import nz_lightning as nz  # noqa: E402
 from benchmarks.common import machine_info, machine_line, rss_kib, write_results  # noqa: E402
 from benchmarks.cpu_matmul import Bf16MatmulInFp32  # noqa: E402
 from benchmarks.llama_model import LLAMA3_8B, build_compressed_from_meta, llama_config  # noqa: E402
+from nz_lightning.tensor.sizes import weight_sizes  # noqa: E402
 
 MD_BEGIN, MD_END = "<!-- llama3_8b:begin -->", "<!-- llama3_8b:end -->"
 GIB = 2**30
@@ -43,9 +44,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     setup_s = time.perf_counter() - t0
     setup_peak = rss_kib("VmHWM") * 1024
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    params = sum(p.numel() for p in model.parameters())
-    compressed = sum(p.store.nbytes for _, p in nz.compressed_parameters(model))
-    dense_left = sum(p.numel() * p.element_size() for p in model.parameters() if not nz.is_compressed(p))
+    sizes = weight_sizes(model)
+    params = sizes.numel
+    compressed = weight_sizes(model, include=[n for n, _ in nz.compressed_parameters(model)]).held_bytes
+    dense_left = sizes.dense_bytes - sizes.compressed_dense_bytes  # the parameters left uncompressed
     opt = nz.fused_optimizer(model, args.optimizer, lr=1e-4)
     batch = torch.randint(0, dims["vocab"], (1, args.seq), generator=torch.Generator().manual_seed(0))
     nz.CODEC_STATS.reset()

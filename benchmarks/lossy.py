@@ -31,6 +31,7 @@ from benchmarks.cpu_matmul import Bf16MatmulInFp32  # noqa: E402
 from nz_lightning import compress, compress_model  # noqa: E402
 from nz_lightning.lm import baselines as bl  # noqa: E402
 from nz_lightning.lm.data import DEFAULT_STDLIB_FILES, stdlib_files  # noqa: E402
+from nz_lightning.tensor.sizes import weight_sizes  # noqa: E402
 
 MD_BEGIN = "<!-- lossy:begin -->"
 MD_END = "<!-- lossy:end -->"
@@ -204,9 +205,11 @@ def measure(
     model = build_variant(base, v, nf4)
     mats = [p.detach() for p in base.parameters() if p.dim() == 2]  # each tied tensor once; what all variants quantize
     row.update(weight_errors(mats, v, nf4))
-    nbytes, numel = bl.weight_nbytes(model), bl.weight_numel(model)
+    sizes = weight_sizes(model)
+    nbytes, numel = sizes.serialized_bytes, sizes.numel
     if v.kind == "nf4":  # its matrices are held dense (simulation): count what nf4 storage holds instead
-        nbytes += round(row["matrix_bytes"]) - sum(w.numel() * w.element_size() for w in mats)
+        matrices = [name for name, p in model.named_parameters() if p.dim() == 2]
+        nbytes += round(row["matrix_bytes"]) - weight_sizes(model, include=matrices).dense_bytes
     row.update(weight_bytes=nbytes, bits_per_weight=8 * nbytes / numel, bytes_ratio=nbytes / ref["bf16_bytes"])
     if eval_tokens is not None:  # perplexity; Δ and its standard error from the paired per-window differences
         nll = window_nll(model, eval_tokens, cfg.seq_len, cfg.eval_windows)
@@ -360,7 +363,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     runs = [("trained", trained, eval_tokens), ("random", build_model(cfg, cfg.seed + 1), None)]
     for label, fp32_model, tokens in runs:
         base = fp32_model.to(torch.bfloat16).eval()
-        ref: dict[str, Any] = {"bf16_bytes": bl.weight_nbytes(base), "nf4_reason": nf4_reason}
+        ref: dict[str, Any] = {"bf16_bytes": weight_sizes(base).dense_bytes, "nf4_reason": nf4_reason}
         rows = []
         for v in VARIANTS:
             try:

@@ -77,6 +77,7 @@ def run_child(cfg: dict[str, Any]) -> dict[str, Any]:
     import gc
 
     import nz_lightning as nz
+    from nz_lightning.tensor.sizes import weight_sizes
 
     torch.set_num_threads(cfg["threads"])
     gemm_mode = contextlib.nullcontext() if cfg["native_bf16_gemm"] else Bf16MatmulInFp32()
@@ -91,7 +92,7 @@ def run_child(cfg: dict[str, Any]) -> dict[str, Any]:
     t0 = time.perf_counter()
     model = _build(cfg, dims)
     setup_s = time.perf_counter() - t0
-    params = sum(p.numel() for p in model.parameters())
+    params = weight_sizes(model).numel
     step = _make_step(model, cfg["method"])
     gen = torch.Generator().manual_seed(0)
     batches = [torch.randint(0, cfg["vocab"], (cfg["batch"], cfg["seq"]), generator=gen) for _ in range(2)]
@@ -104,7 +105,7 @@ def run_child(cfg: dict[str, Any]) -> dict[str, Any]:
         loss = step(batches[1])
         step_s = time.perf_counter() - t0
     peak_kib = rss_kib("VmHWM")
-    compressed = sum(p.store.nbytes for _, p in nz.compressed_parameters(model))
+    compressed = weight_sizes(model, include=[n for n, _ in nz.compressed_parameters(model)]).held_bytes
     return {
         **cfg,
         "params": params,

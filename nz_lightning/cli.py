@@ -25,6 +25,7 @@ from nz_lightning.formats.nzsf import (
     inspect_file,
     sha256_file,
 )
+from nz_lightning.tensor.sizes import WeightSizes
 
 BACKENDS = ("torch", "cpu", "triton")
 T = TypeVar("T")
@@ -66,11 +67,30 @@ def _progress_bar(label: str) -> Iterator[ProgressFn]:
         yield update
 
 
-def _print_report(console: Console, report: InspectReport) -> None:
-    """Per-tensor table, float totals and whole-file sizes."""
-    table = Table(title=f"{report.path} ({report.source})", show_footer=True)
+def float_sizes(report: InspectReport) -> WeightSizes:
+    """:class:`WeightSizes` of a report's float (BF16/F16/F32) tensors, as the file stores them.
+
+    ``dense_bytes`` are the tensors' bytes in the ``.safetensors`` file, ``serialized_bytes`` (= ``held_bytes``)
+    their record payloads in the container (a blob's serialized size), so ``bits_per_weight`` is the report's
+    ``float_bits_per_weight`` and ``compression_ratio`` is original / stored bytes over all of them; the
+    ``compressed_*`` fields stay 0.
+
+    Args:
+        report: From :func:`~nz_lightning.formats.nzsf.inspect_file` or ``compress_file``.
+    """
     floats = [t for t in report.tensors if t.exponent_entropy is not None]
-    f_orig, f_stored = sum(t.original_bytes for t in floats), sum(t.stored_bytes for t in floats)
+    return sum((WeightSizes(t.numel, t.original_bytes, t.stored_bytes, t.stored_bytes) for t in floats), WeightSizes())
+
+
+def _print_report(console: Console, report: InspectReport) -> None:
+    """Per-tensor table, float totals and whole-file sizes.
+
+    ``bits/weight`` is serialized bits per element (``8 * stored bytes / numel``, as
+    :attr:`CompressedTensor.bits_per_weight` and :attr:`WeightSizes.bits_per_weight`); ``ratio`` is dense (original)
+    bytes / serialized (stored) bytes.
+    """
+    table = Table(title=f"{report.path} ({report.source})", show_footer=True)
+    floats = float_sizes(report)
     footer = [
         "total (BF16/F16/F32)",
         "",
@@ -79,7 +99,7 @@ def _print_report(console: Console, report: InspectReport) -> None:
         f"{report.float_exponent_entropy:.3f}",
         f"{report.float_entropy_bound:.3f}",
         f"{report.float_bits_per_weight:.3f}",
-        f"{f_orig / f_stored:.3f}" if f_stored else "-",
+        f"{floats.compression_ratio:.3f}" if floats.serialized_bytes else "-",
         "",
     ]
     headers = ("tensor", "dtype", "shape", "numel", "H(exp) bits", "bound b/w", "bits/weight", "ratio", "stored")

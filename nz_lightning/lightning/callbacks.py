@@ -12,42 +12,45 @@ from typing_extensions import override
 
 from nz_lightning.tensor.convert import compressed_parameters
 from nz_lightning.tensor.parameter import CODEC_STATS
+from nz_lightning.tensor.sizes import weight_sizes
 
-__all__ = ["NeuZipStats", "weight_stats"]
+__all__ = ["NeuZipStats"]
 
 
-def weight_stats(module: nn.Module) -> dict[str, float]:
-    """Size of a module's compressed weights (each tied weight counted once).
+def _size_metrics(module: nn.Module) -> dict[str, float]:
+    """The size keys :class:`NeuZipStats` logs for a module's NeuZip-compressed weights (each tied weight once).
 
     Args:
         module: A (partly) compressed module.
 
     Returns:
-        ``compressed_bytes`` (every byte held: headers, tables, payload), ``dense_bytes`` (the same weights in their
-        dtype), ``bits_per_weight`` and ``compression_ratio`` (dense / compressed); empty when nothing is compressed.
+        ``dense_bytes``, ``serialized_bytes``, ``held_bytes``, ``bits_per_weight`` (serialized) and
+        ``compression_ratio`` (dense / serialized) of :func:`weight_sizes` over the compressed parameters; empty
+        when nothing is compressed.
     """
-    stores = {id(p.store): p.store for _, p in compressed_parameters(module)}
-    if not stores:
+    sizes = weight_sizes(module, include=[name for name, _ in compressed_parameters(module)])
+    if not sizes.compressed_tensors:
         return {}
-    compressed = sum(s.nbytes for s in stores.values())
-    numel = sum(s.shape.numel() for s in stores.values())
-    dense = sum(s.shape.numel() * s.dtype.itemsize for s in stores.values())
     return {
-        "compressed_bytes": float(compressed),
-        "dense_bytes": float(dense),
-        "bits_per_weight": 8.0 * compressed / numel,
-        "compression_ratio": dense / compressed,
+        "dense_bytes": float(sizes.dense_bytes),
+        "serialized_bytes": float(sizes.serialized_bytes),
+        "held_bytes": float(sizes.held_bytes),
+        "bits_per_weight": sizes.bits_per_weight,
+        "compression_ratio": sizes.compression_ratio,
     }
 
 
 class NeuZipStats(Callback):
-    """Log the compressed size of the weights and the codec's share of step time, every training step.
+    """Log the sizes of the compressed weights and the codec's share of step time, every training step.
 
     Values go through ``pl_module.log`` (``on_step=True``), so every logger attached to the Trainer receives them
     (at its ``log_every_n_steps``). Keys, with the default ``prefix="neuzip/"``:
 
-    * ``compressed_bytes``, ``dense_bytes``, ``bits_per_weight``, ``compression_ratio``: see :func:`weight_stats`
-      (only when the module holds compressed weights).
+    * ``dense_bytes``, ``serialized_bytes``, ``held_bytes``, ``bits_per_weight``, ``compression_ratio``: the
+      :class:`~nz_lightning.tensor.sizes.WeightSizes` of the compressed weights (each tied weight once; only when
+      the module holds compressed weights): bytes dense in their dtype, bytes written out (header, tables,
+      payload, checksum), bytes held in memory now (serialized plus cached decoder tables), serialized bits per
+      element (as :attr:`CompressedTensor.bits_per_weight` and the CLI report it) and dense / serialized.
     * ``decode_time_share``, ``encode_time_share``, ``codec_time_share``: seconds spent decoding / encoding /
       both during the batch (from :data:`~nz_lightning.CODEC_STATS`) over the batch's wall time, from
       ``on_train_batch_start`` to ``on_train_batch_end`` (forward, backward and the fused updates).
@@ -94,7 +97,7 @@ class NeuZipStats(Callback):
             "codec_time_share": (dec_s + enc_s) / wall,
             "decodes": float(decodes),
             "encodes": float(encodes),
-            **weight_stats(pl_module),
+            **_size_metrics(pl_module),
         }
         shown = {"bits_per_weight", "codec_time_share"} if self.prog_bar else set()
         for key, value in metrics.items():

@@ -1,4 +1,4 @@
-"""Baselines to compare NeuZip's lossy mode with: per-row absmax int8 weights, and a weight byte count.
+"""Baselines to compare NeuZip's lossy mode with: per-row absmax int8 weights that report their own size.
 
 :func:`quantize_rowwise_int8` replaces, in place, every ``nn.Linear``, Hugging Face ``Conv1D`` and (optionally)
 ``nn.Embedding`` by a module that holds its weight as int8 values plus one absmax scale per output row, and
@@ -10,24 +10,27 @@ the input dtype, as with bitsandbytes' ``LLM.int8`` without outlier handling). E
     w_hat    = q * scale                      (|w - w_hat| <= scale / 2)
 
 Scales are kept in float32 (not the weight dtype) so that the error bound above holds exactly up to fp32 rounding;
-they cost ``32 / in_features`` bits per weight, which :func:`weight_nbytes` counts. A row of zeros gets scale 0 and
-dequantizes to zeros.
+they cost ``32 / in_features`` bits per weight, which :meth:`Int8Weight.weight_sizes` counts. A row of zeros gets
+scale 0 and dequantizes to zeros.
 
-:func:`weight_nbytes` counts the bytes a model's weights occupy in whatever form they are held: dense,
-NeuZip-compressed (:class:`~nz_lightning.NZParameter`) or int8 from this module.
+:class:`Int8Weight` implements :class:`~nz_lightning.tensor.sizes.SizedWeight`, so
+:func:`~nz_lightning.tensor.sizes.weight_sizes` counts a model's weights in whatever form they are held: dense,
+NeuZip-compressed (:class:`~nz_lightning.NZParameter`, by serialized bytes) or int8 from this module (values plus
+scales), each tied tensor once.
 """
 
 from __future__ import annotations
 
 import fnmatch
 import math
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from nz_lightning.tensor.parameter import NZParameter
+from nz_lightning.tensor.sizes import WeightSizes
 
 INT8_MAX = 127
 """Largest magnitude of a quantized value (symmetric range [-127, 127]; -128 is never used)."""
@@ -45,8 +48,6 @@ __all__ = [
     "quantize_int8",
     "quantize_rowwise_int8",
     "relative_errors",
-    "weight_nbytes",
-    "weight_numel",
 ]
 
 
@@ -96,6 +97,9 @@ def dequantize_int8(
 class Int8Weight(nn.Module):
     """An int8 weight matrix with per-row float32 scales; one instance is shared by all modules tied to it.
 
+    A :class:`~nz_lightning.tensor.sizes.SizedWeight`: :func:`~nz_lightning.tensor.sizes.weight_sizes` counts it
+    (once, however many modules share it) by :meth:`weight_sizes`.
+
     Args:
         weight: The dense 2-D weight to quantize (see :func:`quantize_int8`).
         dim: Axis with one scale per index (0: ``[out, in]``; 1: ``[in, out]``).
@@ -127,6 +131,14 @@ class Int8Weight(nn.Module):
     def nbytes(self) -> int:
         """Bytes held: int8 values plus scales."""
         return self.qweight.numel() * self.qweight.element_size() + self.scale.numel() * self.scale.element_size()
+
+    def weight_sizes(self) -> WeightSizes:
+        """Sizes of this weight: its elements, dense bytes in the original dtype, and int8 values plus scales
+        as both serialized and held bytes."""
+        numel = self.qweight.numel()
+        return WeightSizes(
+            numel=numel, dense_bytes=numel * self.dtype.itemsize, serialized_bytes=self.nbytes, held_bytes=self.nbytes
+        )
 
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The reconstructed weight in ``dtype`` (default: the original weight's dtype)."""
@@ -275,39 +287,6 @@ def quantize_rowwise_int8(
                 replaced[id(child)] = new
             setattr(parent, child_name, replaced[id(child)])
     return model
-
-
-def _weights(model: nn.Module) -> Iterator[tuple[int, int]]:
-    """``(numel, nbytes)`` of each distinct weight of ``model`` (see :func:`weight_nbytes`)."""
-    stores: set[int] = set()
-    for p in model.parameters():  # tied parameters are yielded once
-        if isinstance(p, NZParameter):
-            store = p.store
-            if id(store) in stores:
-                continue
-            stores.add(id(store))
-            yield math.prod(store.shape), int(store.serialized_nbytes)
-        else:
-            yield p.numel(), p.numel() * p.element_size()
-    for m in model.modules():  # shared Int8Weight modules are yielded once
-        if isinstance(m, Int8Weight):
-            yield m.qweight.numel(), m.nbytes
-
-
-def weight_nbytes(model: nn.Module) -> int:
-    """Bytes held by the model's weights, each tied tensor counted once.
-
-    NeuZip-compressed parameters count their serialized size (``store.serialized_nbytes`` where the store has
-    it, else ``round(bits_per_weight * numel / 8)``); :class:`Int8Weight` counts its int8 values plus its
-    scales; every other parameter counts ``numel * element_size``. Buffers that are not weights (rotary
-    ``inv_freq``, attention masks, ...) are not counted.
-    """
-    return sum(nbytes for _, nbytes in _weights(model))
-
-
-def weight_numel(model: nn.Module) -> int:
-    """Number of weight elements counted by :func:`weight_nbytes` (the denominator of bits per weight)."""
-    return sum(numel for numel, _ in _weights(model))
 
 
 def relative_errors(pairs: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> dict[str, float]:

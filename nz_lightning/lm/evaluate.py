@@ -6,8 +6,8 @@ The paper's Table 3 protocol: the evaluation text is tokenized as one stream and
 * token-level perplexity: torchmetrics ``Perplexity`` = exp(total NLL / predicted tokens), where each window
   predicts all its tokens but the first;
 * word-level perplexity: exp(total NLL / words), words being the whitespace-separated tokens of the raw text;
-* the bytes held by the weights (:func:`~nz_lightning.lm.baselines.weight_nbytes`) and their ratio to the same
-  model in bf16.
+* the weights' serialized bytes (:func:`~nz_lightning.tensor.sizes.weight_sizes`: NeuZip blobs, int8 values plus
+  scales, dense bytes of the rest; plus bitsandbytes quantization state) and their ratio to the same model in bf16.
 
 Seq2seq models (T5) are scored on the targets of the data module's pairs (teacher forcing); words are those of the
 raw targets. The weights are whatever the run makes of them: dense (no strategy), NeuZip lossless or lossy (the
@@ -114,13 +114,15 @@ def eval_dataset(
 
 
 def bf16_nbytes(lm: Any) -> int:
-    """Bytes of the LM's parameters in bf16 (each tied tensor once), from its architecture built on ``meta``."""
+    """Dense bytes of the LM's weights in bf16 (each tied tensor once), from its architecture built on ``meta``."""
     import transformers
+
+    from nz_lightning.tensor.sizes import WeightSizes, weight_sizes
 
     auto = getattr(transformers, lm.auto_class)
     with torch.device("meta"):
         model = auto.from_config(lm.build_hf_config())
-    return 2 * sum(p.numel() for p in model.parameters())
+    return WeightSizes.dense(weight_sizes(model).numel, torch.bfloat16.itemsize).dense_bytes
 
 
 def quant_state_nbytes(model: nn.Module) -> int:
@@ -189,6 +191,9 @@ class PerplexityEvaluator(pl.LightningModule):
 
     Logs ``eval/token_ppl``, ``eval/word_ppl``, ``eval/nll`` (mean per token), ``eval/tokens``, ``eval/words``,
     ``eval/weight_bytes``, ``eval/bf16_bytes`` and ``eval/weight_ratio`` (weight bytes / bf16 bytes).
+    ``eval/weight_bytes`` is the weights' serialized bytes (:func:`~nz_lightning.tensor.sizes.weight_sizes`, each
+    tied tensor once) plus bitsandbytes quantization state (:func:`quant_state_nbytes`); ``eval/bf16_bytes`` is
+    the same weights' dense bytes in bf16 (:func:`bf16_nbytes`).
 
     Args:
         lm: The LM module; its model is built in :meth:`configure_model` (under the strategy's and precision's
@@ -260,23 +265,23 @@ class PerplexityEvaluator(pl.LightningModule):
 
     def on_test_epoch_end(self) -> None:
         """Compute and log the perplexities and the weight sizes."""
-        from nz_lightning.lm.baselines import weight_nbytes
+        from nz_lightning.tensor.sizes import weight_sizes
 
         nll, count = self.perplexity.total_log_probs.double(), self.perplexity.count.double()
         self.perplexity.reset()
         model = self._model()
-        held = weight_nbytes(model) + quant_state_nbytes(model)
+        weight_bytes = weight_sizes(model).serialized_bytes + quant_state_nbytes(model)
         results = {
             "eval/token_ppl": _exp(float(nll / count)) if count else float("nan"),
             "eval/word_ppl": _exp(float(nll) / self.words) if self.words else float("nan"),
             "eval/nll": float(nll / count) if count else float("nan"),
             "eval/tokens": float(count),
             "eval/words": float(self.words),
-            "eval/weight_bytes": float(held),
+            "eval/weight_bytes": float(weight_bytes),
         }
         if self.bf16_bytes:
             results["eval/bf16_bytes"] = float(self.bf16_bytes)
-            results["eval/weight_ratio"] = held / self.bf16_bytes
+            results["eval/weight_ratio"] = weight_bytes / self.bf16_bytes
         self.results = results
         for key, value in results.items():
             self.log(key, value, sync_dist=False)

@@ -84,6 +84,11 @@ class WeightSizes:
         """``serialized_bytes / dense_bytes`` (1 for no weights)."""
         return self.serialized_bytes / self.dense_bytes if self.dense_bytes else 1.0
 
+    @property
+    def compression_ratio(self) -> float:
+        """``dense_bytes / serialized_bytes``, the inverse of :attr:`ratio_to_dense` (1 for no weights)."""
+        return self.dense_bytes / self.serialized_bytes if self.serialized_bytes else 1.0
+
     @staticmethod
     def dense(numel: int, itemsize: int) -> WeightSizes:
         """Sizes of an uncompressed weight: every quantity is ``numel * itemsize``."""

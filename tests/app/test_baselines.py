@@ -1,4 +1,4 @@
-"""Tests of ``nz_lightning.lm.baselines``: per-row int8 weights and the weight byte count."""
+"""Tests of ``nz_lightning.lm.baselines``: per-row int8 weights and their sizes in ``weight_sizes``."""
 
 from __future__ import annotations
 
@@ -16,9 +16,8 @@ from nz_lightning.lm.baselines import (
     quantize_int8,
     quantize_rowwise_int8,
     relative_errors,
-    weight_nbytes,
-    weight_numel,
 )
+from nz_lightning.tensor.sizes import SizedWeight, WeightSizes, weight_sizes
 
 transformers = pytest.importorskip("transformers")
 
@@ -114,7 +113,7 @@ def test_llama_logits_close_and_bytes_exact(tie: bool) -> None:
     with torch.no_grad():
         ref = model(ids).logits.float()
     dense_numel = sum(p.numel() for p in model.parameters())
-    assert weight_nbytes(model) == 4 * dense_numel and weight_numel(model) == dense_numel
+    assert weight_sizes(model) == WeightSizes.dense(dense_numel, 4)
 
     quantize_rowwise_int8(model)
     _close_logits(model, ref, ids)
@@ -131,8 +130,10 @@ def test_llama_logits_close_and_bytes_exact(tie: bool) -> None:
     mats = [(V, H)] * (1 if tie else 2) + per_layer * LAYERS
     norms = H * (2 * LAYERS + 1)
     expected = sum(r * c + 4 * r for r, c in mats) + 4 * norms
-    assert weight_nbytes(model) == expected
-    assert weight_numel(model) == sum(r * c for r, c in mats) + norms == dense_numel
+    sizes = weight_sizes(model)
+    assert sizes.serialized_bytes == sizes.held_bytes == expected
+    assert sizes.numel == sum(r * c for r, c in mats) + norms == dense_numel
+    assert sizes.dense_bytes == 4 * dense_numel and sizes.compressed_tensors == 0
 
 
 def test_gpt2_conv1d_tied_quantized_once() -> None:
@@ -155,7 +156,7 @@ def test_gpt2_conv1d_tied_quantized_once() -> None:
     int8 = V * H + 4 * V + POS * H + 4 * POS + LAYERS * sum(i * o + 4 * o for i, o in per_block)
     biases = LAYERS * (3 * H + H + 4 * H + H)
     layer_norms = 2 * H * (2 * LAYERS + 1)
-    assert weight_nbytes(model) == int8 + 4 * (biases + layer_norms)
+    assert weight_sizes(model).serialized_bytes == int8 + 4 * (biases + layer_norms)
 
 
 def test_bf16_model_and_exclude() -> None:
@@ -186,18 +187,30 @@ def test_shared_module_replaced_once() -> None:
     model = nn.Sequential(lin, nn.ReLU(), lin)
     quantize_rowwise_int8(model)
     assert model[0] is model[2] and isinstance(model[0], Int8Linear)
-    assert weight_nbytes(model) == 64 + 8 * 4 + 8 * 4  # int8 values, scales, fp32 bias
+    sizes = weight_sizes(model)
+    assert sizes.serialized_bytes == sizes.held_bytes == 64 + 8 * 4 + 8 * 4  # int8 values, scales, fp32 bias
+    assert sizes.numel == 64 + 8 and sizes.dense_bytes == 4 * (64 + 8)
 
 
-def test_weight_nbytes_of_compressed_model() -> None:
+def test_int8_weight_is_a_sized_weight() -> None:
+    w = Int8Weight(torch.randn(6, 10, dtype=torch.bfloat16), dim=0)
+    assert isinstance(w, SizedWeight)
+    assert w.weight_sizes() == WeightSizes(numel=60, dense_bytes=120, serialized_bytes=60 + 4 * 6, held_bytes=84)
+    conv = Int8Weight(torch.randn(6, 10), dim=1)  # one scale per column
+    assert conv.weight_sizes() == WeightSizes(numel=60, dense_bytes=240, serialized_bytes=100, held_bytes=100)
+
+
+def test_weight_sizes_of_compressed_model() -> None:
     model = _llama(tie=True, dtype=torch.bfloat16)
     nz.compress_model(model)
     compressed = nz.compressed_parameters(model)
     assert len(compressed) == 1 + 7 * LAYERS  # tied lm_head counted once
     serialized = sum(sum(len(b) for b in p.store.to_blobs()) for _, p in compressed)
     norms = H * (2 * LAYERS + 1)
-    assert weight_nbytes(model) == serialized + 2 * norms
-    assert weight_numel(model) == sum(p.numel() for p in _llama(tie=True).parameters())
+    sizes = weight_sizes(model)
+    assert sizes.serialized_bytes == serialized + 2 * norms
+    assert sizes.numel == sum(p.numel() for p in _llama(tie=True).parameters())
+    assert sizes.compressed_tensors == len(compressed) and sizes.dense_bytes == 2 * sizes.numel
     # int8 on top of a compressed model decodes the weights first
     ids = _ids()
     with torch.no_grad():

@@ -11,8 +11,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from nz_lightning.cli import main
+from nz_lightning.cli import float_sizes, main
 from nz_lightning.formats import nzsf as cf
+from nz_lightning.kernels import compress
 
 BACKEND = "torch"  # the reference backend: no JIT warm-up, so this file stays fast
 
@@ -104,6 +105,12 @@ def test_inspect_numbers(tmp_path: Path) -> None:
     assert from_container.float_numel == 65536 and from_container.float_bits_per_weight == pytest.approx(
         w.bits_per_weight
     )
+    # the same vocabulary as the weight-size accounting: serialized bits per element of the stored blob
+    sizes = float_sizes(from_container)
+    assert (sizes.numel, sizes.dense_bytes, sizes.serialized_bytes) == (65536, w.original_bytes, w.stored_bytes)
+    assert sizes.bits_per_weight == from_container.float_bits_per_weight and sizes.compression_ratio == w.ratio
+    c = compress(load_file(str(src))["w"], backend=BACKEND)
+    assert (w.stored_bytes, w.bits_per_weight) == (len(c.to_bytes()), c.bits_per_weight)
 
 
 def test_exponent_entropy_fields() -> None:

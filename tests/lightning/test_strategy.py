@@ -20,8 +20,9 @@ from nz_lightning.lightning.callbacks import NeuZipStats
 from nz_lightning.lightning.checkpoint_io import AtomicCheckpointIO
 from nz_lightning.lightning.strategy import NeuZipStrategy, register_strategies
 from nz_lightning.optim import FusedOptimizer, fused_optimizer
-from nz_lightning.tensor.convert import compress_model
+from nz_lightning.tensor.convert import compress_model, compressed_parameters
 from nz_lightning.tensor.parameter import is_compressed
+from nz_lightning.tensor.sizes import weight_sizes
 from tests.helpers.lit import BATCH, SEQ, VOCAB, WIDTH, Manual, Tiny, batches, build, fit, loader, trainer
 
 
@@ -241,13 +242,21 @@ def test_neuzip_stats_logged(tmp_path: Any) -> None:
     logger = CSVLogger(tmp_path, name="stats")
     trainer("neuzip", max_steps=3, logger=logger, log_every_n_steps=1, callbacks=[NeuZipStats()]).fit(model, loader(3))
     with open(os.path.join(logger.log_dir, "metrics.csv")) as f:
-        rows = [r for r in csv.DictReader(f) if r.get("neuzip/bits_per_weight")]
-    assert len(rows) == 3
-    for key in ("compressed_bytes", "dense_bytes", "compression_ratio", "codec_time_share", "decode_time_share"):
+        reader = csv.DictReader(f)
+        rows = [r for r in reader if r.get("neuzip/bits_per_weight")]
+    assert len(rows) == 3 and "neuzip/compressed_bytes" not in (reader.fieldnames or [])
+    sizes = ("dense_bytes", "serialized_bytes", "held_bytes", "bits_per_weight", "compression_ratio")
+    for key in (*sizes, "codec_time_share", "decode_time_share"):
         assert all(r[f"neuzip/{key}"] != "" for r in rows), key
-    assert all(8 < float(r["neuzip/bits_per_weight"]) < 16 for r in rows)
+    for r in rows:
+        dense, serialized, held, bpw, ratio = (float(r[f"neuzip/{key}"]) for key in sizes)
+        assert held >= serialized and ratio == pytest.approx(dense / serialized) and ratio > 1
+        assert bpw == pytest.approx(8 * serialized / (dense / 2)) and 8 < bpw < 16  # bf16: 2 dense bytes per weight
     assert all(0 < float(r["neuzip/codec_time_share"]) <= 1 for r in rows)
-    assert all(float(r["neuzip/compression_ratio"]) > 1 for r in rows)
+    # the last step's sizes are those of the trained model's compressed weights
+    final = weight_sizes(model, include=[name for name, _ in compressed_parameters(model)])
+    assert float(rows[-1]["neuzip/serialized_bytes"]) == final.serialized_bytes
+    assert float(rows[-1]["neuzip/dense_bytes"]) == final.dense_bytes
 
 
 @pytest.mark.parametrize(
