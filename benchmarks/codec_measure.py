@@ -12,10 +12,10 @@ from typing import Any
 
 import torch
 import zipnn
-from nz_lightning.kernels import MODE_CONST, MODE_RANS, FloatSpec, entropy_bits, spec_for
 
 from benchmarks.codec_inputs import DTYPE_NAME, normal_tensor
 from nz_lightning import CompressedTensor, compress
+from nz_lightning.kernels import MODE_CONST, MODE_RANS, FloatSpec, entropy_bits, spec_for
 
 LANE_OVERHEAD_BITS = 48
 """Per-lane bytes outside the payload: a 4-byte final state and a 2-byte word count."""

@@ -18,9 +18,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
-from nz_lightning.kernels import compress  # noqa: E402
-
 from benchmarks.common import machine_info, machine_line, write_results  # noqa: E402
+from nz_lightning.kernels import compress  # noqa: E402
 
 BEGIN, END = "<!-- lossy_speed:begin -->", "<!-- lossy_speed:end -->"
 MODES: tuple[tuple[str, int | None, int | None], ...] = (

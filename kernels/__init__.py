@@ -5,6 +5,7 @@ This folder installs as ``nz_lightning.kernels`` (never as a top-level ``kernels
 ``nz_lightning`` uses only the names exported here (``nz_lightning/kernels.pyi`` mirrors them for mypy).
 """
 
+from .backends import BACKENDS
 from .blob import serialized_size
 from .compressed import MODE_CONST, MODE_LOSSY, MODE_RANS, MODE_RAW, CompressedTensor, compress
 from .freqtable import FreqTable, entropy_bits, quantize_counts
@@ -12,6 +13,7 @@ from .lossy import DEFAULT_BLOCK_SIZE
 from .spec import SPECS, FloatSpec, spec_for
 
 __all__ = [
+    "BACKENDS",
     "DEFAULT_BLOCK_SIZE",
     "MODE_CONST",
     "MODE_LOSSY",

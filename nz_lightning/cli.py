@@ -25,9 +25,9 @@ from nz_lightning.formats.nzsf import (
     inspect_file,
     sha256_file,
 )
+from nz_lightning.kernels import BACKENDS
 from nz_lightning.tensor.sizes import WeightSizes
 
-BACKENDS = ("torch", "cpu", "triton")
 T = TypeVar("T")
 
 

@@ -3,6 +3,7 @@
 # package-dir mapping, which mypy cannot follow; mypy checks that folder as ``kernels`` (pyproject ``files``),
 # and this stub re-exports its public API under the installed name. Keep it equal to ``kernels.__all__``
 # (tests/app/test_packaging.py checks).
+from kernels import BACKENDS as BACKENDS
 from kernels import DEFAULT_BLOCK_SIZE as DEFAULT_BLOCK_SIZE
 from kernels import MODE_CONST as MODE_CONST
 from kernels import MODE_LOSSY as MODE_LOSSY

@@ -28,6 +28,8 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset, Subset
 from torchmetrics.text import Perplexity
 
+from nz_lightning.lm.data import IGNORE_INDEX
+
 __all__ = [
     "PerplexityEvaluator",
     "WindowDataset",
@@ -39,7 +41,6 @@ __all__ = [
     "quant_state_nbytes",
 ]
 
-IGNORE_INDEX = -100
 QUANTIZERS = ("rowwise_int8",)
 """Names ``eval.quantize`` accepts (CPU-capable baselines from :mod:`nz_lightning.lm.baselines`)."""
 

@@ -248,7 +248,7 @@ class NZParameter(torch.Tensor):
     def __repr__(self, *, tensor_contents: Any = None) -> Any:  # type: ignore[override]
         return (
             f"NZParameter(shape={tuple(self.shape)}, dtype={self.dtype}, device={self.device}, "
-            f"compressed_bytes={self._store.nbytes}, requires_grad={self.requires_grad})"
+            f"held_bytes={self._store.nbytes}, requires_grad={self.requires_grad})"
         )
 
     @property
