@@ -131,7 +131,7 @@ class _BlobDestination(OrderedDict):
         self._blobs: dict[int, Tensor] = {}
 
     def __setitem__(self, key: str, value: Any) -> None:
-        if isinstance(value, NZParameter) and value._is_full():
+        if isinstance(value, NZParameter) and value.is_whole_store():
             blob = self._blobs.get(id(value.store))
             if blob is None:
                 data = bytearray(pack_blobs(value.store.to_blobs()))
@@ -209,7 +209,7 @@ def load_state_dict(module: nn.Module, state_dict: dict[str, Any], strict: bool 
             dense[key] = value
             continue
         store = _decode_blob(key, value, target)
-        if isinstance(target, NZParameter) and target._is_full():
+        if isinstance(target, NZParameter) and target.is_whole_store():
             target.store.set_blocks(store.blocks)  # the saved row split is kept
             installed.add(key)
         else:

@@ -256,14 +256,15 @@ class NZParameter(torch.Tensor):
         """The compressed storage this tensor views."""
         return self._store
 
-    def _is_full(self) -> bool:
+    def is_whole_store(self) -> bool:
+        """Whether this view is the whole stored tensor (its shape, contiguous strides, offset 0)."""
         base = torch.empty(self._store.shape, device="meta")
         return self._view == (tuple(base.shape), tuple(base.stride()), 0)
 
     def dense(self) -> torch.Tensor:
         """A fresh dense tensor with this view's values (not a workspace buffer)."""
         full = self._store.read()
-        if self._is_full():
+        if self.is_whole_store():
             return full
         return full.as_strided(*self._view).clone()
 
@@ -305,7 +306,7 @@ class NZParameter(torch.Tensor):
 def _row_gather_ok(weight: NZParameter, args: tuple[Any, ...]) -> bool:
     """Whether an ``embedding`` lookup can gather block by block (several blocks, valid integer indices)."""
     idx = args[1] if len(args) > 1 else None
-    if len(weight.store.bounds) < 2 or not weight._is_full() or type(idx) is not torch.Tensor:
+    if len(weight.store.bounds) < 2 or not weight.is_whole_store() or type(idx) is not torch.Tensor:
         return False
     valid = idx.numel() == 0 or (int(idx.min()) >= 0 and int(idx.max()) < weight.shape[0])
     return idx.dtype in (torch.int64, torch.int32) and valid
@@ -329,7 +330,7 @@ def _lazy_view(func: Any, base: NZParameter, rest: tuple[Any, ...], kwargs: dict
 def _mutate(func: Any, target: NZParameter, rest: tuple[Any, ...], kwargs: dict[str, Any]) -> NZParameter:
     """In-place op on compressed data: decode, apply to the dense value, re-compress."""
     store = target.store
-    if func is torch.ops.aten.copy_.default and target._is_full() and isinstance(rest[0], torch.Tensor):
+    if func is torch.ops.aten.copy_.default and target.is_whole_store() and isinstance(rest[0], torch.Tensor):
         src = rest[0].dense() if isinstance(rest[0], NZParameter) else rest[0]
         store.write(src.to(dtype=store.dtype, device=store.device).expand(store.shape).contiguous())
         return target
@@ -387,7 +388,7 @@ def read_dense(p: torch.Tensor) -> torch.Tensor:
 def write_dense(p: torch.Tensor, value: torch.Tensor) -> None:
     """Set a parameter's value: re-compress a compressed one, copy into a dense one."""
     if isinstance(p, NZParameter):
-        if not p._is_full():
+        if not p.is_whole_store():
             raise ValueError("cannot write through a partial view of a compressed parameter")
         p.store.write(value)
     else:
