@@ -127,6 +127,38 @@ class CodecBackend(Protocol):
         return None
 
 
+class FunctionBackend(CodecBackend):
+    """A backend whose three required ops are module-level functions (the torch reference and Triton).
+
+    Args:
+        name: The registry name.
+        exponent_histogram: Implements :meth:`CodecBackend.exponent_histogram`.
+        encode: Implements :meth:`CodecBackend.encode`.
+        decode: Implements :meth:`CodecBackend.decode`.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        exponent_histogram: Callable[[torch.Tensor, FloatSpec], torch.Tensor],
+        encode: Callable[[torch.Tensor, FloatSpec, FreqTable, int], Streams],
+        decode: Callable[[Streams, FloatSpec, torch.Tensor, int, int, torch.Tensor], None],
+    ) -> None:
+        self.name = name
+        self._histogram, self._encode, self._decode = exponent_histogram, encode, decode
+
+    def exponent_histogram(self, x: torch.Tensor, spec: FloatSpec) -> torch.Tensor:
+        return self._histogram(x, spec)
+
+    def encode(self, x: torch.Tensor, spec: FloatSpec, table: FreqTable, steps: int) -> Streams:
+        return self._encode(x, spec, table, steps)
+
+    def decode(
+        self, streams: Streams, spec: FloatSpec, tables: torch.Tensor, prob_bits: int, steps: int, out: torch.Tensor
+    ) -> None:
+        self._decode(streams, spec, tables, prob_bits, steps, out)
+
+
 def _anywhere(device: torch.device) -> str | None:
     return None
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from .backends import CodecBackend
+from .backends import FunctionBackend
 from .freqtable import FreqTable
 from .layout import LANES_PER_SEGMENT, STATE_LOWER, WORD_BITS, effective_steps, lane_lengths, num_segments
 from .spec import FloatSpec
@@ -186,22 +186,5 @@ def decode(
     out.copy_(from_bits(merge_fields(exp, sm, spec), spec))
 
 
-class TorchBackend(CodecBackend):
-    """The reference as a :class:`CodecBackend` (runs on any device; decoder tables and lossy code: the defaults)."""
-
-    name = "torch"
-
-    def exponent_histogram(self, x: torch.Tensor, spec: FloatSpec) -> torch.Tensor:
-        return exponent_histogram(x, spec)
-
-    def encode(self, x: torch.Tensor, spec: FloatSpec, table: FreqTable, steps: int) -> Streams:
-        return encode(x, spec, table, steps)
-
-    def decode(
-        self, streams: Streams, spec: FloatSpec, tables: torch.Tensor, prob_bits: int, steps: int, out: torch.Tensor
-    ) -> None:
-        decode(streams, spec, tables, prob_bits, steps, out)
-
-
-BACKEND = TorchBackend()
+BACKEND = FunctionBackend("torch", exponent_histogram, encode, decode)
 """The ``"torch"`` entry of the backend registry."""

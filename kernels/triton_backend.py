@@ -20,7 +20,7 @@ import torch
 import triton
 
 from . import triton_kernels as tk
-from .backends import CodecBackend, check_device
+from .backends import FunctionBackend, check_device
 from .freqtable import FreqTable
 from .layout import effective_steps, num_lanes
 from .spec import FloatSpec
@@ -237,22 +237,5 @@ def decode(
         raise ValueError("corrupt blob: rANS lanes do not decode consistently")
 
 
-class TritonBackend(CodecBackend):
-    """The Triton kernels as a :class:`CodecBackend` (decoder tables and lossy code: the torch defaults)."""
-
-    name = "triton"
-
-    def exponent_histogram(self, x: torch.Tensor, spec: FloatSpec) -> torch.Tensor:
-        return exponent_histogram(x, spec)
-
-    def encode(self, x: torch.Tensor, spec: FloatSpec, table: FreqTable, steps: int) -> Streams:
-        return encode(x, spec, table, steps)
-
-    def decode(
-        self, streams: Streams, spec: FloatSpec, tables: torch.Tensor, prob_bits: int, steps: int, out: torch.Tensor
-    ) -> None:
-        decode(streams, spec, tables, prob_bits, steps, out)
-
-
-BACKEND = TritonBackend()
+BACKEND = FunctionBackend("triton", exponent_histogram, encode, decode)
 """The ``"triton"`` entry of the backend registry."""
