@@ -187,6 +187,34 @@ def check_quant_requirements(trainer_conf: Mapping[str, Any]) -> None:
         )
 
 
+def load_weights_file(path: str) -> Mapping[str, Any]:
+    """The state dict in a checkpoint file (a Lightning checkpoint's ``state_dict``, or a bare state dict).
+
+    The file is read with ``torch.load(weights_only=True)``: tensors and plain containers only, so a checkpoint from
+    an untrusted source cannot run code while it is read.
+
+    Raises:
+        ValueError: The file holds other objects (it is refused, naming the file), or is not a checkpoint at all.
+    """
+    import pickle
+
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise ValueError(
+            f"refusing to load {path}: it holds objects other than tensors and plain containers, and unpickling "
+            f"them could run code (nz_lightning reads checkpoints with torch.load(weights_only=True)): {err}"
+        ) from err
+    except (EOFError, RuntimeError) as err:
+        raise ValueError(f"{path} is not a readable checkpoint file: {err}") from err
+    if not isinstance(checkpoint, Mapping):
+        raise ValueError(f"{path} holds a {type(checkpoint).__name__}, not a state dict or Lightning checkpoint")
+    state = checkpoint.get("state_dict", checkpoint)
+    if not isinstance(state, Mapping):
+        raise ValueError(f"{path}: 'state_dict' is a {type(state).__name__}, not a mapping of tensors")
+    return state
+
+
 class PerplexityEvaluator(pl.LightningModule):
     """Scores an HF LM module (``CausalLMModule`` / ``Seq2SeqLMModule``) in ``trainer.test``.
 
@@ -238,8 +266,7 @@ class PerplexityEvaluator(pl.LightningModule):
         if self.weights_from:
             from nz_lightning.lightning.checkpoint_io import load_state_dict
 
-            checkpoint = torch.load(self.weights_from, map_location="cpu", weights_only=False)  # a Lightning ckpt
-            load_state_dict(self.lm, checkpoint.get("state_dict", checkpoint))
+            load_state_dict(self.lm, dict(load_weights_file(self.weights_from)))
         if self.quantize == "rowwise_int8":
             from nz_lightning.lm.baselines import quantize_rowwise_int8
 

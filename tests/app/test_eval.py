@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -205,3 +206,28 @@ def test_eval_weights_from_lightning_checkpoint(saved_llama: Path, text_file: Pa
     nll, count = reference_nll(tmp_path / "other", TEXT)
     assert metrics["eval/token_ppl"] == pytest.approx(math.exp(nll / count), rel=1e-4)
     assert metrics["eval/token_ppl"] != pytest.approx(math.exp(reference_nll(saved_llama, TEXT)[0] / count), rel=1e-3)
+
+
+class _RunsCode:
+    """Unpickling this touches a marker file: stands for any code a hostile checkpoint could run."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
+        return (Path.touch, (self.marker,))
+
+
+def test_eval_weights_from_refuses_pickled_objects(saved_llama: Path, text_file: Path, tmp_path: Path) -> None:
+    """A checkpoint holding a pickled object is refused before anything in it runs, and the error says why."""
+    marker = tmp_path / "code-ran"
+    ckpt = tmp_path / "hostile.ckpt"
+    torch.save({"state_dict": {}, "payload": _RunsCode(marker)}, ckpt)
+    cfg = llama_eval(saved_llama, text_file, tmp_path, f"eval.weights_from={ckpt}")
+    with pytest.raises(ValueError, match=r"refusing to load .*hostile\.ckpt.*weights_only=True"):
+        run.evaluate(cfg)
+    assert not marker.exists()
+    empty = tmp_path / "empty.ckpt"
+    empty.write_bytes(b"")
+    with pytest.raises(ValueError, match=r"empty\.ckpt is not a readable checkpoint file"):
+        run.evaluate(llama_eval(saved_llama, text_file, tmp_path, f"eval.weights_from={empty}"))
