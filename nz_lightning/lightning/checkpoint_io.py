@@ -116,6 +116,36 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             raise TypeError(f"{type(self).__name__}.save_checkpoint does not support `storage_options`")
         atomic_save(checkpoint, str(target).removeprefix("file://"))
 
+    @override
+    def load_checkpoint(
+        self, path: _PATH, map_location: Any | None = None, weights_only: bool | None = None
+    ) -> dict[str, Any]:
+        """Load a checkpoint with ``torch.load(weights_only=True)``: tensors and plain containers, never code.
+
+        Raises:
+            ValueError: ``weights_only=False`` was asked for, the file holds other objects (unpickling them could
+                run code), or it is not a checkpoint; the message names the file.
+        """
+        import pickle
+
+        if weights_only is False:
+            raise ValueError(
+                f"{type(self).__name__} loads checkpoints with weights_only=True only (unpickling arbitrary objects "
+                f"could run code); {path} was asked for with weights_only=False"
+            )
+        try:
+            checkpoint: dict[str, Any] = super().load_checkpoint(path, map_location=map_location, weights_only=True)
+        except pickle.UnpicklingError as err:
+            raise ValueError(
+                f"refusing to load {path}: it holds objects other than tensors and plain containers, and unpickling "
+                f"them could run code (checkpoints are read with torch.load(weights_only=True)): {err}"
+            ) from err
+        except (EOFError, RuntimeError) as err:
+            raise ValueError(f"{path} is not a readable checkpoint file: {err}") from err
+        if not isinstance(checkpoint, dict):
+            raise ValueError(f"{path} holds a {type(checkpoint).__name__}, not a Lightning checkpoint")
+        return checkpoint
+
 
 class _BlobDestination(OrderedDict):
     """A ``state_dict`` destination that stores full compressed parameters as their encoded bytes.

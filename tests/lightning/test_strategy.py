@@ -159,6 +159,30 @@ def test_resume_is_bit_identical(tmp_path: Any, fmt: str) -> None:
         assert_same(weights(lomo), weights(full))
 
 
+class _RunsCode:
+    """Unpickling this touches a marker file: stands for any code a hostile checkpoint could run."""
+
+    def __init__(self, marker: str) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
+        return (open, (self.marker, "w"))
+
+
+def test_resume_refuses_pickled_objects(tmp_path: Any) -> None:
+    """``fit(ckpt_path=...)`` under the strategy reads with weights_only=True: a hostile checkpoint runs nothing."""
+    marker = os.path.join(tmp_path, "code-ran")
+    hostile = os.path.join(tmp_path, "hostile.ckpt")
+    torch.save({"state_dict": {}, "payload": _RunsCode(marker)}, hostile)
+    with pytest.raises(ValueError, match=r"refusing to load .*hostile\.ckpt.*weights_only=True"):
+        trainer(NeuZipStrategy(), max_steps=1).fit(build(), loader(1), ckpt_path=hostile)
+    assert not os.path.exists(marker)
+    empty = os.path.join(tmp_path, "empty.ckpt")
+    open(empty, "wb").close()
+    with pytest.raises(ValueError, match=r"empty\.ckpt is not a readable checkpoint file"):
+        trainer(NeuZipStrategy(), max_steps=1).fit(build(), loader(1), ckpt_path=empty)
+
+
 def test_dense_checkpoint_loads_without_nz_lightning(tmp_path: Any) -> None:
     model = fit("neuzip", max_steps=2)
     path = os.path.join(tmp_path, "model.ckpt")
