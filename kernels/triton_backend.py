@@ -8,8 +8,12 @@ is imported). Kernels live in ``kernels/triton_kernels.py``:
   counts' prefix sum and a compaction copy into the final lane-major word stream; a byte-per-thread kernel packs
   the sign+mantissa fields.
 * ``decode``: one fused kernel, one thread per lane, that decodes the exponents, reads the packed sign+mantissa
-  fields and writes the merged float bits straight into ``out``; per-lane consistency flags are checked on the
-  host once at the end.
+  fields and writes the merged float bits straight into ``out``; per-lane consistency flags are reduced on the
+  device to one flag, which ``decode`` checks on the host (one sync) and ``decode_flagged`` returns unread.
+
+Host syncs (see docs/DESIGN.md): ``decode_flagged`` none (sizes come from the host-side header; tables are uploaded
+pinned and non-blocking); ``encode`` one (the word total that sizes the output); ``exponent_histogram`` none (its
+caller reads the counts back to choose the frequency table).
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from .freqtable import FreqTable
 from .layout import effective_steps, num_lanes
 from .spec import FloatSpec
 from .streams import Streams, word_offsets
+from .transfer import upload
 
 _INTERP_MAX_TILE = 1 << 16
 """Largest block (elements) a program handles under the interpreter, where few large programs are fastest."""
@@ -129,8 +134,8 @@ def encode(x: torch.Tensor, spec: FloatSpec, table: FreqTable, steps: int) -> St
     k = effective_steps(n, steps)
     nl = num_lanes(n, k)
     freq_l, cum_l = table.dense(spec.alphabet)
-    freq = torch.tensor(freq_l, dtype=torch.int32).to(device)
-    cum = torch.tensor(cum_l, dtype=torch.int32).to(device)
+    freq = upload(torch.tensor(freq_l, dtype=torch.int32), device)
+    cum = upload(torch.tensor(cum_l, dtype=torch.int32), device)
     states = torch.empty(nl, dtype=torch.int32, device=device)
     counts = torch.empty(nl, dtype=torch.int32, device=device)
     scratch = torch.empty(nl * k, dtype=torch.int16, device=device)
@@ -152,11 +157,11 @@ def encode(x: torch.Tensor, spec: FloatSpec, table: FreqTable, steps: int) -> St
         num_warps=max(1, lanes // 32) if gpu else 1,
     )
     offsets = word_offsets(counts)
-    total = int(offsets[-1])
+    total = int(offsets[-1])  # the one host sync of an encode: the word stream's size
     words = torch.empty(total, dtype=torch.int16, device=device)
     if total:
         wblk = min(triton.next_power_of_2(k), 512 if gpu else 4096)
-        lblk = max(1, (2048 if gpu else _INTERP_MAX_TILE) // wblk)
+        lblk = max(1, min(256, 2048 // wblk) if gpu else _INTERP_MAX_TILE // wblk)  # <= 256 rows: no spills (sm_86/89)
         if not gpu:
             lblk = min(lblk, triton.next_power_of_2(nl))
         tk.compact_kernel[(triton.cdiv(nl, lblk), triton.cdiv(k, wblk))](
@@ -168,7 +173,19 @@ def encode(x: torch.Tensor, spec: FloatSpec, table: FreqTable, steps: int) -> St
 def decode(
     streams: Streams, spec: FloatSpec, tables: torch.Tensor, prob_bits: int, steps: int, out: torch.Tensor
 ) -> None:
-    """Decode into the flat contiguous float tensor ``out`` (``numel`` = n).
+    """Decode into the flat contiguous float tensor ``out`` (``numel`` = n) and check it (one host sync).
+
+    Args and raises: as :func:`decode_flagged`, plus ``ValueError`` when its flag is set.
+    """
+    bad = decode_flagged(streams, spec, tables, prob_bits, steps, out)
+    if bad is not None and bool(bad):
+        raise ValueError("corrupt blob: rANS lanes do not decode consistently")
+
+
+def decode_flagged(
+    streams: Streams, spec: FloatSpec, tables: torch.Tensor, prob_bits: int, steps: int, out: torch.Tensor
+) -> torch.Tensor | None:
+    """Decode into the flat contiguous float tensor ``out`` (``numel`` = n) without any host sync.
 
     Args:
         streams: Coded streams on ``out``'s device.
@@ -179,15 +196,18 @@ def decode(
         steps: Symbols per lane (``steps_per_lane``).
         out: Contiguous destination tensor of dtype ``spec.dtype``.
 
+    Returns:
+        A boolean device scalar, true when a lane read past its words or did not end in the initial state with all
+        words used (``out`` then holds garbage); ``None`` for an empty ``out``.
+
     Raises:
-        ValueError: The arrays do not have the sizes the layout implies, a lane reads past its words, or does not
-            end in the initial state with all words used (``out`` may then hold partial garbage).
+        ValueError: The arrays do not have the sizes the layout implies (host-side metadata only).
     """
     gpu = _check_device(out.device)
     device = out.device
     n = out.numel()
     if n == 0:
-        return
+        return None
     if not out.is_contiguous() or out.dtype != spec.dtype:
         raise ValueError(f"out must be a contiguous {spec.dtype} tensor, got {out.dtype}")
     k = effective_steps(n, steps)
@@ -233,9 +253,8 @@ def decode(
         LANES=lanes,
         num_warps=max(1, lanes // 32) if gpu else 1,
     )
-    if bool(status.any() | (offsets[-1] != nwords)):
-        raise ValueError("corrupt blob: rANS lanes do not decode consistently")
+    return status.any() | (offsets[-1] != nwords)
 
 
-BACKEND = FunctionBackend("triton", exponent_histogram, encode, decode)
+BACKEND = FunctionBackend("triton", exponent_histogram, encode, decode, decode_flagged)
 """The ``"triton"`` entry of the backend registry."""

@@ -154,7 +154,7 @@ def _layouts(kernel: str) -> dict[tuple[int, ...], tuple[FloatSpec, str]]:
     for spec in SPECS:
         name = str(spec.dtype).removeprefix("torch.").replace("bfloat", "bf").replace("float", "fp")
         fold = FOLD_BITS.get(spec.dtype, 0)
-        every = range(max_fold_bits(spec) + 1)  # compress histograms the folded layout only
+        every = range(max_fold_bits(spec) + 1)  # blobs may hold any fold; compress takes only the folded histogram
         folds = {"decode_kernel": every, "histogram_kernel": [fold]}.get(kernel, sorted({0, fold}))
         found += [(folded(spec, f), name + (f" fold {f}" if f else "")) for f in folds]
         found.append((carrier_spec(spec), f"lossy {name}"))
@@ -169,7 +169,7 @@ def _groups(kernel: str) -> list[list[tuple[dict[str, int], str, int, str]]]:
     """Per layout (or compact width), its (constexprs but PB, bits pointer type, num_warps, layouts) per lane count."""
     if kernel == "compact_kernel":
         widths = [1 << i for i in range(_COMPACT_MAX_W.bit_length())]
-        return [[({"LB": max(1, _COMPACT_TILE // w), "W": w}, "", _COMPACT_WARPS, "all")] for w in widths]
+        return [[({"LB": max(1, min(256, _COMPACT_TILE // w)), "W": w}, "", _COMPACT_WARPS, "all")] for w in widths]
     out = []
     for spec, names in _layouts(kernel).values():
         c = {"MAN_BITS": spec.man_bits, "ALPHABET": spec.alphabet, "TOTAL_BITS": spec.total_bits}
