@@ -22,6 +22,7 @@ import torch
 from .freqtable import FreqTable
 from .spec import FloatSpec
 from .streams import Streams
+from .transfer import decoder_tables
 
 
 @runtime_checkable
@@ -107,9 +108,10 @@ class CodecBackend(Protocol):
     def decode_tables(self, table: FreqTable, spec: FloatSpec, device: torch.device) -> torch.Tensor:
         """Lookup tables :meth:`decode` uses for ``table`` (cached by ``CompressedTensor`` for large tensors).
 
-        Default, the torch reference's layout: int32 ``[lut (2^prob_bits) | freq (alphabet) | cum (alphabet)]``.
+        Default, the torch reference's layout: int32 ``[lut (2^prob_bits) | freq (alphabet) | cum (alphabet)]``,
+        built on the host and uploaded without blocking it (:func:`kernels.transfer.decoder_tables`).
         """
-        return table.decode_tables(spec.alphabet, device)
+        return decoder_tables(table, spec.alphabet, device)
 
     @abstractmethod
     def decode(
@@ -121,6 +123,21 @@ class CodecBackend(Protocol):
             ValueError: A lane reads past its words, or does not end in the initial state with all words used.
         """
         ...
+
+    def decode_flagged(
+        self, streams: Streams, spec: FloatSpec, tables: torch.Tensor, prob_bits: int, steps: int, out: torch.Tensor
+    ) -> torch.Tensor | None:
+        """:meth:`decode` without waiting for its consistency check (no host sync on a device backend).
+
+        Returns:
+            A boolean device scalar, true when the lanes did not decode consistently (``out`` then holds garbage),
+            or ``None`` when the backend checked on the host already. Default: :meth:`decode` (which raises).
+
+        Raises:
+            ValueError: The array sizes do not match the layout (checked on the host), or (default) corrupt data.
+        """
+        self.decode(streams, spec, tables, prob_bits, steps, out)
+        return None
 
     def lossy_ops(self, spec: FloatSpec) -> LossyOps | None:
         """This backend's own lossy loops for ``spec``, or ``None`` (default) to run the shared torch code."""
@@ -135,6 +152,7 @@ class FunctionBackend(CodecBackend):
         exponent_histogram: Implements :meth:`CodecBackend.exponent_histogram`.
         encode: Implements :meth:`CodecBackend.encode`.
         decode: Implements :meth:`CodecBackend.decode`.
+        decode_flagged: Implements :meth:`CodecBackend.decode_flagged` (``None``: the default, via ``decode``).
     """
 
     def __init__(
@@ -143,9 +161,12 @@ class FunctionBackend(CodecBackend):
         exponent_histogram: Callable[[torch.Tensor, FloatSpec], torch.Tensor],
         encode: Callable[[torch.Tensor, FloatSpec, FreqTable, int], Streams],
         decode: Callable[[Streams, FloatSpec, torch.Tensor, int, int, torch.Tensor], None],
+        decode_flagged: Callable[[Streams, FloatSpec, torch.Tensor, int, int, torch.Tensor], torch.Tensor | None]
+        | None = None,
     ) -> None:
         self.name = name
         self._histogram, self._encode, self._decode = exponent_histogram, encode, decode
+        self._decode_flagged = decode_flagged
 
     def exponent_histogram(self, x: torch.Tensor, spec: FloatSpec) -> torch.Tensor:
         return self._histogram(x, spec)
@@ -157,6 +178,13 @@ class FunctionBackend(CodecBackend):
         self, streams: Streams, spec: FloatSpec, tables: torch.Tensor, prob_bits: int, steps: int, out: torch.Tensor
     ) -> None:
         self._decode(streams, spec, tables, prob_bits, steps, out)
+
+    def decode_flagged(
+        self, streams: Streams, spec: FloatSpec, tables: torch.Tensor, prob_bits: int, steps: int, out: torch.Tensor
+    ) -> torch.Tensor | None:
+        if self._decode_flagged is None:
+            return super().decode_flagged(streams, spec, tables, prob_bits, steps, out)
+        return self._decode_flagged(streams, spec, tables, prob_bits, steps, out)
 
 
 def _anywhere(device: torch.device) -> str | None:

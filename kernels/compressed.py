@@ -20,6 +20,7 @@ from .layout import (
 )
 from .spec import FloatSpec, folded, spec_for
 from .streams import Streams
+from .transfer import DECODE_CHECKS
 
 MODE_RAW = 0
 MODE_RANS = 1
@@ -55,6 +56,8 @@ class CompressedTensor:
         scales: Packed block scale fields (uint8; lossy mode with normalization only).
         nan_index: Positions of NaNs (int64; lossy mode only).
         fold_bits: Top mantissa bits coded together with the exponent in each rANS symbol (lossless fp16; else 0).
+        verified: Whether the coded data is known consistent: made by :func:`compress`, or decoded once with its
+            check. ``decompress(check=False)`` skips the host-side check (a device sync) only for such data.
     """
 
     shape: torch.Size
@@ -69,6 +72,7 @@ class CompressedTensor:
     scales: torch.Tensor | None = None
     nan_index: torch.Tensor | None = None
     fold_bits: int = 0
+    verified: bool = field(default=False, compare=False)
     _tables: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
 
     @property
@@ -125,12 +129,17 @@ class CompressedTensor:
         """Free the cached decoder tables (they are rebuilt on the next decode)."""
         self._tables.clear()
 
-    def decompress(self, out: torch.Tensor | None = None, *, backend: str | None = None) -> torch.Tensor:
+    def decompress(
+        self, out: torch.Tensor | None = None, *, backend: str | None = None, check: bool = True
+    ) -> torch.Tensor:
         """Decode to a contiguous tensor bit-identical to the original (in lossy mode: its rounded values).
 
         Args:
             out: Optional preallocated contiguous tensor of the same shape, dtype and device to decode into.
             backend: Force ``"torch"``, ``"cpu"`` or ``"triton"``; default picks by device.
+            check: ``True``: check the coded data's consistency before returning (on a GPU, a host sync).
+                ``False`` (the training hot path): for :attr:`verified` lossless data, record the check's flag on
+                the device instead, raised later by :meth:`check_deferred`; unverified data is still checked.
 
         Returns:
             ``out`` if given, otherwise a new tensor.
@@ -173,8 +182,24 @@ class CompressedTensor:
             )
             return out
         tables = self.decoder_tables(impl)
-        impl.decode(self.streams, self.coding_spec, tables, self.table.prob_bits, self.steps_per_lane, flat)
+        args = (self.streams, self.coding_spec, tables, self.table.prob_bits, self.steps_per_lane, flat)
+        if check or not self.verified:
+            impl.decode(*args)
+            self.verified = True
+            return out
+        bad = impl.decode_flagged(*args)
+        if bad is not None:
+            DECODE_CHECKS.record(bad)
         return out
+
+    @staticmethod
+    def check_deferred() -> None:
+        """Raise if a ``decompress(check=False)`` since the last call decoded inconsistent data (a sync per device).
+
+        Raises:
+            ValueError: A deferred consistency check failed (the coded data in memory is corrupt).
+        """
+        DECODE_CHECKS.check()
 
     def _check_out(self, out: torch.Tensor) -> None:
         if out.shape != self.shape or out.dtype != self.dtype or out.device != self.device:
@@ -200,6 +225,7 @@ class CompressedTensor:
             None if self.scales is None else self.scales.to(device),
             None if self.nan_index is None else self.nan_index.to(device),
             self.fold_bits,
+            self.verified,
         )
 
     def to_bytes(self) -> bytes:
@@ -286,6 +312,7 @@ def compress(
             return _raw(coded.decompress(backend=backend), steps_per_lane)  # tiny tensors: raw rounded values
         return coded
     fold = FOLD_BITS.get(x.dtype, 0)
+    # The host chooses the table (and raw vs coded): one device-to-host read per encode (docs/DESIGN.md).
     folded_counts = impl.exponent_histogram(x, folded(spec, fold)).tolist()
     counts = [sum(folded_counts[s << fold : (s + 1) << fold]) for s in range(spec.alphabet)]
     if n >= 2 and sum(1 for c in counts if c) == 1:
@@ -306,7 +333,7 @@ def compress(
     if size + 6 * num_lanes(n, steps_per_lane) >= n * spec.itemsize:
         return _raw(x, steps_per_lane)
     streams = impl.encode(x, folded(spec, fold), table, steps_per_lane)
-    coded = CompressedTensor(x.shape, x.dtype, MODE_RANS, table, steps_per_lane, streams, fold_bits=fold)
+    coded = CompressedTensor(x.shape, x.dtype, MODE_RANS, table, steps_per_lane, streams, fold_bits=fold, verified=True)
     if blob.serialized_size(coded) >= blob.raw_serialized_size(x.shape, x.dtype):
         return _raw(x, steps_per_lane)
     return coded

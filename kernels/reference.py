@@ -146,11 +146,32 @@ def decode(
     streams: Streams, spec: FloatSpec, tables: torch.Tensor, prob_bits: int, steps: int, out: torch.Tensor
 ) -> None:
     """Decode into the flat contiguous float tensor ``out`` (``numel`` = n; ``tables`` from
-    :meth:`CodecBackend.decode_tables`).
+    :meth:`CodecBackend.decode_tables`) and check it (one host sync).
 
     Raises:
         ValueError: A lane reads past its words, or does not end in the initial state with all words used.
     """
+    _decode(streams, spec, tables, prob_bits, steps, out, check=True)
+
+
+def decode_flagged(
+    streams: Streams, spec: FloatSpec, tables: torch.Tensor, prob_bits: int, steps: int, out: torch.Tensor
+) -> torch.Tensor:
+    """:func:`decode` without the host check: returns a boolean scalar, true when the data was inconsistent (and
+    ``out`` holds garbage)."""
+    return _decode(streams, spec, tables, prob_bits, steps, out, check=False)
+
+
+def _decode(
+    streams: Streams,
+    spec: FloatSpec,
+    tables: torch.Tensor,
+    prob_bits: int,
+    steps: int,
+    out: torch.Tensor,
+    *,
+    check: bool,
+) -> torch.Tensor:
     n = out.numel()
     device = out.device
     m = 1 << prob_bits
@@ -179,12 +200,14 @@ def decode(
         x_state = torch.where(active, nxt, x_state)
         ptr += need.to(torch.int64)
         sym[:, s] = sy
-    if bool(overrun.any()) or bool((x_state != STATE_LOWER).any()) or bool((ptr != counts).any()):
+    bad = overrun.any() | (x_state != STATE_LOWER).any() | (ptr != counts).any()
+    if check and bool(bad):
         raise ValueError("corrupt blob: rANS lanes do not decode consistently")
     exp = _from_lane_matrix(sym, n, k)
     sm = unpack_bits(streams.sm, spec.sm_bits, n)
     out.copy_(from_bits(merge_fields(exp, sm, spec), spec))
+    return bad
 
 
-BACKEND = FunctionBackend("torch", exponent_histogram, encode, decode)
+BACKEND = FunctionBackend("torch", exponent_histogram, encode, decode, decode_flagged)
 """The ``"torch"`` entry of the backend registry."""

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from nz_lightning.kernels import DEFAULT_BLOCK_SIZE
+from nz_lightning.kernels import DEFAULT_BLOCK_SIZE, CompressedTensor
 from nz_lightning.tensor.parameter import NZParameter, make_parameter
 
 WeightSource = (
@@ -178,6 +178,7 @@ def compressed_parameters(model: nn.Module) -> list[tuple[str, NZParameter]]:
 def _dense_state_dict_hook(
     module: nn.Module, state_dict: dict[str, Any], prefix: str, local_metadata: dict[str, Any]
 ) -> None:
+    CompressedTensor.check_deferred()  # a save must not write values a deferred decode check rejects
     for key in list(state_dict):
         if key.startswith(prefix) and isinstance(state_dict[key], NZParameter):
             state_dict[key] = state_dict[key].dense()

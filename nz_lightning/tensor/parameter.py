@@ -20,6 +20,7 @@ from torch import Tensor
 from torch.utils._pytree import tree_map
 
 from nz_lightning.kernels import DEFAULT_BLOCK_SIZE, CompressedTensor, compress, serialized_size
+from nz_lightning.tensor.prefetch import PREFETCH
 from nz_lightning.tensor.workspace import CODEC_STATS, DECODE_POOL, gather_rows, row_block, row_bounds
 
 
@@ -170,13 +171,14 @@ class WeightStore:
         return sum(serialized_size(ct) for ct in self._blocks)
 
     def to_blobs(self) -> list[bytes]:
-        """The portable bytes of each block (docs/FORMAT.md), in row order."""
+        """The portable bytes of each block (docs/FORMAT.md), in row order (raises if a deferred check failed)."""
+        CompressedTensor.check_deferred()
         return [ct.to_bytes() for ct in self._blocks]
 
     def decode_block(self, k: int, out: Tensor | None = None) -> Tensor:
-        """Decode row block ``k`` (into the contiguous ``out`` of its shape if given) and return it."""
+        """Decode row block ``k`` (into the contiguous ``out`` of its shape if given; no host sync) and return it."""
         start = time.perf_counter()
-        out = self._blocks[k].decompress(out=out, backend=self.backend)
+        out = self._blocks[k].decompress(out=out, backend=self.backend, check=False)
         CODEC_STATS.decodes += 1
         CODEC_STATS.decode_seconds += time.perf_counter() - start
         return out
@@ -269,9 +271,9 @@ class NZParameter(torch.Tensor):
         return full.as_strided(*self._view).clone()
 
     def _materialize(self, pool_keys: list[torch.Tensor]) -> torch.Tensor:
-        view, base = DECODE_POOL.acquire(self._store.shape, self._store.dtype, self._store.device)
+        view, base = PREFETCH.materialize(self._store)
         pool_keys.append(base)
-        return self._store.decode_into(view).as_strided(*self._view)
+        return view.as_strided(*self._view)
 
     @classmethod
     def __torch_dispatch__(  # type: ignore[override]

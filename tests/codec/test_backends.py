@@ -45,7 +45,14 @@ def test_backend_names_are_listed_once_in_registry_order() -> None:
 
 
 def test_the_contract_declares_every_op() -> None:
-    assert _ops(CodecBackend) == ["decode", "decode_tables", "encode", "exponent_histogram", "lossy_ops"]
+    assert _ops(CodecBackend) == [
+        "decode",
+        "decode_flagged",
+        "decode_tables",
+        "encode",
+        "exponent_histogram",
+        "lossy_ops",
+    ]
     assert CodecBackend.__abstractmethods__ == {"decode", "encode", "exponent_histogram"}
     assert _ops(LossyOps) == ["decode_exponents", "fields", "merge", "quantize"]
     assert LossyOps.__abstractmethods__ == set(_ops(LossyOps))

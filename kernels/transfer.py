@@ -1,0 +1,89 @@
+"""Host-sync-free plumbing of the device path: asynchronous uploads and deferred consistency checks.
+
+* :func:`upload`: a small host tensor (frequency or decoder tables) to the device, pinned and ``non_blocking`` on
+  CUDA, so that the host does not wait for the copy (a pageable copy would block it).
+* :func:`decoder_tables`: the default decoder tables, built on the host with sizes known from the frequency table
+  (no data-dependent shape) and uploaded with :func:`upload`; the same values as ``FreqTable.decode_tables``.
+* :data:`DECODE_CHECKS`: per-device, per-stream error flags that unchecked decodes OR their consistency flag into
+  on the device; :meth:`DeferredChecks.check` reads them (one sync per flag) and raises if any is set.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import torch
+
+from .freqtable import FreqTable
+
+
+def upload(host: torch.Tensor, device: torch.device | str) -> torch.Tensor:
+    """Copy a host tensor to ``device`` without blocking the host.
+
+    On CUDA the tensor is staged in pinned memory and copied ``non_blocking`` (the caching host allocator keeps the
+    pinned block until the copy has run); elsewhere this is ``host.to(device)``.
+    """
+    device = torch.device(device)
+    if device.type == "cuda":
+        return host.pin_memory().to(device, non_blocking=True)
+    return host.to(device)
+
+
+def decoder_tables(table: FreqTable, alphabet: int, device: torch.device | str) -> torch.Tensor:
+    """Decoder tables ``[lut (2^prob_bits) | freq (alphabet) | cum (alphabet)]`` (int32) uploaded to ``device``.
+
+    Equal to ``table.decode_tables(alphabet, device)``; the lookup table is expanded with its known size
+    (``output_size``), so building it reads nothing back.
+    """
+    freq, cum = table.dense(alphabet)
+    sym = torch.tensor(table.symbols, dtype=torch.int32)
+    reps = torch.tensor(table.freqs, dtype=torch.int64)
+    lut = torch.repeat_interleave(sym, reps, output_size=1 << table.prob_bits)
+    packed = torch.cat([lut, torch.tensor(freq, dtype=torch.int32), torch.tensor(cum, dtype=torch.int32)])
+    return upload(packed, device)
+
+
+def _stream_key(device: torch.device) -> tuple[torch.device, int]:
+    if device.type == "cuda":
+        return device, torch.cuda.current_stream(device).stream_id
+    return device, 0
+
+
+class DeferredChecks:
+    """Decode consistency flags accumulated on the device, checked on the host later (at a save, or on demand).
+
+    One int32 flag per (device, stream): decodes on a side stream never race with those on the main stream.
+    """
+
+    def __init__(self) -> None:
+        self._flags: dict[tuple[torch.device, int], torch.Tensor] = {}
+        self._lock = threading.Lock()
+
+    def record(self, bad: torch.Tensor) -> None:
+        """OR the boolean device scalar ``bad`` (true: corrupt) into this device's and stream's flag (no sync)."""
+        key = _stream_key(bad.device)
+        with self._lock:
+            flag = self._flags.get(key)
+            if flag is None:
+                with torch.inference_mode(False):
+                    flag = self._flags[key] = torch.zeros((), dtype=torch.int32, device=bad.device)
+        flag.bitwise_or_(bad.to(torch.int32))
+
+    def pending(self) -> int:
+        """Number of flags held (each costs one sync to check)."""
+        return len(self._flags)
+
+    def check(self) -> None:
+        """Read every flag (one host sync each), clear them, and raise if a deferred decode found corrupt data.
+
+        Raises:
+            ValueError: Some decode run without its synchronous check since the last call was inconsistent.
+        """
+        with self._lock:
+            flags, self._flags = self._flags, {}
+        if any(bool(flag) for flag in flags.values()):
+            raise ValueError("corrupt blob: rANS lanes did not decode consistently (deferred check)")
+
+
+DECODE_CHECKS = DeferredChecks()
+"""The process-wide flags of decodes run with ``CompressedTensor.decompress(check=False)``."""
