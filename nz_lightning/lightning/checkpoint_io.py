@@ -199,58 +199,109 @@ def is_compressed_blob(value: Any, target: Tensor | None) -> bool:
     )
 
 
-def _decode_blob(key: str, blob: Tensor, target: Tensor) -> WeightStore:
+def _decode_blob(key: str, blob: Tensor, target: Tensor, where: str) -> WeightStore:
     like = target.store if isinstance(target, NZParameter) else None
-    store = WeightStore.from_blobs(
-        unpack_blobs(blob.detach().cpu().contiguous().numpy().tobytes()),
-        backend=None if like is None else like.backend,
-        device=target.device,
-        **({} if like is None else {"mantissa_bits": like.mantissa_bits, "block_size": like.block_size}),
-    )
+    try:
+        store = WeightStore.from_blobs(
+            unpack_blobs(blob.detach().cpu().contiguous().numpy().tobytes()),
+            backend=None if like is None else like.backend,
+            device=target.device,
+            **({} if like is None else {"mantissa_bits": like.mantissa_bits, "block_size": like.block_size}),
+        )
+    except ValueError as err:
+        raise ValueError(f"{where}: compressed weight {key!r} is unreadable ({err}); nothing was loaded") from err
     if store.shape != target.shape or store.dtype != target.dtype:
         raise ValueError(
-            f"compressed weight {key!r} holds a {tuple(store.shape)} {store.dtype} tensor, the model expects "
-            f"{tuple(target.shape)} {target.dtype}"
+            f"{where}: compressed weight {key!r} holds a {tuple(store.shape)} {store.dtype} tensor, the model "
+            f"expects {tuple(target.shape)} {target.dtype}; nothing was loaded"
         )
     return store
 
 
-def load_state_dict(module: nn.Module, state_dict: dict[str, Any], strict: bool = True) -> None:
-    """Load a dense or :func:`compressed_state_dict` state dict into ``module``.
+def _expected_keys(module: nn.Module) -> set[str] | None:
+    """The keys ``module.load_state_dict`` expects, or ``None`` where load hooks could remap them."""
+    keys: set[str] = set()
+    for prefix, m in module.named_modules(remove_duplicate=False):
+        if m._load_state_dict_pre_hooks or m._load_state_dict_post_hooks:
+            return None
+        p = f"{prefix}." if prefix else ""
+        keys.update(p + n for n, t in m._parameters.items() if t is not None)
+        keys.update(p + n for n, t in m._buffers.items() if t is not None and n not in m._non_persistent_buffers_set)
+        if type(m).get_extra_state is not nn.Module.get_extra_state:
+            keys.add(f"{p}_extra_state")
+    return keys
 
-    Encoded weights go straight into compressed parameters (no decode, no re-encode); for dense targets they are
-    decoded. Dense values go through ``module.load_state_dict`` (compressed parameters re-compress them on copy).
+
+def _check_dense(module: nn.Module, dense: dict[str, Any], installed: set[str], strict: bool, where: str) -> None:
+    """Raise before any assignment for what ``module.load_state_dict`` would reject (shapes, strict keys)."""
+    tensors: dict[str, Tensor] = dict(module.named_parameters(remove_duplicate=False))
+    tensors.update(module.named_buffers(remove_duplicate=False))
+    for key, value in dense.items():
+        target = tensors.get(key)
+        if isinstance(value, Tensor) and target is not None and value.shape != target.shape:
+            raise RuntimeError(
+                f"{where}: size mismatch for {key!r}: the checkpoint holds {tuple(value.shape)}, the model "
+                f"expects {tuple(target.shape)}; nothing was loaded"
+            )
+    expected = _expected_keys(module) if strict else None
+    if expected is not None:
+        missing = sorted(expected - dense.keys() - installed)
+        unexpected = sorted(dense.keys() - expected)
+        if missing or unexpected:
+            raise RuntimeError(
+                f"{where}: error(s) in loading state_dict for {type(module).__name__}: missing keys {missing}, "
+                f"unexpected keys {unexpected}; nothing was loaded"
+            )
+
+
+def load_state_dict(module: nn.Module, state_dict: dict[str, Any], strict: bool = True, source: Any = None) -> None:
+    """Load a dense or :func:`compressed_state_dict` state dict into ``module``, all or nothing.
+
+    Every encoded weight is decoded and validated (its blob CRC, shape, dtype) and the dense values' shapes and
+    (``strict``) the keys are checked before anything is assigned, so a failure leaves the module as it was.
+    Encoded weights then go straight into compressed parameters (no decode, no re-encode); for dense targets
+    they are decoded. Dense values go through ``module.load_state_dict`` (compressed parameters re-compress them
+    on copy).
 
     Args:
         module: The module (compressed or not).
         state_dict: The state dict.
         strict: Whether missing or unexpected keys raise.
+        source: The checkpoint file, named in error messages (``None``: "the state dict").
 
     Raises:
-        RuntimeError: ``strict`` and keys are missing or unexpected.
-        ValueError: An encoded weight is corrupt or has the wrong shape or dtype.
+        RuntimeError: ``strict`` and keys are missing or unexpected, or a dense value has the wrong shape.
+        ValueError: An encoded weight is corrupt or has the wrong shape or dtype; the message names it.
     """
+    where = f"checkpoint {source}" if source is not None else "the state dict"
     targets = dict(module.named_parameters(remove_duplicate=False))
     dense: OrderedDict[str, Any] = OrderedDict()
-    installed: set[str] = set()
-    for key, value in state_dict.items():
+    stores: dict[str, WeightStore] = {}
+    decoded: dict[tuple[int, int], WeightStore] = {}  # tied weights share one blob: decode it once
+    for key, value in state_dict.items():  # 1. decode and validate everything
         target = targets.get(key)
         if target is None or not is_compressed_blob(value, target):
             dense[key] = value
             continue
-        store = _decode_blob(key, value, target)
+        store = decoded.get((id(value), id(target)))
+        if store is None:
+            store = decoded[id(value), id(target)] = _decode_blob(key, value, target, where)
         if isinstance(target, NZParameter) and target.is_whole_store():
-            target.store.set_blocks(store.blocks)  # the saved row split is kept
-            installed.add(key)
+            stores[key] = store
         else:
             dense[key] = store.read()
+    _check_dense(module, dense, set(stores), strict, where)
     metadata = getattr(state_dict, "_metadata", None)
     if metadata is not None:
         setattr(dense, "_metadata", metadata)  # noqa: B010
-    result = module.load_state_dict(dense, strict=False)
-    missing = [k for k in result.missing_keys if k not in installed]
+    result = module.load_state_dict(dense, strict=False)  # 2. assign
+    for key, store in stores.items():
+        target = targets[key]
+        assert isinstance(target, NZParameter)
+        target.store.set_blocks(store.blocks)  # the saved row split is kept
+    missing = [k for k in result.missing_keys if k not in stores]
     if strict and (missing or result.unexpected_keys):
         raise RuntimeError(
-            f"Error(s) in loading state_dict for {type(module).__name__}: missing keys {missing}, "
+            f"Error(s) in loading state_dict for {type(module).__name__} from {where}: missing keys {missing}, "
             f"unexpected keys {list(result.unexpected_keys)}"
         )

@@ -26,6 +26,7 @@ from torch.optim import Optimizer
 from typing_extensions import override
 
 from nz_lightning.kernels import DEFAULT_BLOCK_SIZE
+from nz_lightning.lightning.checkpoint_integrity import checkpoint_checksums, verify_checkpoint
 from nz_lightning.lightning.checkpoint_io import compressed_state_dict, load_state_dict
 from nz_lightning.lightning.compat import (
     _DEVICE,
@@ -122,6 +123,7 @@ class NeuZipStrategy(OneDeviceStrategy):
         self.block_size = block_size
         self._fused: FusedOptimizer | None = None
         self._stepping = False
+        self._verified: tuple[int, _PATH] | None = None  # (id, file) of the checkpoint load_checkpoint verified
 
     @override
     def setup_environment(self) -> None:
@@ -307,11 +309,27 @@ class NeuZipStrategy(OneDeviceStrategy):
         return module.state_dict()
 
     @override
+    def load_checkpoint(self, checkpoint_path: _PATH, weights_only: bool | None = None) -> dict[str, Any]:
+        """Read a checkpoint; raise ``ValueError`` naming the tensor and file if one fails its checksum."""
+        checkpoint = super().load_checkpoint(checkpoint_path, weights_only=weights_only)
+        verify_checkpoint(checkpoint, checkpoint_path)
+        self._verified = (id(checkpoint), checkpoint_path)
+        return checkpoint
+
+    @override
     def load_model_state_dict(self, checkpoint: Mapping[str, Any], strict: bool = True) -> None:
-        """Restore a dense or compressed model state (encoded weights are installed without re-encoding)."""
+        """Restore a dense or compressed model state all or nothing (checksums verified unless already done).
+
+        Raises:
+            ValueError: A tensor fails its checksum or an encoded weight is corrupt (named); nothing is assigned.
+        """
         module = self.lightning_module
         assert module is not None
-        load_state_dict(module, checkpoint["state_dict"], strict=strict)
+        verified, self._verified = self._verified, None
+        path = verified[1] if verified is not None and verified[0] == id(checkpoint) else None
+        if path is None:
+            verify_checkpoint(checkpoint, sections=("state_dict",))
+        load_state_dict(module, checkpoint["state_dict"], strict=strict, source=path)
 
     @override
     def load_optimizer_state_dict(self, checkpoint: Mapping[str, Any]) -> None:
@@ -330,8 +348,12 @@ class NeuZipStrategy(OneDeviceStrategy):
 
     @override
     def save_checkpoint(self, checkpoint: dict[str, Any], filepath: _PATH, storage_options: Any | None = None) -> None:
-        """Record the checkpoint format in ``checkpoint["nz_lightning"]`` and write the file (atomically by default)."""
-        checkpoint["nz_lightning"] = {"checkpoint_format": self.checkpoint_format, "compress": self.compress}
+        """Record the format and per-tensor checksums in ``checkpoint["nz_lightning"]``, then write atomically."""
+        checkpoint["nz_lightning"] = {
+            "checkpoint_format": self.checkpoint_format,
+            "compress": self.compress,
+            "checksums": checkpoint_checksums(checkpoint),
+        }
         super().save_checkpoint(checkpoint, filepath, storage_options=storage_options)
 
     # -- teardown --------------------------------------------------------------------------------------------

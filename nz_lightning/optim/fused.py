@@ -78,7 +78,8 @@ class FusedOptimizer(torch.optim.Optimizer):
         accum_dtype: Dtype of the accumulation buffers (``None``: each parameter's dtype).
 
     Raises:
-        ValueError: Bad option values, no trainable parameter, or a lossily compressed parameter.
+        ValueError: Bad option values, no trainable parameter, a lossily compressed parameter, or a fused optimizer
+            already installed on the model (call its ``remove_hooks()`` first).
     """
 
     def __init__(
@@ -105,6 +106,13 @@ class FusedOptimizer(torch.optim.Optimizer):
         lossy = [n for n, p in model.named_parameters() if p.requires_grad and _is_lossy(p)]
         if lossy:
             raise ValueError(f"parameters held with lossy compression cannot be trained: {', '.join(lossy)}")
+        installed = [n for n, p in model.named_parameters() if p.requires_grad and _fused_hook(p) is not None]
+        if installed:
+            raise ValueError(
+                f"a FusedOptimizer is already installed on this model (on {', '.join(installed[:3])}"
+                f"{', ...' if len(installed) > 3 else ''}): one model takes one fused optimizer. Keep using it, "
+                "or call its remove_hooks() first to detach it, then build the new one"
+            )
         super().__init__(params, {"lr": lr})
         self.rule = rule
         self.max_grad_norm = max_grad_norm
@@ -332,6 +340,16 @@ class FusedOptimizer(torch.optim.Optimizer):
 
         apply_update(p, grad, state, self.rule, self.lr, step, coef=coef, noise=noise)
         state["step"] = step
+
+
+def _fused_hook(p: Tensor) -> FusedOptimizer | None:
+    """The :class:`FusedOptimizer` whose post-accumulate-grad hook is installed on ``p``, if any."""
+    hooks = getattr(p, "_post_accumulate_grad_hooks", None) or {}
+    for hook in hooks.values():
+        owner = getattr(hook, "__self__", None)
+        if isinstance(owner, FusedOptimizer):
+            return owner
+    return None
 
 
 def _copy_to(value: Any, device: torch.device) -> Any:
