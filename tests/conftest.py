@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Iterator
 
 import torch
@@ -18,6 +19,17 @@ settings.register_profile(
 )
 settings.register_profile("thorough", max_examples=1000, deadline=None, suppress_health_check=list(HealthCheck))
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
+
+
+@pytest.fixture
+def quiet_lightning() -> Iterator[None]:
+    """Silence Lightning's warnings about tiny test setups (few workers, no val loader, ckpt_path callbacks)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", ".*does not have many workers.*")
+        warnings.filterwarnings("ignore", ".*isinstance.treespec, LeafSpec.*")
+        warnings.filterwarnings("ignore", ".*but have no `val_dataloader`.*")
+        warnings.filterwarnings("ignore", ".*when using `ckpt_path`, callbacks used to create the checkpoint.*")
+        yield
 
 
 @pytest.fixture

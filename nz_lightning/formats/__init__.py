@@ -1,1 +1,2 @@
-"""File formats: the NZSF container (``nzsf``), whole-model files (``model_file``) and atomic writes (``atomic``)."""
+"""File formats: the NZSF container (``nzsf``), whole-model files (``model_file``), atomic writes (``atomic``) and
+pickle-free checkpoint reads (``safe_load``)."""

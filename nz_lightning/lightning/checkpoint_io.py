@@ -22,6 +22,7 @@ from torch import Tensor, nn
 from typing_extensions import override
 
 from nz_lightning.formats.atomic import atomic_write
+from nz_lightning.formats.safe_load import refuse_pickled_objects
 from nz_lightning.lightning.compat import _PATH
 from nz_lightning.tensor.parameter import NZParameter, WeightStore
 
@@ -126,22 +127,13 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             ValueError: ``weights_only=False`` was asked for, the file holds other objects (unpickling them could
                 run code), or it is not a checkpoint; the message names the file.
         """
-        import pickle
-
         if weights_only is False:
             raise ValueError(
                 f"{type(self).__name__} loads checkpoints with weights_only=True only (unpickling arbitrary objects "
                 f"could run code); {path} was asked for with weights_only=False"
             )
-        try:
+        with refuse_pickled_objects(os.fspath(path)):
             checkpoint: dict[str, Any] = super().load_checkpoint(path, map_location=map_location, weights_only=True)
-        except pickle.UnpicklingError as err:
-            raise ValueError(
-                f"refusing to load {path}: it holds objects other than tensors and plain containers, and unpickling "
-                f"them could run code (checkpoints are read with torch.load(weights_only=True)): {err}"
-            ) from err
-        except (EOFError, RuntimeError) as err:
-            raise ValueError(f"{path} is not a readable checkpoint file: {err}") from err
         if not isinstance(checkpoint, dict):
             raise ValueError(f"{path} holds a {type(checkpoint).__name__}, not a Lightning checkpoint")
         return checkpoint

@@ -28,6 +28,7 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset, Subset
 from torchmetrics.text import Perplexity
 
+from nz_lightning.formats.safe_load import refuse_pickled_objects
 from nz_lightning.lm.data import IGNORE_INDEX
 
 __all__ = [
@@ -196,17 +197,8 @@ def load_weights_file(path: str) -> Mapping[str, Any]:
     Raises:
         ValueError: The file holds other objects (it is refused, naming the file), or is not a checkpoint at all.
     """
-    import pickle
-
-    try:
+    with refuse_pickled_objects(path):
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:
-        raise ValueError(
-            f"refusing to load {path}: it holds objects other than tensors and plain containers, and unpickling "
-            f"them could run code (nz_lightning reads checkpoints with torch.load(weights_only=True)): {err}"
-        ) from err
-    except (EOFError, RuntimeError) as err:
-        raise ValueError(f"{path} is not a readable checkpoint file: {err}") from err
     if not isinstance(checkpoint, Mapping):
         raise ValueError(f"{path} holds a {type(checkpoint).__name__}, not a state dict or Lightning checkpoint")
     state = checkpoint.get("state_dict", checkpoint)

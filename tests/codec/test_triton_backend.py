@@ -21,24 +21,12 @@ from nz_lightning.kernels.compressed import MODE_RANS, CompressedTensor, compres
 from nz_lightning.kernels.freqtable import FreqTable, quantize_counts  # noqa: E402
 from nz_lightning.kernels.spec import FloatSpec, spec_for  # noqa: E402
 from nz_lightning.kernels.streams import Streams  # noqa: E402
+from tests.helpers.generators import SPECIAL_BITS  # noqa: E402
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 DEVICE = torch.device("cpu" if INTERPRETED else "cuda")
 DTYPES = [torch.bfloat16, torch.float16, torch.float32]
 _DTYPE_IDS = ["bf16", "fp16", "fp32"]
-
-
-# NaNs with payloads (quiet, signalling, negative), +-inf, +-0, subnormals, extremes and 1.0, as unsigned bit patterns.
-# fmt: off
-_SPECIAL_BITS = {
-    torch.float32: [0x7FC00000, 0x7FC00001, 0x7F800001, 0xFFFFFFFF, 0xFFA5A5A5, 0x7F800000, 0xFF800000, 0x0,
-                    0x80000000, 0x00000001, 0x807FFFFF, 0x00400000, 0x7F7FFFFF, 0xFF7FFFFF, 0x00800000, 0x3F800000],
-    torch.float16: [0x7E00, 0x7C01, 0x7FFF, 0xFE01, 0xFD55, 0x7C00, 0xFC00, 0x0000, 0x8000, 0x0001, 0x83FF, 0x0200,
-                    0x7BFF, 0xFBFF, 0x0400, 0x3C00],
-    torch.bfloat16: [0x7FC0, 0x7F81, 0x7FFF, 0xFFC1, 0xFFA5, 0x7F80, 0xFF80, 0x0000, 0x8000, 0x0001, 0x807F, 0x0040,
-                     0x7F7F, 0xFF7F, 0x0080, 0x3F80],
-}
-# fmt: on
 
 
 def _from_bits(bits: list[int] | torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -57,7 +45,7 @@ def _make(dtype: torch.dtype, n: int, kind: str, seed: int = 0) -> torch.Tensor:
         return _from_bits(torch.randint(0, 1 << spec.total_bits, (n,), generator=g), dtype)
     if kind == "special":
         x = _make(dtype, n, "normal", seed)
-        sp = _from_bits(_SPECIAL_BITS[dtype], dtype)
+        sp = _from_bits(SPECIAL_BITS[dtype], dtype)
         pos = torch.randint(0, n, (max(1, n // 8),), generator=g)
         x[pos] = sp[torch.randint(0, sp.numel(), pos.shape, generator=g)]
         x[: min(n, sp.numel())] = sp[: min(n, sp.numel())]
@@ -149,7 +137,7 @@ def test_skewed_two_symbols() -> None:
 @pytest.mark.parametrize("dtype", DTYPES, ids=_DTYPE_IDS)
 def test_compress_api_bytes_match(dtype: torch.dtype) -> None:
     t = (torch.randn(3, 1111, generator=torch.Generator().manual_seed(11)) * 0.02).to(dtype)
-    t[1, :16] = _from_bits(_SPECIAL_BITS[dtype], dtype)
+    t[1, :16] = _from_bits(SPECIAL_BITS[dtype], dtype)
     want = compress(t, backend="torch", steps_per_lane=64)
     got = compress(t.to(DEVICE), backend="triton", steps_per_lane=64)
     assert got.mode == want.mode == MODE_RANS

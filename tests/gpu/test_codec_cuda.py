@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from nz_lightning.kernels import MODE_CONST, MODE_LOSSY, MODE_RANS, CompressedTensor, compress, spec_for
-from nz_lightning.kernels.reference import from_bits
+from tests.helpers.generators import special_values
 
 pytestmark = pytest.mark.gpu
 
@@ -23,32 +23,13 @@ DTYPE_IDS = ["bf16", "fp16", "fp32"]
 LARGE = 1 << 26
 """64M elements: 128 MiB (bf16, fp16) or 256 MiB (fp32)."""
 
-# Quiet and signalling NaNs with payloads, +-inf, +-0, subnormals, the extremes and 1.0, as unsigned bit patterns.
-# fmt: off
-SPECIAL_BITS = {
-    torch.float32: [0x7FC00000, 0x7FC00001, 0x7F800001, 0xFFFFFFFF, 0xFFA5A5A5, 0x7F800000, 0xFF800000, 0x0,
-                    0x80000000, 0x00000001, 0x807FFFFF, 0x00400000, 0x7F7FFFFF, 0xFF7FFFFF, 0x00800000, 0x3F800000],
-    torch.float16: [0x7E00, 0x7C01, 0x7FFF, 0xFE01, 0xFD55, 0x7C00, 0xFC00, 0x0000, 0x8000, 0x0001, 0x83FF, 0x0200,
-                    0x7BFF, 0xFBFF, 0x0400, 0x3C00],
-    torch.bfloat16: [0x7FC0, 0x7F81, 0x7FFF, 0xFFC1, 0xFFA5, 0x7F80, 0xFF80, 0x0000, 0x8000, 0x0001, 0x807F, 0x0040,
-                     0x7F7F, 0xFF7F, 0x0080, 0x3F80],
-}
-# fmt: on
-
-
-def specials(dtype: torch.dtype, device: torch.device | str = "cpu") -> torch.Tensor:
-    """The special values of ``dtype`` (bit patterns kept exactly, NaN payloads included)."""
-    spec = spec_for(dtype)
-    bits = torch.tensor(SPECIAL_BITS[dtype], dtype=torch.int64) & ((1 << spec.total_bits) - 1)
-    return from_bits(bits, spec).to(device)
-
 
 def weights_like(dtype: torch.dtype, n: int, seed: int) -> torch.Tensor:
     """``n`` values on the GPU: N(0, 0.02) times a log-normal spread of scales, 1/64 of them special values."""
     gen = torch.Generator(device=DEVICE).manual_seed(seed)
     scale = torch.exp(torch.randn(n, generator=gen, device=DEVICE) * 2)
     x = (torch.randn(n, generator=gen, device=DEVICE) * scale * 0.02).to(dtype)
-    sp = specials(dtype, DEVICE)
+    sp = special_values(dtype, DEVICE)
     pos = torch.randint(0, n, (max(1, n // 64),), generator=gen, device=DEVICE)
     x[pos] = sp[torch.randint(0, sp.numel(), pos.shape, generator=gen, device=DEVICE)]
     x[: sp.numel()] = sp[: min(n, sp.numel())]
@@ -92,7 +73,7 @@ def test_large_round_trip_same_bytes_as_cpu(dtype: torch.dtype) -> None:
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 def test_special_values_same_bytes_as_cpu(dtype: torch.dtype) -> None:
-    sp = specials(dtype, DEVICE)
+    sp = special_values(dtype, DEVICE)
     x = sp.repeat(7 * 512).reshape(-1, 7)[:, :5]  # every special value, many times, strided
     assert not x.is_contiguous()
     check_same_as_cpu(x, steps_per_lane=7)

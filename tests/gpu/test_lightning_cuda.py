@@ -4,8 +4,6 @@ weights, bit-identically to the uncompressed ``"lomo"`` strategy; lossy inferenc
 from __future__ import annotations
 
 import math
-import warnings
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -14,19 +12,10 @@ from torch import Tensor, nn
 
 from nz_lightning.tensor.parameter import is_compressed
 
-pytestmark = pytest.mark.gpu
+pytestmark = [pytest.mark.gpu, pytest.mark.usefixtures("quiet_lightning")]
 
 ACCELERATOR = "gpu"
 DEVICE_TYPE = "cuda"
-
-
-@pytest.fixture(autouse=True)
-def _quiet() -> Iterator[None]:
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", ".*does not have many workers.*")
-        warnings.filterwarnings("ignore", ".*isinstance.treespec, LeafSpec.*")
-        warnings.filterwarnings("ignore", ".*but have no `val_dataloader`.*")
-        yield
 
 
 def gpu_trainer(strategy: Any, max_steps: int = 4) -> Any:

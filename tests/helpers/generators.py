@@ -71,3 +71,25 @@ def float_tensors(draw: st.DrawFn, dtype: torch.dtype | None = None, max_size: i
         rows = draw(st.sampled_from([d for d in (1, 2, 3, 5, 7, 10) if n % d == 0]))
         return x.reshape(rows, n // rows)
     return x
+
+
+# NaNs with payloads (quiet, signalling, negative), +-inf, +-0, subnormals, extremes and 1.0, as unsigned bit patterns.
+# fmt: off
+SPECIAL_BITS = {
+    torch.float32: [0x7FC00000, 0x7FC00001, 0x7F800001, 0xFFFFFFFF, 0xFFA5A5A5, 0x7F800000, 0xFF800000, 0x0,
+                    0x80000000, 0x00000001, 0x807FFFFF, 0x00400000, 0x7F7FFFFF, 0xFF7FFFFF, 0x00800000, 0x3F800000],
+    torch.float16: [0x7E00, 0x7C01, 0x7FFF, 0xFE01, 0xFD55, 0x7C00, 0xFC00, 0x0000, 0x8000, 0x0001, 0x83FF, 0x0200,
+                    0x7BFF, 0xFBFF, 0x0400, 0x3C00],
+    torch.bfloat16: [0x7FC0, 0x7F81, 0x7FFF, 0xFFC1, 0xFFA5, 0x7F80, 0xFF80, 0x0000, 0x8000, 0x0001, 0x807F, 0x0040,
+                     0x7F7F, 0xFF7F, 0x0080, 0x3F80],
+}
+# fmt: on
+
+
+def special_values(dtype: torch.dtype, device: torch.device | str = "cpu") -> torch.Tensor:
+    """The :data:`SPECIAL_BITS` of ``dtype`` as a tensor on ``device`` (bit patterns exact, NaN payloads kept)."""
+    from nz_lightning.kernels.reference import from_bits
+
+    spec = spec_for(dtype)
+    bits = torch.tensor(SPECIAL_BITS[dtype], dtype=torch.int64) & ((1 << spec.total_bits) - 1)
+    return from_bits(bits, spec).to(device)

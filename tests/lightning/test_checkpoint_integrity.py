@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import os
 import random
-import warnings
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -21,13 +19,7 @@ from tests.helpers.lit import Tiny, build, loader, trainer
 FORMATS = ["dense", "compressed"]
 
 
-@pytest.fixture(autouse=True)
-def _quiet() -> Iterator[None]:
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", ".*does not have many workers.*")
-        warnings.filterwarnings("ignore", ".*isinstance.treespec, LeafSpec.*")
-        warnings.filterwarnings("ignore", ".*when using `ckpt_path`, callbacks used to create the checkpoint.*")
-        yield
+pytestmark = pytest.mark.usefixtures("quiet_lightning")
 
 
 def trained(fmt: str, seed: int = 0) -> Tiny:

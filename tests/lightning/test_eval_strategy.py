@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import warnings
-from collections.abc import Iterator
-
 import lightning.pytorch as pl
 import pytest
 import torch
@@ -14,13 +11,7 @@ from nz_lightning.lightning.strategy import NeuZipStrategy
 from nz_lightning.tensor.parameter import is_compressed
 from tests.helpers.lit import VOCAB, batches, build, loader, trainer
 
-
-@pytest.fixture(autouse=True)
-def _quiet() -> Iterator[None]:
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", ".*does not have many workers.*")
-        warnings.filterwarnings("ignore", ".*isinstance.treespec, LeafSpec.*")
-        yield
+pytestmark = pytest.mark.usefixtures("quiet_lightning")
 
 
 class TinyLlama(pl.LightningModule):

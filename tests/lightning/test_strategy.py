@@ -5,8 +5,7 @@ from __future__ import annotations
 import csv
 import glob
 import os
-import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -25,15 +24,7 @@ from nz_lightning.tensor.parameter import is_compressed
 from nz_lightning.tensor.sizes import weight_sizes
 from tests.helpers.lit import BATCH, SEQ, VOCAB, WIDTH, Manual, Tiny, batches, build, fit, loader, trainer
 
-
-@pytest.fixture(autouse=True)
-def _quiet() -> Iterator[None]:
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", ".*does not have many workers.*")
-        warnings.filterwarnings("ignore", ".*isinstance.treespec, LeafSpec.*")
-        warnings.filterwarnings("ignore", ".*but have no `val_dataloader`.*")
-        warnings.filterwarnings("ignore", ".*when using `ckpt_path`, callbacks used to create the checkpoint.*")
-        yield
+pytestmark = pytest.mark.usefixtures("quiet_lightning")
 
 
 def weights(model: nn.Module) -> dict[str, Tensor]:
