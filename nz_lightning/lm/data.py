@@ -29,6 +29,8 @@ import lightning.pytorch as pl
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from nz_lightning.lm.resumable import TrainLoaderState
+
 IGNORE_INDEX = -100
 """Label value the HF losses ignore (padding of seq2seq targets)."""
 
@@ -178,7 +180,7 @@ def pad_pairs(pad_id: int) -> Callable[[list[dict[str, list[int]]]], dict[str, t
     return collate
 
 
-class TextDataModule(pl.LightningDataModule):
+class TextDataModule(TrainLoaderState, pl.LightningDataModule):
     """Causal-LM blocks or seq2seq pairs from local text files or an HF ``datasets`` dataset.
 
     Args:
@@ -365,19 +367,20 @@ class TextDataModule(pl.LightningDataModule):
         if not self.data:
             self.setup()
         collate = pad_pairs(self.tokenizer.pad_token_id) if self.task == "seq2seq" else None
-        gen = torch.Generator().manual_seed(self.seed)
-        return DataLoader(
-            self.data[key],
-            batch_size=self.batch_size,
-            shuffle=shuffle,
-            num_workers=self.num_workers,
-            collate_fn=collate,
-            generator=gen if shuffle else None,
-            drop_last=shuffle and len(self.data[key]) > self.batch_size,
-        )
+        data = self.data[key]
+        if shuffle:
+            return self.make_train_loader(
+                data,
+                self.batch_size,
+                self.seed,
+                drop_last=len(data) > self.batch_size,
+                num_workers=self.num_workers,
+                collate_fn=collate,
+            )
+        return DataLoader(data, batch_size=self.batch_size, num_workers=self.num_workers, collate_fn=collate)
 
     def train_dataloader(self) -> DataLoader:
-        """Shuffled training batches."""
+        """Shuffled training batches, resumable mid-epoch (:class:`~nz_lightning.lm.resumable.ResumableLoader`)."""
         return self._loader("train", shuffle=True)
 
     def val_dataloader(self) -> DataLoader:
