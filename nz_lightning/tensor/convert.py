@@ -58,7 +58,16 @@ class _Source:
 
             paths = [source] if isinstance(source, (str, os.PathLike)) else list(source)
             for path in paths:
-                handle = safe_open(os.fspath(path), framework="pt")
+                try:
+                    handle = safe_open(os.fspath(path), framework="pt")
+                except Exception as err:  # safetensors raises its own error types (not OSError / ValueError)
+                    if isinstance(err, FileNotFoundError):
+                        raise
+                    raise ValueError(
+                        f"weights file {os.fspath(path)} is not a readable safetensors file ({err}); compress_model "
+                        "reads weights from safetensors files only, never from pickles (.pt/.bin): convert it first, "
+                        "or pass a state_dict"
+                    ) from err
                 for key in handle.keys():  # noqa: SIM118 - safe_open has no __iter__
                     self.files[key] = handle
 
