@@ -35,6 +35,17 @@ VERSION = 1
 VERSION_FOLDED = 2
 """Written when mantissa bits are coded with the exponent (the coder header's byte 1 holds how many)."""
 MAX_NDIM = 64
+MAX_DIM = (1 << 63) - 1
+"""Largest dimension a blob may declare (torch sizes are signed 64-bit), even when another dimension is 0."""
+MAX_CONST_BYTES = 64 << 20
+"""Default cap on the decoded bytes of a constant-mode blob (:func:`loads`'s ``max_const_bytes``): such a blob is a
+few dozen bytes whatever it declares, so without a cap 40 bytes could demand gigabytes. Callers that know the
+expected size (a model being loaded, a container record) pass it explicitly."""
+CODED_ELEMENTS_PER_BYTE = 8
+"""Coded modes store at least the sign bit of every element raw, so a coded blob of ``b`` bytes holds at most
+``8 * b`` elements: its decoded size is at most ``8 * itemsize`` times its own."""
+PEEK_BYTES = 8 + 8 * MAX_NDIM
+"""Bytes of a blob's start that :func:`peek` reads (the fixed header and the longest shape)."""
 _HEAD = struct.Struct("<4sBBBB")  # magic, version, dtype code, mode, ndim
 _RANS = struct.Struct("<BBHIQ")  # prob_bits, reserved, n_symbols, steps_per_lane, n_words
 _LOSSY = struct.Struct("<BBHQ")  # mantissa_bits, block_log2 (255: none), reserved, n_nan
@@ -102,6 +113,53 @@ def dumps(ct: CompressedTensor) -> bytes:
     return body + _CRC.pack(zlib.crc32(body))
 
 
+def _shape(view: memoryview, ndim: int) -> torch.Size:
+    if ndim > MAX_NDIM:
+        raise ValueError(f"corrupt blob: ndim {ndim} exceeds {MAX_NDIM}")
+    if len(view) < _HEAD.size + 8 * ndim:
+        raise ValueError(f"truncated blob: {len(view)} bytes cannot hold a {ndim}-dimensional shape")
+    dims = struct.unpack_from(f"<{ndim}Q", view, _HEAD.size)
+    if any(d > MAX_DIM for d in dims):
+        raise ValueError(f"corrupt blob: shape {dims} is too large (a dimension of 2^63 or more)")
+    return torch.Size(dims)
+
+
+def peek(head: bytes | bytearray | memoryview, blob_len: int) -> tuple[torch.Size, torch.dtype, int]:
+    """Shape, dtype and mode a blob declares, from its first bytes, checked against the blob's length.
+
+    No checksum is verified (that needs the whole blob; :func:`loads` does it), but a declared size the blob's
+    length cannot hold is rejected: raw mode must hold every byte, constant mode is exactly one value, and coded
+    modes hold at most :data:`CODED_ELEMENTS_PER_BYTE` elements per byte.
+
+    Args:
+        head: The blob's first ``min(blob_len, PEEK_BYTES)`` bytes (or more).
+        blob_len: The blob's full length.
+
+    Raises:
+        ValueError: Bad magic, version, dtype, mode or shape, or a size the blob cannot hold.
+    """
+    view = memoryview(head).cast("B")
+    if blob_len < _HEAD.size + _CRC.size or len(view) < _HEAD.size:
+        raise ValueError(f"truncated blob: {blob_len} bytes is shorter than any header")
+    magic, version, code, mode, ndim = _HEAD.unpack(view[: _HEAD.size])
+    if magic != MAGIC:
+        raise ValueError(f"not an nz_lightning blob: magic {bytes(magic)!r}, expected {MAGIC!r}")
+    if version not in (VERSION, VERSION_FOLDED):
+        raise ValueError(f"unsupported blob version {version}; this build reads versions {VERSION}-{VERSION_FOLDED}")
+    spec, shape = spec_for_code(code), _shape(view, ndim)
+    n = math.prod(shape)
+    if mode not in (0, 1, 2, 3):
+        raise ValueError(f"corrupt blob: unknown mode {mode}")
+    fixed = header_size(ndim, mode)
+    if mode == 0 and blob_len != fixed + n * spec.itemsize:
+        raise ValueError(f"corrupt blob: raw blob of {blob_len} bytes declares {n} elements of {spec.dtype}")
+    if mode == 3 and blob_len != fixed + spec.itemsize:
+        raise ValueError(f"corrupt blob: constant blob of {blob_len} bytes (expected {fixed + spec.itemsize})")
+    if mode in (1, 2) and n > CODED_ELEMENTS_PER_BYTE * blob_len:
+        raise ValueError(f"corrupt blob: a coded blob of {blob_len} bytes cannot hold {n} elements")
+    return shape, spec.dtype, mode
+
+
 class _Reader:
     """Bounds-checked cursor over a blob body."""
 
@@ -126,8 +184,23 @@ class _Reader:
         return np.frombuffer(self.take(count * itemsize, what), dtype=np_dtype).copy()
 
 
-def loads(cls: type[CompressedTensor], data: bytes | bytearray | memoryview, device: torch.device) -> CompressedTensor:
-    """Parse and validate a blob. Raises ``ValueError`` on any inconsistency."""
+def loads(
+    cls: type[CompressedTensor],
+    data: bytes | bytearray | memoryview,
+    device: torch.device,
+    max_const_bytes: int | None = MAX_CONST_BYTES,
+) -> CompressedTensor:
+    """Parse and validate a blob; allocates O(len(data)), never the declared output.
+
+    Args:
+        cls: The class to build.
+        data: The blob.
+        device: Where its arrays go.
+        max_const_bytes: Largest decoded size accepted from a constant-mode blob (``None``: no cap).
+
+    Raises:
+        ValueError: On any inconsistency, or a constant blob declaring more than ``max_const_bytes``.
+    """
     view = memoryview(data).cast("B")
     if len(view) < _HEAD.size + _CRC.size:
         raise ValueError(f"truncated blob: {len(view)} bytes is shorter than any header")
@@ -141,11 +214,9 @@ def loads(cls: type[CompressedTensor], data: bytes | bytearray | memoryview, dev
     if zlib.crc32(body) != crc:
         raise ValueError("corrupt blob: checksum mismatch")
     spec = spec_for_code(code)
-    if ndim > MAX_NDIM:
-        raise ValueError(f"corrupt blob: ndim {ndim} exceeds {MAX_NDIM}")
+    shape = _shape(body, ndim)
     rd = _Reader(body)
-    rd.take(_HEAD.size, "header")
-    shape = torch.Size(struct.unpack(f"<{ndim}Q", rd.take(8 * ndim, "shape")))
+    rd.take(_HEAD.size + 8 * ndim, "header")
     n = math.prod(shape)
     if n * spec.itemsize >= 1 << 63:
         raise ValueError(f"corrupt blob: shape {tuple(shape)} is too large ({n} elements)")
@@ -158,6 +229,11 @@ def loads(cls: type[CompressedTensor], data: bytes | bytearray | memoryview, dev
     if mode == 3:
         if n < 2:
             raise ValueError(f"corrupt blob: constant mode with {n} elements")
+        if max_const_bytes is not None and n * spec.itemsize > max_const_bytes:
+            raise ValueError(
+                f"constant blob declares {n * spec.itemsize} decoded bytes ({tuple(shape)} {spec.dtype}), over the "
+                f"{max_const_bytes}-byte cap for constant blobs (pass max_const_bytes to allow it)"
+            )
         value = torch.from_numpy(rd.array(spec.itemsize, "u1", "constant value"))
         _finish(rd)
         return cls(shape, spec.dtype, 3, None, DEFAULT_STEPS_PER_LANE, raw=value.to(device))
@@ -165,6 +241,8 @@ def loads(cls: type[CompressedTensor], data: bytes | bytearray | memoryview, dev
         raise ValueError(f"corrupt blob: unknown mode {mode}")
     if n == 0:
         raise ValueError("corrupt blob: coded mode with no elements")
+    if n > CODED_ELEMENTS_PER_BYTE * len(view):
+        raise ValueError(f"corrupt blob: a coded blob of {len(view)} bytes cannot hold {n} elements")
     prob_bits, fold, nsym, steps, nwords = rd.unpack(_RANS, "coder header")
     if version == VERSION:
         fold = 0  # a reserved byte in version 1

@@ -233,13 +233,27 @@ class CompressedTensor:
         return blob.dumps(self)
 
     @classmethod
-    def from_bytes(cls, data: bytes | bytearray | memoryview, device: torch.device | str = "cpu") -> CompressedTensor:
-        """Parse and validate a blob written by :meth:`to_bytes`.
+    def from_bytes(
+        cls,
+        data: bytes | bytearray | memoryview,
+        device: torch.device | str = "cpu",
+        *,
+        max_const_bytes: int | None = blob.MAX_CONST_BYTES,
+    ) -> CompressedTensor:
+        """Parse and validate a blob written by :meth:`to_bytes` (allocating O(``len(data)``), not its output).
+
+        Args:
+            data: The blob.
+            device: Where its arrays go.
+            max_const_bytes: Largest decoded size accepted from a constant-mode blob, whose few bytes could
+                otherwise declare any size (default :data:`~nz_lightning.kernels.blob.MAX_CONST_BYTES`, 64 MiB;
+                ``None``: no cap). Coded blobs need no cap: they decode to at most ``8 * itemsize`` bytes per byte.
 
         Raises:
-            ValueError: Bad magic or version, truncated or corrupt data (checksum or structure mismatch).
+            ValueError: Bad magic or version, truncated or corrupt data (checksum or structure mismatch), or a
+                constant blob over ``max_const_bytes``.
         """
-        return blob.loads(cls, data, torch.device(device))
+        return blob.loads(cls, data, torch.device(device), max_const_bytes)
 
     def __repr__(self) -> str:
         lossy_kind = f"lossy k={self.mantissa_bits} B={self.block_size}"

@@ -6,6 +6,7 @@ import argparse
 import contextlib
 import importlib
 import math
+import os
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -17,6 +18,7 @@ from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from nz_lightning.formats.atomic import atomic_write
 from nz_lightning.formats.nzsf import (
     InspectReport,
     ProgressFn,
@@ -135,7 +137,21 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def _refuse_same_file(src: str, dst: str) -> None:
+    """Refuse an output that is the input (same path after resolving links, or the same file).
+
+    Raises:
+        ValueError: ``dst`` resolves to ``src``.
+    """
+    same = os.path.realpath(src) == os.path.realpath(dst)
+    with contextlib.suppress(OSError):
+        same = same or os.path.samefile(src, dst)
+    if same:
+        raise ValueError(f"output {dst} is the input file {src}; write to another path")
+
+
 def _cmd_compress(args: argparse.Namespace) -> int:
+    _refuse_same_file(args.input, args.output)
     start = time.perf_counter()
     with _progress_bar("compress") as progress:
         report = compress_file(args.input, args.output, backend=_resolve_backend(args.backend), progress=progress)
@@ -150,6 +166,7 @@ def _cmd_compress(args: argparse.Namespace) -> int:
 
 
 def _cmd_decompress(args: argparse.Namespace) -> int:
+    _refuse_same_file(args.input, args.output)
     start = time.perf_counter()
     with _progress_bar("decompress") as progress:
         digest = decompress_file(args.input, args.output, backend=_resolve_backend(args.backend), progress=progress)
@@ -163,7 +180,9 @@ def _cmd_decompress(args: argparse.Namespace) -> int:
 def write_demo_checkpoint(
     path: str | Path, *, hidden: int = 256, layers: int = 4, vocab: int = 4096, seed: int = 0
 ) -> int:
-    """Write a random-init Llama-style bf16 checkpoint with ``safetensors.torch.save_file``.
+    """Write a random-init Llama-style bf16 checkpoint (``safetensors.torch.save``, written atomically).
+
+    Not ``save_file``: its file gets mode 0600 whatever the umask, unlike every other file the CLI writes.
 
     Weights are N(0, 0.02) like Hugging Face's init, norm weights are ones; the MLP width is 8/3 of ``hidden``
     rounded up to a multiple of 32.
@@ -176,7 +195,7 @@ def write_demo_checkpoint(
     Returns:
         The number of parameters written.
     """
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     inter = 32 * math.ceil(8 * hidden / 3 / 32)
     gen = torch.Generator().manual_seed(seed)
@@ -196,7 +215,8 @@ def write_demo_checkpoint(
         tensors[f"{p}post_attention_layernorm.weight"] = torch.ones(hidden, dtype=torch.bfloat16)
     tensors["model.norm.weight"] = torch.ones(hidden, dtype=torch.bfloat16)
     tensors["lm_head.weight"] = normal(vocab, hidden)
-    save_file(tensors, str(path), metadata={"format": "pt"})
+    with atomic_write(path) as out:
+        out.write(save(tensors, metadata={"format": "pt"}))
     return sum(t.numel() for t in tensors.values())
 
 
@@ -298,7 +318,8 @@ def main(argv: list[str] | None = None) -> int:
         argv: Arguments without the program name (default: ``sys.argv[1:]``).
 
     Returns:
-        0 on success, 1 when the demo's restored file differs, 2 on usage errors, missing files or corrupt input.
+        0 on success, 1 when the demo's restored file differs, 2 on usage errors, missing files, corrupt input or
+        any other failure (one ``nz-lightning: error: ...`` line on stderr, no traceback).
     """
     parser = _build_parser()
     try:
@@ -313,3 +334,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("nz-lightning: interrupted", file=sys.stderr)
         return 130
+    except MemoryError:
+        print("nz-lightning: error: out of memory", file=sys.stderr)
+        return 2
+    except Exception as e:  # every failure is one line and exit code 2, never a traceback
+        print(f"nz-lightning: error: {type(e).__name__}: {_message(e)}", file=sys.stderr)
+        return 2

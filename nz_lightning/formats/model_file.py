@@ -20,19 +20,8 @@ import torch
 from torch import nn
 
 from nz_lightning.formats.atomic import atomic_write
-from nz_lightning.formats.nzsf import (
-    _END,
-    _FILE_HEAD,
-    _U32,
-    KIND_END,
-    KIND_NZCT,
-    MAGIC,
-    VERSION,
-    _decode_records,
-    _record,
-    parse_header,
-    read_container_layout,
-)
+from nz_lightning.formats.nzsf import _FILE_HEAD, MAGIC, VERSION, Layout, parse_header, read_container_layout
+from nz_lightning.formats.records import _END, _U32, KIND_END, KIND_NZCT, decode_records, record
 from nz_lightning.kernels import CompressedTensor, compress
 from nz_lightning.tensor.convert import install_state_dict_hooks
 from nz_lightning.tensor.parameter import NZParameter, WeightStore
@@ -162,10 +151,10 @@ def save_compressed(model: nn.Module, path: PathLike, *, backend: str | None = N
             del dense
             sha.update(raw)
             if ct is None:
-                out.write(_record(0, raw, len(raw)))
+                out.write(record(0, raw, len(raw)))
             else:
-                out.write(_record(KIND_NZCT, ct.to_bytes(), len(raw)))
-        out.write(_record(KIND_END, _END.pack(sha.digest(), len(tensors)), 0))
+                out.write(record(KIND_NZCT, ct.to_bytes(), len(raw)))
+        out.write(record(KIND_END, _END.pack(sha.digest(), len(tensors)), 0))
         written = out.tell()
     bf16 = 8 + len(js) + sum(t.numel() * (2 if t.dtype in _CODED else t.element_size()) for t in tensors.values())
     return ModelFileReport(os.fspath(path), written, bf16, len(tensors), len(compressed), lossy)
@@ -209,11 +198,10 @@ def load_compressed(
     loaded: dict[str, tuple[torch.Tensor, CompressedTensor | None]] = {}
     with open(path, "rb") as f:
         layout = read_container_layout(f)
-        meta = json.loads(layout.json_bytes).get("__metadata__") or {}
-        compressed = set(json.loads(meta.get(META_COMPRESSED, "[]")))
-        tied: dict[str, str] = json.loads(meta.get(META_TIED, "{}"))
+        compressed, tied = _metadata(layout)
+        _check_layout(model, layout, tied)  # keys, dtypes and shapes, before any record is decoded
         names = [s for s in layout.segments if s.name is not None]
-        records = _decode_records(f, layout, backend)
+        records = decode_records(f, layout, backend, expand_const=True)  # sizes vouched for by the model
         for seg, (data, _, t, ct) in zip(layout.segments, records, strict=False):
             if seg.name is None:
                 continue
@@ -221,7 +209,7 @@ def load_compressed(
                 dtype = next((d for d, n in SAFETENSORS_DTYPES.items() if n == seg.dtype), None)
                 if dtype is None:
                     raise ValueError(f"model file: tensor {seg.name!r} has unsupported dtype {seg.dtype}")
-                t = torch.frombuffer(bytearray(data), dtype=dtype) if data else torch.empty(0, dtype=dtype)
+                t = torch.frombuffer(bytearray(data or b""), dtype=dtype) if data else torch.empty(0, dtype=dtype)
             loaded[seg.name] = (t.reshape(seg.shape), ct if seg.name in compressed else None)
         for _ in records:  # the end record: count, trailing bytes and the sha256 of everything
             pass
@@ -236,6 +224,39 @@ def load_compressed(
             "stored in the file; create them on a real device)"
         )
     return model
+
+
+def _metadata(layout: Layout) -> tuple[set[str], dict[str, str]]:
+    """The compressed keys and ``alias -> name`` ties recorded in a model file's ``__metadata__``."""
+    meta = json.loads(layout.json_bytes).get("__metadata__") or {}
+    try:
+        compressed = json.loads(meta.get(META_COMPRESSED, "[]"))
+        tied = json.loads(meta.get(META_TIED, "{}"))
+    except ValueError as e:
+        raise ValueError(f"corrupt model file: bad __metadata__ ({e})") from None
+    if not isinstance(compressed, list) or not all(isinstance(k, str) for k in compressed):
+        raise ValueError(f"corrupt model file: {META_COMPRESSED} is not a list of names")
+    if not isinstance(tied, dict) or not all(isinstance(v, str) for v in tied.values()):
+        raise ValueError(f"corrupt model file: {META_TIED} does not map names to names")
+    return set(compressed), tied
+
+
+def _check_layout(model: nn.Module, layout: Layout, tied: dict[str, str]) -> None:
+    """Check the declared tensors against the model (keys, dtypes, shapes) before anything is decoded.
+
+    Raises:
+        ValueError: A key missing or unexpected, or a dtype or shape that is not the model's.
+    """
+    state, _ = _state_tensors(model)
+    declared = {s.name: s for s in layout.segments if s.name is not None}
+    missing = sorted(k for k in state if tied.get(k, k) not in declared)
+    unexpected = sorted(k for k in declared if k not in state and k not in tied.values())
+    if missing or unexpected:
+        raise ValueError(f"model file does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    for key, old in state.items():
+        seg = declared[tied.get(key, key)]
+        if seg.shape != tuple(old.shape) or seg.dtype != SAFETENSORS_DTYPES.get(old.dtype):
+            raise ValueError(f"{key!r}: file has {seg.shape} {seg.dtype}, model {tuple(old.shape)} {old.dtype}")
 
 
 def _assign(

@@ -19,6 +19,20 @@ from typing import Any, BinaryIO, cast
 import torch
 
 from nz_lightning.formats.atomic import atomic_write
+from nz_lightning.formats.records import (
+    _END,
+    _U32,
+    FLOAT_DTYPES,
+    KIND_END,
+    KIND_NZCT,
+    KIND_RAW,
+    REC_HEAD_SIZE,
+    check_free_space,
+    decode_records,
+    scan_records,
+)
+from nz_lightning.formats.records import read_exact as _read_exact
+from nz_lightning.formats.records import record as _record
 from nz_lightning.kernels import (
     MODE_CONST,
     MODE_RANS,
@@ -31,15 +45,13 @@ from nz_lightning.kernels import (
 
 MAGIC = b"NZSF"
 VERSION = 1
-KIND_RAW, KIND_NZCT, KIND_END = 0, 1, 255
 MAX_JSON_LEN = 100 << 20
-FLOAT_DTYPES: dict[str, torch.dtype] = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}
+MAX_DIM = (1 << 63) - 1
 _SIZES = {1: "BOOL U8 I8 F8_E5M2 F8_E4M3 F8_E8M0", 2: "I16 U16 F16 BF16", 4: "I32 U32 F32", 8: "I64 U64 F64 C64"}
 ITEMSIZE: dict[str, int] = {name: size for size, names in _SIZES.items() for name in names.split()}
 _FILE_HEAD = struct.Struct("<4sHHQQI")  # magic, version, flags, json_len, data_len, json_crc (+ u32 header crc)
-_REC_HEAD = struct.Struct("<B3xIQQ")  # kind, payload_crc, payload_len, out_len (+ u32 header crc)
-_U32, _U64, _END = struct.Struct("<I"), struct.Struct("<Q"), struct.Struct("<32sQ")  # END: sha256, record count
-FILE_HEAD_SIZE, REC_HEAD_SIZE = _FILE_HEAD.size + 4, _REC_HEAD.size + 4
+_U64 = struct.Struct("<Q")
+FILE_HEAD_SIZE = _FILE_HEAD.size + 4
 
 ProgressFn = Callable[[str, int, int], None]  # (tensor name, data bytes done, data bytes total), after each segment
 PathLike = str | os.PathLike[str]
@@ -187,7 +199,7 @@ def _parse_entry(name: str, e: object, data_len: int) -> Segment:
     if not isinstance(e, dict) or not isinstance(e.get("dtype"), str):
         raise ValueError(f"{bad} has no dtype")
     shape, offs, dtype = e.get("shape"), e.get("data_offsets"), e["dtype"]
-    if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
+    if not isinstance(shape, list) or not all(type(d) is int and 0 <= d <= MAX_DIM for d in shape):
         raise ValueError(f"{bad} has an invalid shape {shape!r}")
     if not isinstance(offs, list) or len(offs) != 2 or not all(type(o) is int for o in offs):
         raise ValueError(f"{bad} has invalid data_offsets {offs!r}")
@@ -198,24 +210,12 @@ def _parse_entry(name: str, e: object, data_len: int) -> Segment:
     return Segment(offs[0], offs[1], name, dtype, tuple(shape))
 
 
-def _read_exact(f: BinaryIO, n: int, what: str) -> bytes:
-    left = os.fstat(f.fileno()).st_size - f.tell()
-    if n > left or len(data := f.read(n)) != n:
-        raise ValueError(f"truncated file: {what} needs {n} bytes, only {left} left")
-    return data
-
-
 def read_safetensors_layout(f: BinaryIO) -> Layout:
     """Read and validate the header of a safetensors file open at offset 0; leaves ``f`` at the data buffer."""
     (n,) = _U64.unpack(_read_exact(f, 8, "safetensors header length"))
     if n > MAX_JSON_LEN:
         raise ValueError(f"not a safetensors file: header length {n} is over {MAX_JSON_LEN} bytes")
     return parse_header(_read_exact(f, n, "safetensors JSON header"), os.fstat(f.fileno()).st_size - 8 - n)
-
-
-def _record(kind: int, payload: bytes, out_len: int) -> bytes:
-    head = _REC_HEAD.pack(kind, zlib.crc32(payload), len(payload), out_len)
-    return head + _U32.pack(zlib.crc32(head)) + payload
 
 
 def _stats(seg: Segment, stored: int, t: torch.Tensor | None = None, ct: CompressedTensor | None = None) -> TensorStats:
@@ -304,37 +304,6 @@ def read_container_layout(f: BinaryIO) -> Layout:
     return parse_header(js, data_len)
 
 
-def _decode_records(
-    f: BinaryIO, layout: Layout, backend: str | None
-) -> Iterator[tuple[bytes, int, torch.Tensor | None, CompressedTensor | None]]:
-    """Yield ``(restored bytes, payload length, tensor, blob)`` per data record; the END record checks (count,
-    trailing bytes, sha256 of the original) run after the last yield, so exhaust the iterator."""
-    sha, n = hashlib.sha256(layout.prefix), len(layout.segments)
-    for idx, (want_kind, want_len) in enumerate([*((s.kind, s.end - s.begin) for s in layout.segments), (KIND_END, 0)]):
-        head = _read_exact(f, REC_HEAD_SIZE, f"record {idx} header")
-        if zlib.crc32(head[:-4]) != _U32.unpack(head[-4:])[0]:
-            raise ValueError(f"corrupt NZSF container: record {idx} header checksum mismatch")
-        kind, payload_crc, plen, out_len = _REC_HEAD.unpack(head[:-4])
-        if (kind, out_len) != (want_kind, want_len) or (kind == KIND_RAW and plen != out_len):
-            raise ValueError(f"corrupt NZSF container: record {idx} is not the kind {want_kind} record of {want_len} B")
-        payload = _read_exact(f, plen, f"record {idx} payload")
-        if zlib.crc32(payload) != payload_crc:
-            raise ValueError(f"corrupt NZSF container: record {idx} payload checksum mismatch")
-        data, t, ct = payload, None, None
-        if kind == KIND_NZCT:
-            ct = CompressedTensor.from_bytes(payload)
-            if ct.numel() * ct.spec.itemsize != out_len:
-                raise ValueError(f"corrupt NZSF container: blob in record {idx} does not restore {out_len} bytes")
-            t = ct.decompress(backend=backend)
-            data = t.reshape(-1).view(torch.uint8).numpy().tobytes()
-        elif kind == KIND_END:
-            if plen != _END.size or _END.unpack(payload) != (sha.digest(), n) or f.read(1):
-                raise ValueError("corrupt NZSF container: bad end record (sha256, count) or bytes after it")
-            return
-        sha.update(data)
-        yield data, plen, t, ct
-
-
 def decompress_file(
     src: PathLike, dst: PathLike, *, backend: str | None = None, progress: ProgressFn | None = None
 ) -> str:
@@ -351,13 +320,16 @@ def decompress_file(
         ValueError: ``src`` is not an NZSF container, or is truncated or corrupt (``dst`` is left untouched).
         OSError: Reading or writing failed.
     """
-    with open(src, "rb") as f, atomic_write(dst) as out:
+    with open(src, "rb") as f:
         layout = read_container_layout(f)
-        out.write(layout.prefix)
-        for i, (data, *_) in enumerate(_decode_records(f, layout, backend)):  # runs to the end-record checks
-            out.write(data)
-            if progress is not None:
-                progress(layout.segments[i].name or "(gap)", layout.segments[i].end, layout.data_len)
+        scan_records(f, layout)  # the whole structure, before the free-space check and any decoding
+        check_free_space(dst, len(layout.prefix) + layout.data_len)
+        with atomic_write(dst) as out:
+            out.write(layout.prefix)
+            records = decode_records(f, layout, backend, sink=out.write)
+            for i, _ in enumerate(records):  # runs to the end-record checks
+                if progress is not None:
+                    progress(layout.segments[i].name or "(gap)", layout.segments[i].end, layout.data_len)
     return sha256_file(dst)
 
 
@@ -380,7 +352,7 @@ def inspect_file(path: PathLike, *, backend: str | None = None, progress: Progre
         f.seek(0)
         if is_container:
             layout = read_container_layout(f)
-            records = ((plen, t, ct) for _, plen, t, ct in _decode_records(f, layout, backend))
+            records = ((plen, t, ct) for _, plen, t, ct in decode_records(f, layout, backend))
             return _report(path, "nzsf", layout, os.fstat(f.fileno()).st_size, _collect(layout, records, progress))
         layout = read_safetensors_layout(f)
         stats = _collect(layout, _encode_records(f, layout, backend, hashlib.sha256()), progress)
