@@ -90,13 +90,13 @@ class WorkspacePool:
         key = (dtype, torch.device(device))
         with self._lock:
             free = self._free.setdefault(key, [])
-            fits = [b for b in free if b.numel() >= numel]
+            # by index, never list.remove: that compares tensors with ==, elementwise (and fails on other sizes)
+            fits = [i for i, b in enumerate(free) if b.numel() >= numel]
             if fits:
-                buf = min(fits, key=lambda b: b.numel())
-                free.remove(buf)
+                buf = free.pop(min(fits, key=lambda i: free[i].numel()))
             else:
                 if free:
-                    free.remove(max(free, key=lambda b: b.numel()))  # replace the largest too-small buffer
+                    free.pop(max(range(len(free)), key=lambda i: free[i].numel()))  # replace the largest too-small
                 with torch.inference_mode(False):  # a buffer made under inference_mode must stay writable after it
                     buf = torch.empty(max(numel, 1), dtype=dtype, device=device)
         return buf[:numel].view(shape), buf
