@@ -6,7 +6,8 @@ This folder installs as ``nz_lightning.kernels`` (never as a top-level ``kernels
 """
 
 from .backends import BACKENDS
-from .blob import serialized_size
+from .blob import PEEK_BYTES, serialized_size
+from .blob import peek as peek_blob
 from .compressed import MODE_CONST, MODE_LOSSY, MODE_RANS, MODE_RAW, CompressedTensor, compress
 from .freqtable import FreqTable, entropy_bits, quantize_counts
 from .lossy import DEFAULT_BLOCK_SIZE
@@ -19,12 +20,14 @@ __all__ = [
     "MODE_LOSSY",
     "MODE_RANS",
     "MODE_RAW",
+    "PEEK_BYTES",
     "SPECS",
     "CompressedTensor",
     "FloatSpec",
     "FreqTable",
     "compress",
     "entropy_bits",
+    "peek_blob",
     "quantize_counts",
     "serialized_size",
     "spec_for",

@@ -9,12 +9,14 @@ from kernels import MODE_CONST as MODE_CONST
 from kernels import MODE_LOSSY as MODE_LOSSY
 from kernels import MODE_RANS as MODE_RANS
 from kernels import MODE_RAW as MODE_RAW
+from kernels import PEEK_BYTES as PEEK_BYTES
 from kernels import SPECS as SPECS
 from kernels import CompressedTensor as CompressedTensor
 from kernels import FloatSpec as FloatSpec
 from kernels import FreqTable as FreqTable
 from kernels import compress as compress
 from kernels import entropy_bits as entropy_bits
+from kernels import peek_blob as peek_blob
 from kernels import quantize_counts as quantize_counts
 from kernels import serialized_size as serialized_size
 from kernels import spec_for as spec_for

@@ -22,8 +22,7 @@ from typing import TYPE_CHECKING, BinaryIO
 
 import torch
 
-from nz_lightning.kernels import MODE_CONST, CompressedTensor
-from nz_lightning.kernels.blob import PEEK_BYTES, peek
+from nz_lightning.kernels import MODE_CONST, PEEK_BYTES, CompressedTensor, peek_blob
 
 if TYPE_CHECKING:
     from nz_lightning.formats.nzsf import Layout
@@ -65,6 +64,18 @@ def record(kind: int, payload: bytes, out_len: int) -> bytes:
     return head + _U32.pack(zlib.crc32(head)) + payload
 
 
+CONST_EXPANSION_BASE = 1 << 30
+"""Bytes that the constant-mode records of any container may restore to, plus :data:`CONST_EXPANSION_PER_BYTE`
+per byte of the file (a constant record is a few dozen bytes whatever its size, and restoring or hashing it costs
+time in proportion to what it declares: without a bound, a 236-byte file could ask for 2 TiB of work)."""
+CONST_EXPANSION_PER_BYTE = 16
+
+
+def const_expansion_limit(file_size: int) -> int:
+    """The most bytes the constant-mode records of a container of ``file_size`` bytes may declare in total."""
+    return CONST_EXPANSION_BASE + CONST_EXPANSION_PER_BYTE * file_size
+
+
 def scan_records(f: BinaryIO, layout: Layout) -> list[RecordInfo]:
     """Validate the record table of a container (``f`` at its first record) without reading payloads.
 
@@ -80,6 +91,7 @@ def scan_records(f: BinaryIO, layout: Layout) -> list[RecordInfo]:
     start, size, n = f.tell(), os.fstat(f.fileno()).st_size, len(layout.segments)
     expected = [*((s.kind, s.end - s.begin, s.dtype) for s in layout.segments), (KIND_END, 0, None)]
     infos = []
+    const_bytes, const_limit = 0, const_expansion_limit(size)
     for idx, (want_kind, want_len, dtype) in enumerate(expected):
         head = read_exact(f, REC_HEAD_SIZE, f"record {idx} header")
         if zlib.crc32(head[:-4]) != _U32.unpack(head[-4:])[0]:
@@ -91,7 +103,7 @@ def scan_records(f: BinaryIO, layout: Layout) -> list[RecordInfo]:
         if plen > size - offset:
             raise ValueError(f"truncated file: record {idx} payload needs {plen} bytes, only {size - offset} left")
         if kind == KIND_NZCT:
-            shape, blob_dtype, _ = peek(f.read(min(plen, PEEK_BYTES)), plen)
+            shape, blob_dtype, mode = peek_blob(f.read(min(plen, PEEK_BYTES)), plen)
             numel = 1
             for d in shape:
                 numel *= d
@@ -99,6 +111,12 @@ def scan_records(f: BinaryIO, layout: Layout) -> list[RecordInfo]:
                 raise ValueError(
                     f"corrupt NZSF container: blob in record {idx} ({tuple(shape)} {blob_dtype}) does not restore "
                     f"{out_len} bytes of {dtype}"
+                )
+            const_bytes += out_len if mode == MODE_CONST else 0
+            if const_bytes > const_limit:
+                raise ValueError(
+                    f"NZSF container: its constant-valued tensors declare {const_bytes} bytes (record {idx}), more "
+                    f"than the {const_limit} bytes a {size}-byte file may expand to (1 GiB + 16 per file byte)"
                 )
         elif kind == KIND_END:
             if plen != _END.size or offset + plen != size or _END.unpack(f.read(plen))[1] != n:
