@@ -7,7 +7,7 @@ import os
 import pickle
 from collections.abc import Iterator
 
-__all__ = ["refuse_pickled_objects"]
+__all__ = ["LIGHTNING_CKPT_ALIASES", "check_checkpoint_file", "refuse_pickled_objects"]
 
 
 @contextlib.contextmanager
@@ -27,3 +27,28 @@ def refuse_pickled_objects(path: str | os.PathLike[str]) -> Iterator[None]:
         ) from err
     except (EOFError, RuntimeError) as err:
         raise ValueError(f"{path} is not a readable checkpoint file: {err}") from err
+
+
+LIGHTNING_CKPT_ALIASES = ("last", "best", "hpc", "registry")
+"""``ckpt_path`` values that Lightning resolves itself (not file names)."""
+
+
+def check_checkpoint_file(path: str | os.PathLike[str]) -> None:
+    """Check that ``path`` is a Lightning checkpoint readable without unpickling objects, before a run resumes.
+
+    The file is memory-mapped, not read into memory. Lightning's aliases (``"last"``, ``"best"``, ...) pass.
+
+    Raises:
+        ValueError: Missing, empty, truncated or not a checkpoint (no ``state_dict``), or holding pickled objects;
+            the message names ``path``.
+    """
+    import torch
+
+    if str(path) in LIGHTNING_CKPT_ALIASES:
+        return
+    if not os.path.isfile(path):
+        raise ValueError(f"ckpt_path {os.fspath(path)} is not a file")
+    with refuse_pickled_objects(path):
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
+        raise ValueError(f"{os.fspath(path)} is not a Lightning checkpoint (it has no 'state_dict')")

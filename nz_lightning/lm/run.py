@@ -18,6 +18,7 @@ from hydra.utils import get_object, instantiate
 from lightning.pytorch.callbacks import Callback, LearningRateMonitor
 from omegaconf import DictConfig, OmegaConf
 
+from nz_lightning.formats.safe_load import check_checkpoint_file
 from nz_lightning.lm.memory import peak_rss_bytes
 from nz_lightning.lm.report import print_eval_summary, print_summary
 from nz_lightning.tensor.sizes import WeightSizes, weight_sizes
@@ -218,7 +219,10 @@ def train(cfg: DictConfig, print_table: bool = True) -> dict[str, Any]:
     )
     _log_config(trainer, cfg)
 
-    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    ckpt_path = cfg.get("ckpt_path")
+    if ckpt_path:
+        check_checkpoint_file(str(ckpt_path))  # a clear error for a bad file, whatever strategy reads it
+    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
     metrics = _scalars(trainer)  # each later stage (validate, test) starts its own callback_metrics
     checkpoint = None
     if cfg.get("save_checkpoint", True):

@@ -94,3 +94,26 @@ def test_cli_refuses_a_pickle(hostile: tuple[Path, Path], command: str, tmp_path
     assert done.returncode == 2, done.stderr
     assert done.stderr.startswith("nz-lightning: error:") and "Traceback" not in done.stderr
     assert not marker.exists()
+
+
+def test_resume_checks_the_checkpoint_file(hostile: tuple[Path, Path], tmp_path: Path) -> None:
+    """``train.py ckpt_path=...`` (any strategy) names a bad file clearly instead of a KeyError or bare EOFError."""
+    from nz_lightning.formats.safe_load import check_checkpoint_file
+
+    path, marker = hostile
+    with pytest.raises(ValueError, match="refusing to load"):
+        check_checkpoint_file(path)
+    assert not marker.exists()
+    empty = tmp_path / "empty.ckpt"
+    empty.write_bytes(b"")
+    with pytest.raises(ValueError, match="empty.ckpt is not a readable checkpoint"):
+        check_checkpoint_file(empty)
+    plain = tmp_path / "plain.pt"
+    torch.save({"weight": torch.zeros(2)}, plain)
+    with pytest.raises(ValueError, match="not a Lightning checkpoint"):
+        check_checkpoint_file(plain)
+    with pytest.raises(ValueError, match="is not a file"):
+        check_checkpoint_file(tmp_path / "missing.ckpt")
+    torch.save({"state_dict": {"w": torch.zeros(2)}, "epoch": 1}, tmp_path / "ok.ckpt")
+    check_checkpoint_file(tmp_path / "ok.ckpt")
+    check_checkpoint_file("last")
