@@ -124,6 +124,22 @@ def _shape(view: memoryview, ndim: int) -> torch.Size:
     return torch.Size(dims)
 
 
+def _head(view: memoryview, blob_len: int) -> tuple[int, int, int, int]:
+    """``(version, dtype code, mode, ndim)`` of the fixed header at the start of ``view`` (a blob of ``blob_len``).
+
+    Raises:
+        ValueError: Too short for any header, bad magic or an unsupported version.
+    """
+    if blob_len < _HEAD.size + _CRC.size or len(view) < _HEAD.size:
+        raise ValueError(f"truncated blob: {blob_len} bytes is shorter than any header")
+    magic, version, code, mode, ndim = _HEAD.unpack(view[: _HEAD.size])
+    if magic != MAGIC:
+        raise ValueError(f"not an nz_lightning blob: magic {bytes(magic)!r}, expected {MAGIC!r}")
+    if version not in (VERSION, VERSION_FOLDED):
+        raise ValueError(f"unsupported blob version {version}; this build reads versions {VERSION}-{VERSION_FOLDED}")
+    return version, code, mode, ndim
+
+
 def peek(head: bytes | bytearray | memoryview, blob_len: int) -> tuple[torch.Size, torch.dtype, int]:
     """Shape, dtype and mode a blob declares, from its first bytes, checked against the blob's length.
 
@@ -139,13 +155,7 @@ def peek(head: bytes | bytearray | memoryview, blob_len: int) -> tuple[torch.Siz
         ValueError: Bad magic, version, dtype, mode or shape, or a size the blob cannot hold.
     """
     view = memoryview(head).cast("B")
-    if blob_len < _HEAD.size + _CRC.size or len(view) < _HEAD.size:
-        raise ValueError(f"truncated blob: {blob_len} bytes is shorter than any header")
-    magic, version, code, mode, ndim = _HEAD.unpack(view[: _HEAD.size])
-    if magic != MAGIC:
-        raise ValueError(f"not an nz_lightning blob: magic {bytes(magic)!r}, expected {MAGIC!r}")
-    if version not in (VERSION, VERSION_FOLDED):
-        raise ValueError(f"unsupported blob version {version}; this build reads versions {VERSION}-{VERSION_FOLDED}")
+    version, code, mode, ndim = _head(view, blob_len)
     spec, shape = spec_for_code(code), _shape(view, ndim)
     n = math.prod(shape)
     if mode not in (0, 1, 2, 3):
@@ -202,13 +212,7 @@ def loads(
         ValueError: On any inconsistency, or a constant blob declaring more than ``max_const_bytes``.
     """
     view = memoryview(data).cast("B")
-    if len(view) < _HEAD.size + _CRC.size:
-        raise ValueError(f"truncated blob: {len(view)} bytes is shorter than any header")
-    magic, version, code, mode, ndim = _HEAD.unpack(view[: _HEAD.size])
-    if magic != MAGIC:
-        raise ValueError(f"not an nz_lightning blob: magic {bytes(magic)!r}, expected {MAGIC!r}")
-    if version not in (VERSION, VERSION_FOLDED):
-        raise ValueError(f"unsupported blob version {version}; this build reads versions {VERSION}-{VERSION_FOLDED}")
+    version, code, mode, ndim = _head(view, len(view))
     (crc,) = _CRC.unpack(view[-_CRC.size :])
     body = view[: -_CRC.size]
     if zlib.crc32(body) != crc:
