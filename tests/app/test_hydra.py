@@ -1,4 +1,4 @@
-"""Hydra configs, recipes, train.py and the data modules: compose everything, build on meta, train a few steps."""
+"""Hydra configs, recipes and train.py: compose everything, build on meta, train a few steps."""
 
 from __future__ import annotations
 
@@ -22,8 +22,9 @@ from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from nz_lightning.lm import run
-from nz_lightning.lm.data import ByteTokenizer, TextDataModule, stdlib_files
+from nz_lightning.lm.data import ByteTokenizer
 from nz_lightning.tensor.sizes import WeightSizes
+from tests.helpers.text_data import SQL_ROWS, trained_tokenizer
 
 ROOT = Path(__file__).resolve().parents[2]
 CONF = ROOT / "conf"
@@ -40,11 +41,6 @@ MODEL_PARAMS = {
     "t5_3b": 2.852e9,
     "t5_11b": 11.308e9,
 }
-SQL_ROWS = [
-    {"question": f"How many heads of department are older than {n}?", "context": "CREATE TABLE head (age INTEGER)"}
-    | {"answer": f"SELECT COUNT(*) FROM head WHERE age > {n}"}
-    for n in range(40)
-]
 
 
 pytestmark = pytest.mark.usefixtures("restore_cpu_threads")
@@ -349,89 +345,11 @@ def test_lora_adapters_stay_plain_under_quantized_linear_init(hydra_conf: None) 
 # -- data --------------------------------------------------------------------------------------------------------
 
 
-def test_local_text_blocks(tmp_path: Path) -> None:
-    for i in range(2):
-        (tmp_path / f"doc{i}.txt").write_text("héllo wörld\n" * 50)
-    dm = TextDataModule(files=str(tmp_path / "*.txt"), seq_len=16, batch_size=4, val_fraction=0.1)
-    dm.setup()
-    batch = next(iter(dm.train_dataloader()))
-    assert batch["input_ids"].shape == (4, 16) and torch.equal(batch["input_ids"], batch["labels"])
-    assert len(dm.data["val"]) >= 1 and dm.vocab_size == 259
-    first = dm.data["train"][0]["input_ids"]
-    assert ByteTokenizer().decode(first).startswith("héllo")
-    assert all(os.path.isfile(p) for p in stdlib_files())
-    default = TextDataModule(max_bytes=20_000, seq_len=64)
-    default.setup()
-    assert len(default.data["train"]) == (20_001 - 1000) // 64  # os.py's first 20 kB + EOS, 5% held out
-    with pytest.raises(FileNotFoundError):
-        TextDataModule(files=str(tmp_path / "*.nothing")).setup()
-
-
-def _trained_tokenizer(tmp_path: Path, texts: list[str]) -> str:
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    tok = Tokenizer(models.BPE(unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<pad>", "</s>", "<unk>"])
-    tok.train_from_iterator(texts, trainer)
-    path = tmp_path / "tokenizer.json"
-    tok.save(str(path))
-    from transformers import PreTrainedTokenizerFast
-
-    fast = PreTrainedTokenizerFast(tokenizer_file=str(path), pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
-    fast.save_pretrained(str(tmp_path / "tok"))
-    return str(tmp_path / "tok")
-
-
-def test_json_seq2seq_with_local_tokenizer(tmp_path: Path) -> None:
-    (tmp_path / "sql.jsonl").write_text("\n".join(json.dumps(r) for r in SQL_ROWS))
-    tok_dir = _trained_tokenizer(tmp_path, [v for r in SQL_ROWS for v in r.values()])
-    templates = dict(source_template="question: {question} context: {context}", target_template="{answer}")
-    dm = TextDataModule(
-        dataset="json", data_files=str(tmp_path / "sql.jsonl"), tokenizer=tok_dir, task="seq2seq", **templates,
-        seq_len=48, target_len=24, batch_size=4, val_fraction=0.1, cache_dir=str(tmp_path / "cache"),
-    )  # fmt: skip
-    dm.prepare_data()
-    dm.setup()
-    assert len(dm.data["train"]) == 36 and len(dm.data["val"]) == 4
-    batch = next(iter(dm.val_dataloader()))
-    eos, pad = dm.tokenizer.eos_token_id, dm.tokenizer.pad_token_id
-    assert batch["input_ids"].shape[1] <= 48 and batch["labels"].shape[1] <= 24
-    assert (batch["labels"] == eos).sum(dim=1).tolist() == [1] * 4
-    assert torch.equal(batch["attention_mask"].bool(), batch["input_ids"] != pad)
-    text = dm.tokenizer.decode(batch["labels"][0][batch["labels"][0] >= 0], skip_special_tokens=True)
-    assert text.startswith("SELECT COUNT(*) FROM head WHERE age >")
-
-
-def test_text_and_parquet_causal_with_tokenizer_file(tmp_path: Path) -> None:
-    import datasets
-
-    lines = [f"line {i}: the quick brown fox jumps over the lazy dog" for i in range(200)]
-    (tmp_path / "train.txt").write_text("\n".join(lines))
-    (tmp_path / "valid.txt").write_text("\n".join(lines[:40]))
-    tok_file = str(Path(_trained_tokenizer(tmp_path, lines)).parent / "tokenizer.json")
-    common: dict[str, Any] = dict(tokenizer=tok_file, seq_len=32, batch_size=2, cache_dir=str(tmp_path / "cache"))
-    files = {"train": str(tmp_path / "train.txt"), "validation": str(tmp_path / "valid.txt")}
-    text_dm = TextDataModule(dataset="text", data_files=files, row_suffix="\n", **common)
-    text_dm.setup()
-    assert text_dm.data["train"][0]["input_ids"].shape == (32,)
-    assert 0 < len(text_dm.data["val"]) < len(text_dm.data["train"])
-    assert "line 0: the quick" in text_dm.tokenizer.decode(text_dm.data["train"][0]["input_ids"])
-    datasets.Dataset.from_dict({"text": [ln + "\n" for ln in lines]}).to_parquet(str(tmp_path / "train.parquet"))
-    pq_dm = TextDataModule(dataset="parquet", data_files={"train": str(tmp_path / "train.parquet")}, **common)
-    pq_dm.setup()  # no validation split: 5% of the rows are held out
-    assert "quick brown fox" in pq_dm.tokenizer.decode(pq_dm.data["train"][0]["input_ids"])
-    n_tokens = sum(d.blocks.numel() for d in (pq_dm.data["train"], pq_dm.data["val"]))
-    assert abs(n_tokens - text_dm.data["train"].blocks.numel()) <= 64  # same rows, cut into blocks per split
-    assert pq_dm.data["test"] is pq_dm.data["val"]
-
-
 def test_seq2seq_module_trains_from_local_pretrained(tmp_path: Path, hydra_conf: None) -> None:
     from transformers import T5Config, T5ForConditionalGeneration
 
     (tmp_path / "sql.jsonl").write_text("\n".join(json.dumps(r) for r in SQL_ROWS))
-    tok_dir = _trained_tokenizer(tmp_path, [v for r in SQL_ROWS for v in r.values()])
+    tok_dir = trained_tokenizer(tmp_path, [v for r in SQL_ROWS for v in r.values()])
     small = dict(vocab_size=304, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_decoder_layers=2, num_heads=4)
     T5ForConditionalGeneration(T5Config(**small, decoder_start_token_id=0)).save_pretrained(str(tmp_path / "t5"))
     data = dict(tokenizer=tok_dir, dataset="json", data_files=tmp_path / "sql.jsonl", cache_dir=tmp_path / "cache")
