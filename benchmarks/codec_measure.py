@@ -11,7 +11,6 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-import zipnn
 
 from benchmarks.codec_inputs import DTYPE_NAME, normal_tensor
 from nz_lightning import CompressedTensor, compress
@@ -81,8 +80,10 @@ def lanes_of(c: CompressedTensor) -> int:
     return 0 if c.streams is None else int(c.streams.states.numel())
 
 
-def zipnn_codec(dtype: torch.dtype) -> zipnn.ZipNN:
-    """A single-threaded zipnn codec for torch tensors of ``dtype``."""
+def zipnn_codec(dtype: torch.dtype) -> Any:
+    """A single-threaded zipnn codec for torch tensors of ``dtype`` (zipnn is imported here: GPU machines lack it)."""
+    import zipnn
+
     return zipnn.ZipNN(input_format="torch", bytearray_dtype=ZIPNN_DTYPE[dtype], threads=1)
 
 

@@ -6,8 +6,8 @@ Each point: a N(0, 0.02) tensor of 16 MiB, 64 MiB, 256 MiB or 1 GiB generated on
 ``triton`` backend, decoded and checked bit for bit; then the best of a few runs (CUDA events, one untimed warm-up)
 of decode into a preallocated tensor, of encode, and of ``out.copy_(x)`` (device-to-device copy; GB/s count the
 tensor's bytes once, as for the codec). A point that would not fit in free device memory (about 8x its bytes) is
-skipped. The timing helper is the same as ``benchmarks/codec_gpu.py``'s ``cuda_best_of``, which is not imported
-because that module imports zipnn (through ``codec_measure``), absent on GPU machines.
+skipped. Timing reuses ``benchmarks/codec_gpu.py``'s ``cuda_best_of``
+(``codec_measure``'s wall-clock ``best_of`` on the CPU); zipnn, absent on GPU machines, is imported only where used.
 
 ``--dry-run``: the same loop on the CPU at 16 KiB with the Triton interpreter (``TRITON_INTERPRET=1``, set by the
 driver), one timed run per point and no untimed warm-up, wall-clock timing.
@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import math
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -37,29 +36,10 @@ MEMORY_FACTOR = 8
 
 def best_of(fn: Callable[[], object], repeats: int, cuda: bool) -> float:
     """Best time in seconds of ``fn()``: CUDA events after one untimed run on the GPU, wall clock on the CPU."""
-    import torch
+    from benchmarks.codec_gpu import cuda_best_of
+    from benchmarks.codec_measure import best_of as cpu_best_of
 
-    if cuda:
-        fn()
-        torch.cuda.synchronize()
-    best = math.inf
-    for _ in range(repeats):
-        if cuda:
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            best = min(best, start.elapsed_time(end) / 1e3)
-        else:
-            t0 = time.perf_counter()
-            fn()
-            best = min(best, time.perf_counter() - t0)
-    return best
-
-
-def _gbps(nbytes: int, seconds: float) -> float:
-    return nbytes / seconds / 1e9 if seconds > 0 else math.inf
+    return cuda_best_of(fn, repeats) if cuda else cpu_best_of(fn, repeats)
 
 
 def _size_label(nbytes: int) -> str:
@@ -83,6 +63,7 @@ def measure_point(x: Any, repeats: int, steps: int, cuda: bool) -> dict[str, Any
     """
     import torch
 
+    from benchmarks.codec_measure import gbps
     from nz_lightning.kernels import compress, spec_for
 
     nbytes = x.numel() * x.element_size()
@@ -102,9 +83,9 @@ def measure_point(x: Any, repeats: int, steps: int, cuda: bool) -> dict[str, Any
         "bpw": c.bits_per_weight,
         "ratio": c.bits_per_weight / (8 * x.element_size()),
         "lossless": lossless,
-        "encode_gbps": _gbps(nbytes, t_enc),
-        "decode_gbps": _gbps(nbytes, t_dec),
-        "copy_gbps": _gbps(nbytes, t_copy),
+        "encode_gbps": gbps(nbytes, t_enc),
+        "decode_gbps": gbps(nbytes, t_dec),
+        "copy_gbps": gbps(nbytes, t_copy),
     }
     row["decode_vs_copy"] = row["decode_gbps"] / row["copy_gbps"]
     return row
