@@ -12,6 +12,7 @@ from .compressed import MODE_CONST, MODE_LOSSY, MODE_RANS, MODE_RAW, CompressedT
 from .freqtable import FreqTable, entropy_bits, quantize_counts
 from .lossy import DEFAULT_BLOCK_SIZE
 from .spec import SPECS, FloatSpec, spec_for
+from .streams import settle_streams
 
 __all__ = [
     "BACKENDS",
@@ -30,5 +31,6 @@ __all__ = [
     "peek_blob",
     "quantize_counts",
     "serialized_size",
+    "settle_streams",
     "spec_for",
 ]

@@ -105,6 +105,15 @@ class CodecBackend(Protocol):
         """
         ...
 
+    def encode_bounded(self, x: torch.Tensor, spec: FloatSpec, table: FreqTable, steps: int, max_words: int) -> Streams:
+        """:meth:`encode` when the caller knows the stream holds at most ``max_words`` words.
+
+        A device backend may then size the word buffer from the bound instead of reading the total back (no host
+        sync), returning streams whose ``used`` holds the length (see :class:`~kernels.streams.Streams`). Default:
+        :meth:`encode` (exact words).
+        """
+        return self.encode(x, spec, table, steps)
+
     def decode_tables(self, table: FreqTable, spec: FloatSpec, device: torch.device) -> torch.Tensor:
         """Lookup tables :meth:`decode` uses for ``table`` (cached by ``CompressedTensor`` for large tensors).
 
@@ -153,6 +162,7 @@ class FunctionBackend(CodecBackend):
         encode: Implements :meth:`CodecBackend.encode`.
         decode: Implements :meth:`CodecBackend.decode`.
         decode_flagged: Implements :meth:`CodecBackend.decode_flagged` (``None``: the default, via ``decode``).
+        encode_bounded: Implements :meth:`CodecBackend.encode_bounded` (``None``: the default, via ``encode``).
     """
 
     def __init__(
@@ -163,16 +173,22 @@ class FunctionBackend(CodecBackend):
         decode: Callable[[Streams, FloatSpec, torch.Tensor, int, int, torch.Tensor], None],
         decode_flagged: Callable[[Streams, FloatSpec, torch.Tensor, int, int, torch.Tensor], torch.Tensor | None]
         | None = None,
+        encode_bounded: Callable[[torch.Tensor, FloatSpec, FreqTable, int, int], Streams] | None = None,
     ) -> None:
         self.name = name
         self._histogram, self._encode, self._decode = exponent_histogram, encode, decode
-        self._decode_flagged = decode_flagged
+        self._decode_flagged, self._encode_bounded = decode_flagged, encode_bounded
 
     def exponent_histogram(self, x: torch.Tensor, spec: FloatSpec) -> torch.Tensor:
         return self._histogram(x, spec)
 
     def encode(self, x: torch.Tensor, spec: FloatSpec, table: FreqTable, steps: int) -> Streams:
         return self._encode(x, spec, table, steps)
+
+    def encode_bounded(self, x: torch.Tensor, spec: FloatSpec, table: FreqTable, steps: int, max_words: int) -> Streams:
+        if self._encode_bounded is None:
+            return super().encode_bounded(x, spec, table, steps, max_words)
+        return self._encode_bounded(x, spec, table, steps, max_words)
 
     def decode(
         self, streams: Streams, spec: FloatSpec, tables: torch.Tensor, prob_bits: int, steps: int, out: torch.Tensor

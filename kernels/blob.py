@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
+from .blob_table import decode_table, encode_table, table_nbytes
 from .freqtable import FreqTable
 from .layout import (
     DEFAULT_STEPS_PER_LANE,
@@ -23,7 +24,7 @@ from .layout import (
     num_lanes,
 )
 from .lossy import MAX_BLOCK_LOG2, NO_BLOCK, num_blocks, scale_bytes
-from .spec import folded, max_fold_bits, spec_for, spec_for_code
+from .spec import V2_SYMBOL_BITS, folded, max_fold_bits, spec_for, spec_for_code
 from .streams import Streams
 
 if TYPE_CHECKING:
@@ -31,9 +32,13 @@ if TYPE_CHECKING:
 
 MAGIC = b"NZCT"
 VERSION = 1
-"""Written for every blob except those with folded mantissa bits."""
+"""Written for raw, lossy and constant blobs."""
 VERSION_FOLDED = 2
-"""Written when mantissa bits are coded with the exponent (the coder header's byte 1 holds how many)."""
+"""Read only (written before version 3): an fp16 rANS blob with 1-3 folded mantissa bits, u8 table symbols."""
+VERSION_COMPACT = 3
+"""Written for every lossless rANS blob: the fold byte (0 to ``10 - exponent bits``), the compact table section
+(``kernels.blob_table``) and one-byte lane word counts when a lane holds at most 255 symbols."""
+VERSIONS = (VERSION, VERSION_FOLDED, VERSION_COMPACT)
 MAX_NDIM = 64
 MAX_DIM = (1 << 63) - 1
 """Largest dimension a blob may declare (torch sizes are signed 64-bit), even when another dimension is 0."""
@@ -66,11 +71,21 @@ def serialized_size(ct: CompressedTensor) -> int:
     if ct.mode == 3:
         return size + ct.spec.itemsize
     assert ct.streams is not None and ct.table is not None
+    if ct.mode == 1:
+        st = ct.streams.settle()
+        lanes = st.states.numel()
+        words = 4 * lanes + count_bytes(ct.numel(), ct.steps_per_lane) * lanes + 2 * st.words.numel()
+        return size + table_nbytes(ct.table) + words + st.sm.numel()
     size += 3 * len(ct.table.symbols) + ct.streams.nbytes()
     if ct.mode == 2:
         assert ct.nan_index is not None
         size += (0 if ct.scales is None else ct.scales.numel()) + 8 * ct.nan_index.numel()
     return size
+
+
+def count_bytes(n: int, steps: int) -> int:
+    """Bytes per lane word count in a version-3 blob: 1 when no lane holds more than 255 symbols, else 2."""
+    return 1 if effective_steps(n, steps) <= 255 else 2
 
 
 def raw_serialized_size(shape: torch.Size, dtype: torch.dtype) -> int:
@@ -84,7 +99,7 @@ def _le(t: torch.Tensor, np_dtype: str) -> bytes:
 
 def dumps(ct: CompressedTensor) -> bytes:
     """Serialize ``ct`` (see docs/FORMAT.md)."""
-    version = VERSION_FOLDED if ct.fold_bits else VERSION
+    version = VERSION_COMPACT if ct.mode == 1 else VERSION
     parts = [_HEAD.pack(MAGIC, version, ct.spec.code, ct.mode, len(ct.shape))]
     parts.append(struct.pack(f"<{len(ct.shape)}Q", *ct.shape))
     if ct.mode in (0, 3):  # raw bytes, or the one value of a constant tensor
@@ -92,16 +107,20 @@ def dumps(ct: CompressedTensor) -> bytes:
         parts.append(ct.raw.cpu().numpy().tobytes())
     else:
         assert ct.streams is not None and ct.table is not None
-        st, tb = ct.streams, ct.table
+        st, tb = ct.streams.settle(), ct.table
         parts.append(_RANS.pack(tb.prob_bits, ct.fold_bits, len(tb.symbols), ct.steps_per_lane, st.words.numel()))
         if ct.mode == 2:
             assert ct.mantissa_bits is not None and ct.nan_index is not None
             log2 = NO_BLOCK if ct.block_size is None else ct.block_size.bit_length() - 1
             parts.append(_LOSSY.pack(ct.mantissa_bits, log2, 0, ct.nan_index.numel()))
-        parts.append(bytes(tb.symbols))
-        parts.append(struct.pack(f"<{len(tb.freqs)}H", *tb.freqs))
+        if ct.mode == 1:
+            parts.append(encode_table(tb))
+        else:
+            parts.append(bytes(tb.symbols))
+            parts.append(struct.pack(f"<{len(tb.freqs)}H", *tb.freqs))
         parts.append(_le(st.states.view(torch.int32), "<i4"))
-        parts.append(_le(st.counts.to(torch.int32), "<u2"))
+        cw = count_bytes(ct.numel(), ct.steps_per_lane) if ct.mode == 1 else 2
+        parts.append(_le(st.counts.to(torch.int32), "<u1" if cw == 1 else "<u2"))
         parts.append(_le(st.words.view(torch.int16), "<i2"))
         parts.append(st.sm.cpu().numpy().tobytes())
         if ct.mode == 2:
@@ -135,8 +154,8 @@ def _head(view: memoryview, blob_len: int) -> tuple[int, int, int, int]:
     magic, version, code, mode, ndim = _HEAD.unpack(view[: _HEAD.size])
     if magic != MAGIC:
         raise ValueError(f"not an nz_lightning blob: magic {bytes(magic)!r}, expected {MAGIC!r}")
-    if version not in (VERSION, VERSION_FOLDED):
-        raise ValueError(f"unsupported blob version {version}; this build reads versions {VERSION}-{VERSION_FOLDED}")
+    if version not in VERSIONS:
+        raise ValueError(f"unsupported blob version {version}; this build reads versions {VERSIONS[0]}-{VERSIONS[-1]}")
     return version, code, mode, ndim
 
 
@@ -224,7 +243,7 @@ def loads(
     n = math.prod(shape)
     if n * spec.itemsize >= 1 << 63:
         raise ValueError(f"corrupt blob: shape {tuple(shape)} is too large ({n} elements)")
-    if version == VERSION_FOLDED and mode != 1:
+    if version != VERSION and mode != 1:
         raise ValueError(f"corrupt blob: version {version} with mode {mode}")
     if mode == 0:
         raw = torch.from_numpy(rd.array(n * spec.itemsize, "u1", "raw payload"))
@@ -250,7 +269,9 @@ def loads(
     prob_bits, fold, nsym, steps, nwords = rd.unpack(_RANS, "coder header")
     if version == VERSION:
         fold = 0  # a reserved byte in version 1
-    elif not 1 <= fold <= max_fold_bits(spec):
+    elif version == VERSION_FOLDED and not 1 <= fold <= max_fold_bits(spec, V2_SYMBOL_BITS):
+        raise ValueError(f"corrupt blob: {fold} folded mantissa bits for {spec.dtype} in a version 2 blob")
+    elif version == VERSION_COMPACT and not 0 <= fold <= max_fold_bits(spec):
         raise ValueError(f"corrupt blob: {fold} folded mantissa bits for {spec.dtype}")
     coding = folded(spec, fold)
     sm_bits, block_size, n_nan, scale_len = coding.sm_bits, None, 0, 0
@@ -269,16 +290,20 @@ def loads(
         raise ValueError(f"corrupt blob: prob_bits {prob_bits} out of range")
     if not 1 <= steps <= MAX_STEPS_PER_LANE:
         raise ValueError(f"corrupt blob: steps_per_lane {steps} out of range")
-    table = _read_table(rd, nsym, prob_bits, coding.alphabet)
+    if version == VERSION_COMPACT:
+        table, rd.pos = decode_table(rd.data, rd.pos, nsym, prob_bits, coding.alphabet)
+    else:
+        table = _read_table(rd, nsym, prob_bits, coding.alphabet)
     k = effective_steps(n, steps)
+    cw = 1 if version == VERSION_COMPACT and k <= 255 else 2
     lanes = num_lanes(n, k)
     if nwords > n:
         raise ValueError(f"corrupt blob: {nwords} words for {n} symbols")
     sm_len = (n * sm_bits + 7) // 8
-    if rd.pos + 4 * lanes + 2 * lanes + 2 * nwords + sm_len + scale_len + 8 * n_nan != len(body):
+    if rd.pos + 4 * lanes + cw * lanes + 2 * nwords + sm_len + scale_len + 8 * n_nan != len(body):
         raise ValueError("corrupt blob: section sizes do not add up to the blob length")
     states = rd.array(lanes, "<u4", "lane states")
-    counts = rd.array(lanes, "<u2", "lane word counts")
+    counts = rd.array(lanes, "<u1" if cw == 1 else "<u2", "lane word counts")
     words = rd.array(nwords, "<i2", "words")
     sm = rd.array(sm_len, "u1", "sign+mantissa")
     scales = rd.array(scale_len, "u1", "block scales") if mode == 2 and block_size is not None else None

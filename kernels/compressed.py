@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from . import blob, lossy
+from . import blob, blob_table, lossy
 from .backends import CodecBackend, get_backend
 from .freqtable import FreqTable, quantize_counts
 from .layout import (
@@ -26,9 +26,10 @@ MODE_RAW = 0
 MODE_RANS = 1
 MODE_LOSSY = 2
 MODE_CONST = 3
-FOLD_BITS = {torch.float16: 2}
-"""Top mantissa bits the lossless encoder tries coding together with the exponent, per dtype (it keeps whichever
-layout is smaller). Only fp16 has room: its symbol grows from 5 to 7 bits; bf16 and fp32 exponents fill 8."""
+FOLD_BITS = {torch.bfloat16: 2, torch.float16: 3}
+"""Most top mantissa bits the lossless encoder tries coding together with the exponent, per dtype: it takes one
+histogram of the widest layout and keeps whichever fold (0 up to this) its size estimate prefers. bf16 symbols grow
+from 8 to at most 10 bits, fp16 from 5 to 8 (docs/FORMAT.md §1.1). fp32 is not folded (decoders accept it)."""
 CACHE_TABLES_MIN_NUMEL = 1 << 20
 """Decoder tables (up to 32 KiB) are cached only for tensors this large, where they cost < 3% of the compressed
 size; smaller tensors rebuild them per decode (tens of microseconds)."""
@@ -55,7 +56,7 @@ class CompressedTensor:
         block_size: Normalization block size (lossy mode only; ``None`` when off).
         scales: Packed block scale fields (uint8; lossy mode with normalization only).
         nan_index: Positions of NaNs (int64; lossy mode only).
-        fold_bits: Top mantissa bits coded together with the exponent in each rANS symbol (lossless fp16; else 0).
+        fold_bits: Top mantissa bits coded together with the exponent in each rANS symbol (lossless mode; else 0).
         verified: Whether the coded data is known consistent: made by :func:`compress`, or decoded once with its
             check. ``decompress(check=False)`` skips the host-side check (a device sync) only for such data.
     """
@@ -264,6 +265,37 @@ class CompressedTensor:
         )
 
 
+def fold_histograms(widest: list[int], bits: int) -> list[list[int]]:
+    """Histograms of every fold from 0 to ``bits``, from the histogram of the widest (``bits``-folded) layout.
+
+    Entry ``f`` counts the symbols ``s >> (bits - f)`` (the exponent and its top ``f`` mantissa bits).
+    """
+    out = [widest]
+    for _ in range(bits):
+        prev = out[0]
+        out.insert(0, [prev[i] + prev[i + 1] for i in range(0, len(prev), 2)])
+    return out
+
+
+def choose_fold(layouts: list[list[int]], spec: FloatSpec, n: int, prob_bits: int) -> tuple[float, int, FreqTable]:
+    """The fold whose blob the size estimate says is smallest: ``(estimated bytes, fold, table)``.
+
+    The estimate of a fold is its table section plus the ideal coded size of its symbols under the quantized
+    table plus its raw sign+mantissa fields (lane states and counts are the same for every fold). Folds with more
+    present symbols than ``2^prob_bits`` cannot be coded and are skipped (fold 0 always fits: at most 256 symbols).
+    """
+    best: tuple[float, int, FreqTable] | None = None
+    for bits, cnt in enumerate(layouts):
+        if sum(1 for c in cnt if c) > 1 << prob_bits:
+            continue
+        table = quantize_counts(cnt, prob_bits)
+        size = blob_table.table_nbytes(table) + table.cost_bits(cnt) / 8 + n * folded(spec, bits).sm_bits / 8
+        if best is None or size < best[0]:
+            best = (size, bits, table)
+    assert best is not None
+    return best
+
+
 def _raw(x: torch.Tensor, steps: int) -> CompressedTensor:
     raw = x.reshape(-1).view(torch.uint8).clone()
     return CompressedTensor(x.shape, x.dtype, MODE_RAW, None, steps, raw=raw)
@@ -325,29 +357,37 @@ def compress(
         if blob.serialized_size(coded) >= blob.raw_serialized_size(x.shape, x.dtype):
             return _raw(coded.decompress(backend=backend), steps_per_lane)  # tiny tensors: raw rounded values
         return coded
-    fold = FOLD_BITS.get(x.dtype, 0)
+    widest = FOLD_BITS.get(x.dtype, 0)
     # The host chooses the table (and raw vs coded): one device-to-host read per encode (docs/DESIGN.md).
-    folded_counts = impl.exponent_histogram(x, folded(spec, fold)).tolist()
-    counts = [sum(folded_counts[s << fold : (s + 1) << fold]) for s in range(spec.alphabet)]
+    layouts = fold_histograms(impl.exponent_histogram(x, folded(spec, widest)).tolist(), widest)
+    counts = layouts[0]
     if n >= 2 and sum(1 for c in counts if c) == 1:
         ints = x.reshape(-1).view(spec.int_dtype)
         if bool((ints == ints[0]).all()):
             value = ints[:1].view(torch.uint8).clone()
             return CompressedTensor(x.shape, x.dtype, MODE_CONST, None, steps_per_lane, raw=value)
-    # Plain exponents, or (fp16) exponents with the top mantissa bits: whichever the size estimate prefers.
-    layouts = [(0, counts)] + ([(fold, folded_counts)] if fold else [])
-    best: tuple[float, int, FreqTable] | None = None
-    for bits, cnt in layouts:
-        table = quantize_counts(cnt, prob_bits)
-        size = table.cost_bits(cnt) / 8 + n * folded(spec, bits).sm_bits / 8 + 3 * len(table.symbols)
-        if best is None or size < best[0]:
-            best = (size, bits, table)
-    assert best is not None
-    size, fold, table = best
-    if size + 6 * num_lanes(n, steps_per_lane) >= n * spec.itemsize:
+    _, fold, table = choose_fold(layouts, spec, n, prob_bits)
+    # Raw or coded is decided before coding, from an upper bound on the coded size (the same on every backend), so
+    # a device backend can size the word stream from it without reading the total back (docs/DESIGN.md).
+    max_words = word_bound(table, layouts[fold], n)
+    coding = folded(spec, fold)
+    lanes = num_lanes(n, steps_per_lane)
+    fixed = blob.header_size(len(x.shape), MODE_RANS) + blob_table.table_nbytes(table)
+    most = fixed + (4 + blob.count_bytes(n, steps_per_lane)) * lanes + 2 * max_words + (n * coding.sm_bits + 7) // 8
+    if most >= blob.raw_serialized_size(x.shape, x.dtype):
         return _raw(x, steps_per_lane)
-    streams = impl.encode(x, folded(spec, fold), table, steps_per_lane)
-    coded = CompressedTensor(x.shape, x.dtype, MODE_RANS, table, steps_per_lane, streams, fold_bits=fold, verified=True)
-    if blob.serialized_size(coded) >= blob.raw_serialized_size(x.shape, x.dtype):
-        return _raw(x, steps_per_lane)
-    return coded
+    streams = impl.encode_bounded(x, coding, table, steps_per_lane, max_words)
+    return CompressedTensor(x.shape, x.dtype, MODE_RANS, table, steps_per_lane, streams, fold_bits=fold, verified=True)
+
+
+def word_bound(table: FreqTable, counts: list[int], n: int) -> int:
+    """An upper bound on the rANS words of ``n`` symbols with these counts under ``table`` (every lane layout).
+
+    A lane starts in state ``L = 2^16`` and ends in a state ``>= L``; each word it emits takes 16 bits off
+    ``log2(state)``, and coding a symbol of frequency ``f`` adds at most ``p - log2(f) + log2(1 + 2^(p-16))`` (the
+    state is at least ``f * 2^(16-p)`` when it is coded). So the words number less than the table's ideal cost
+    plus ``n * log2(1 + 2^(p-16))`` bits, over 16 (about 0.5% above the ideal at ``p = 12``); a relative 1e-9 and
+    one word of margin cover float rounding.
+    """
+    slack = n * math.log2(1 + 2.0 ** (table.prob_bits - 16))
+    return min(n, int((table.cost_bits(counts) + slack) * (1 + 1e-9) / 16) + 1)

@@ -15,7 +15,7 @@ import numba
 import numpy as np
 import torch
 
-from .cpu_decode import VECTOR_MAX_PROB_BITS, table32
+from .cpu_decode import PACKED_WIDTHS, table32, vector_table_ok
 from .cpu_decode import decode_lanes as decode_lanes_vector
 from .cpu_encode import VECTOR_MIN_PROB_BITS
 from .cpu_encode import encode_lanes as encode_lanes_vector
@@ -128,8 +128,23 @@ def _pack_sm16(bits: np.ndarray, man_bits: int, width: int) -> np.ndarray:  # pr
             b32 = np.uint32(bits[i])
             out[i] = np.uint8(((b32 >> 15) << man_bits) | (b32 & mmask))
         return out
-    # Fields go into a 64-bit accumulator flushed as whole little-endian words (the same byte stream).
     u = np.uint64
+    if width < 8:  # folded bf16 (6- or 7-bit fields): 8 fields fill `width` whole bytes
+        groups = (n + 7) // 8
+        acc = np.zeros(groups + 1, dtype=np.uint64)  # one 64-bit group of 8 fields each (the last may be short)
+        uw, um, umask = u(width), u(man_bits), u(mmask)
+        for g in range(n // 8):  # full groups, unrolled: no loop-carried dependency between groups
+            i = 8 * g
+            a = u(0)
+            for q in range(8):
+                b = u(bits[i + q])
+                a |= (((b >> u(15)) << um) | (b & umask)) << (u(q) * uw)
+            acc[g] = a
+        for i in range(n - n % 8, n):
+            b = u(bits[i])
+            acc[i >> 3] |= (((b >> u(15)) << um) | (b & umask)) << (u(i & 7) * uw)
+        return acc.view(np.uint8).reshape(groups + 1, 8)[:groups, :width].copy().reshape(-1)[:nbytes]
+    # Fields go into a 64-bit accumulator flushed as whole little-endian words (the same byte stream).
     words = np.zeros((nbytes + 7) // 8, dtype=np.uint64)
     acc = u(0)
     nacc = u(0)
@@ -165,10 +180,10 @@ def _pack_sm32(bits: np.ndarray) -> np.ndarray:  # pragma: no cover - jitted
 def encode(x: torch.Tensor, spec: FloatSpec, table: FreqTable, steps: int) -> Streams:
     """rANS-encode the exponents of contiguous CPU ``x`` and pack its sign+mantissa fields."""
     bits = _bits_array(x, spec)
-    freq, cum = table.dense(spec.alphabet)
+    freq, cum = table.dense_arrays(spec.alphabet)
     k = effective_steps(bits.size, steps)
-    freq_a = np.asarray(freq, dtype=np.uint32)
-    cum_a = np.asarray(cum, dtype=np.uint32)
+    freq_a = freq.astype(np.uint32)
+    cum_a = cum.astype(np.uint32)
     if table.prob_bits >= VECTOR_MIN_PROB_BITS:
         packed = (cum_a << np.uint32(16)) | freq_a
         states, counts, words = encode_lanes_vector(bits, spec.man_bits, spec.alphabet - 1, packed, table.prob_bits, k)
@@ -280,19 +295,20 @@ def _decode_lanes(
 
 
 def decode_tables(table: FreqTable, spec: FloatSpec, device: torch.device) -> torch.Tensor:
-    """Per-slot decoder entries. For ``prob_bits <= 12``: 32-bit entries of the vectorized decoder (int32,
-    :func:`kernels.cpu_decode.table32`). Otherwise 64-bit entries of the scalar decoder (int64)::
+    """Per-slot decoder entries. For ``prob_bits <= 12`` and symbols spanning < 256 values: 32-bit entries of the
+    vectorized decoder (int32, :func:`kernels.cpu_decode.table32`). Otherwise 64-bit entries of the scalar decoder
+    (int64)::
 
         freq << 48 | (symbol << man_bits) << 16 | (slot - cum)
 
     One lookup per decoded symbol gives the frequency, the exponent already shifted into place, and the bias.
     """
-    if table.prob_bits <= VECTOR_MAX_PROB_BITS:
+    if vector_table_ok(table):
         return torch.from_numpy(table32(table, spec.alphabet).view(np.int32))
     m = 1 << table.prob_bits
-    freq_l, cum_l = table.dense(spec.alphabet)
-    freq = np.asarray(freq_l, dtype=np.uint64)
-    cum = np.asarray(cum_l, dtype=np.uint64)
+    freq_i, cum_i = table.dense_arrays(spec.alphabet)
+    freq = freq_i.astype(np.uint64)
+    cum = cum_i.astype(np.uint64)
     lut = np.repeat(np.asarray(table.symbols, dtype=np.uint64), table.freqs)
     bias = np.arange(m, dtype=np.uint64) - cum[lut]
     entries = (freq[lut] << np.uint64(48)) | ((lut << np.uint64(spec.man_bits)) << np.uint64(16)) | bias
@@ -329,11 +345,12 @@ def decode(
         raise ValueError("corrupt blob: lane count does not match the tensor size")
     bits = _bits_array(out, spec)
     args = (bits, streams.sm.numpy(), streams.states.numpy().view(np.uint32), offsets, words)
-    vector = tables.dtype == torch.int32  # 32-bit entries: the vectorized decoder (prob_bits <= 12)
+    vector = tables.dtype == torch.int32  # 32-bit entries: the vectorized decoder (see decode_tables)
     native = spec == spec_for(spec.dtype)
-    # Layouts the decode loops merge themselves; any other (folded fp16 fields other than 9 bits, or folded
-    # fields in the scalar decoder) is decoded as exponent bits and merged afterwards.
-    fused_merge = native or (vector and spec.code == 2 and spec.man_bits == 8)
+    # Layouts the decode loops merge themselves; any other (folded fields of other widths, or folded fields in the
+    # scalar decoder) is decoded as exponent bits and merged afterwards.
+    width = spec.sm_bits
+    fused_merge = native or (vector and (width == 8 or width in PACKED_WIDTHS[spec.total_bits]))
     code = spec.code if fields and fused_merge else 0
     if vector:
         bad = decode_lanes_vector(*args, tables.numpy().view(np.uint32), prob_bits, k, code, spec.man_bits)

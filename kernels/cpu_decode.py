@@ -6,13 +6,15 @@ data model is an LLVM ``<8 x i32>``, so they stay in vector registers for the wh
 8 lanes (an intrinsic) does the slot lookup as a gather from a 32-bit decoder table, the state update,
 and the renormalization, which gathers every lane's next word unconditionally (the cursor clamped to the
 word array, so a corrupt blob cannot read out of bounds) and keeps it only where the state fell below ``L``.
-The sign+mantissa fields are merged in the same vector code: bf16 bytes directly, fp16 (11-bit, or 9-bit
-with two folded mantissa bits) and fp32 (24-bit) fields with one unaligned load and a byte shuffle per 8
-values. Rows near the end of the stream, where that load would overrun, and other field widths are written as
-exponent bits and merged by scalar code.
+The sign+mantissa fields are merged in the same vector code: 8-bit fields (bf16, fp16 with three folded
+mantissa bits) as bytes directly, the other 16-bit layouts' 6- to 11-bit fields and fp32's 24-bit fields with one
+unaligned load and a byte shuffle per 8 values. Rows near the end of the stream, where that load would overrun,
+and other field widths are written as exponent bits and merged by scalar code.
 
-The table entry is ``(freq - 1) << 20 | bias << 8 | symbol`` with ``bias = slot - cum``: it fits 32 bits for
-``prob_bits <= 12`` (``VECTOR_MAX_PROB_BITS``); larger ``prob_bits`` use the scalar decoder.
+The table entry is ``(freq - 1) << 20 | bias << 8 | (symbol - base)`` with ``bias = slot - cum`` and ``base`` the
+table's smallest symbol, stored after the ``2^prob_bits`` entries: it fits 32 bits for ``prob_bits <= 12``
+(``VECTOR_MAX_PROB_BITS``) and symbols spanning less than 256 values (folded bf16 symbols have up to 10 bits, but
+weights use a narrow range of them). Other tables use the scalar decoder.
 """
 
 from __future__ import annotations
@@ -32,6 +34,9 @@ from .simd_ir import I32x8, broadcast, element_ptr, gather_i32, splat
 
 VECTOR_MAX_PROB_BITS = 12
 """Entries pack ``freq - 1`` and the bias in 12 bits each."""
+PACKED_WIDTHS = {16: (6, 7, 9, 10, 11), 32: (24,)}
+"""Sign+mantissa field widths the vector decoder merges with a shuffle, per float width (8-bit fields are merged
+as bytes; any other width is decoded as exponent bits and merged by ``cpu_merge.merge_fields``)."""
 _W = LANES_PER_SEGMENT
 _I16x8 = ir.VectorType(ir.IntType(16), 8)
 _I8x8 = ir.VectorType(ir.IntType(8), 8)
@@ -53,17 +58,28 @@ class _Vec8Model(models.PrimitiveModel):
         super().__init__(dmm, fe_type, I32x8)
 
 
+def vector_table_ok(table: FreqTable) -> bool:
+    """Whether :func:`table32` can hold ``table``: ``prob_bits <= 12`` and symbols spanning < 256 values."""
+    return table.prob_bits <= VECTOR_MAX_PROB_BITS and table.symbols[-1] - table.symbols[0] < 256
+
+
 def table32(table: FreqTable, alphabet: int) -> np.ndarray:
-    """Per-slot 32-bit decoder entries (uint32) for ``table.prob_bits <= VECTOR_MAX_PROB_BITS``."""
-    if table.prob_bits > VECTOR_MAX_PROB_BITS:
-        raise ValueError(f"32-bit decoder entries need prob_bits <= {VECTOR_MAX_PROB_BITS}, got {table.prob_bits}")
-    freq_l, cum_l = table.dense(alphabet)
-    freq = np.asarray(freq_l, dtype=np.uint32)
-    cum = np.asarray(cum_l, dtype=np.uint32)
+    """Per-slot 32-bit decoder entries (uint32), then the symbol base (``2^prob_bits + 1`` values).
+
+    Raises:
+        ValueError: The table does not fit (see :func:`vector_table_ok`).
+    """
+    if not vector_table_ok(table):
+        raise ValueError(f"32-bit decoder entries need prob_bits <= {VECTOR_MAX_PROB_BITS} and a symbol span < 256")
+    freq_i, cum_i = table.dense_arrays(alphabet)
+    freq = freq_i.astype(np.uint32)
+    cum = cum_i.astype(np.uint32)
     sym = np.repeat(np.asarray(table.symbols, dtype=np.uint32), table.freqs)
     bias = np.arange(1 << table.prob_bits, dtype=np.uint32) - cum[sym]
-    entries: np.ndarray = ((freq[sym] - np.uint32(1)) << np.uint32(20)) | (bias << np.uint32(8)) | sym
-    return entries
+    base = np.uint32(table.symbols[0])
+    entries = ((freq[sym] - np.uint32(1)) << np.uint32(20)) | (bias << np.uint32(8)) | (sym - base)
+    out: np.ndarray = np.append(entries, base).astype(np.uint32)
+    return out
 
 
 def _vec_ptr(context: Any, builder: ir.IRBuilder, aryty: Any, ary: ir.Value, index: ir.Value, vty: Any) -> ir.Value:
@@ -102,15 +118,15 @@ def _shl_intrinsic(typingctx: Any, value: Any, shift: Any) -> Any:  # pragma: no
 
 
 def _step_intrinsic(
-    typingctx: Any, x: Any, p: Any, table: Any, words: Any, start: Any, lim: Any, pb: Any
+    typingctx: Any, x: Any, p: Any, table: Any, words: Any, start: Any, lim: Any, pb: Any, base: Any
 ) -> Any:  # pragma: no cover - compiled
-    """One decoding step of 8 lanes: returns ``(states, cursors, symbols)``.
+    """One decoding step of 8 lanes: returns ``(states, cursors, symbols)`` (symbols with ``base`` added).
 
     Cursors are relative to ``words[start]``; reads are clamped to relative position ``lim``.
     """
 
     def codegen(context: Any, builder: ir.IRBuilder, signature: Any, args: Any) -> ir.Value:
-        state, pos, tab_v, words_v, start_v, lim_v, pb_v = args
+        state, pos, tab_v, words_v, start_v, lim_v, pb_v, base_v = args
         sty = signature.args
         pbs = broadcast(builder, builder.trunc(pb_v, ir.IntType(32)), I32x8)
         slot = builder.and_(state, builder.sub(builder.shl(splat(1), pbs), splat(1)))
@@ -124,10 +140,11 @@ def _step_intrinsic(
         word = gather_i32(context, builder, sty[3], words_v, safe, 16, start_v)
         state = builder.select(refill, builder.or_(builder.shl(new, splat(16)), word), new)
         pos = builder.add(pos, builder.zext(refill, I32x8))
-        sym = builder.and_(entry, splat(0xFF))
+        base8 = broadcast(builder, builder.trunc(base_v, ir.IntType(32)), I32x8)
+        sym = builder.add(builder.and_(entry, splat(0xFF)), base8)
         return context.make_tuple(builder, signature.return_type, [state, pos, sym])
 
-    return types.UniTuple(vec8, 3)(x, p, table, words, start, lim, pb), codegen
+    return types.UniTuple(vec8, 3)(x, p, table, words, start, lim, pb, base), codegen
 
 
 def _store_bf16_intrinsic(typingctx: Any, out: Any, sm: Any, at: Any, sym: Any) -> Any:  # pragma: no cover
@@ -153,7 +170,7 @@ def _field_load_bytes(fieldw: int) -> int:
 
 def _store_packed_intrinsic(typingctx: Any, out: Any, sm: Any, at: Any, sym: Any, fieldw: Any) -> Any:
     """Merge 8 symbols at ``at`` (``at % 8 == 0``) with their packed sign+mantissa fields of literal width
-    ``fieldw`` (11 fp16, 9 fp16 with two folded mantissa bits, 24 fp32).
+    ``fieldw`` (6 to 11 for the 16-bit layouts, folded or not; 24 fp32).
 
     The 8 fields fill ``fieldw`` whole bytes from byte ``at / 8 * fieldw``; they are fetched with one unaligned
     load of 16 or 32 bytes and one byte shuffle, so the caller must make sure the load stays inside ``sm``.
@@ -206,13 +223,28 @@ def _field_load_end(at: int, fieldw: int) -> int:  # pragma: no cover - jitted
 
 @numba.njit(inline="always", nogil=True, boundscheck=False)
 def _store_row(out: np.ndarray, sm: np.ndarray, r: int, y0: Any, y1: Any, y2: Any, y3: Any, fieldw: int) -> None:
-    """One row of 32 values with packed fields of width ``fieldw`` (11 or 9 for fp16, 24 for fp32)."""
+    """One row of 32 values with packed fields of width ``fieldw`` (one of :data:`PACKED_WIDTHS`)."""
     # pragma: no cover - jitted
     if fieldw == 11:
         _store_packed(out, sm, r, y0, 11)
         _store_packed(out, sm, r + 8, y1, 11)
         _store_packed(out, sm, r + 16, y2, 11)
         _store_packed(out, sm, r + 24, y3, 11)
+    elif fieldw == 10:
+        _store_packed(out, sm, r, y0, 10)
+        _store_packed(out, sm, r + 8, y1, 10)
+        _store_packed(out, sm, r + 16, y2, 10)
+        _store_packed(out, sm, r + 24, y3, 10)
+    elif fieldw == 7:
+        _store_packed(out, sm, r, y0, 7)
+        _store_packed(out, sm, r + 8, y1, 7)
+        _store_packed(out, sm, r + 16, y2, 7)
+        _store_packed(out, sm, r + 24, y3, 7)
+    elif fieldw == 6:
+        _store_packed(out, sm, r, y0, 6)
+        _store_packed(out, sm, r + 8, y1, 6)
+        _store_packed(out, sm, r + 16, y2, 6)
+        _store_packed(out, sm, r + 24, y3, 6)
     elif fieldw == 9:
         _store_packed(out, sm, r, y0, 9)
         _store_packed(out, sm, r + 8, y1, 9)
@@ -234,14 +266,14 @@ def _merge_tail(out: np.ndarray, sm: np.ndarray, r0: int, cnt: int, code: int, m
         return
     if code == 2 and man_bits == 10:
         merge_fp16(out, sm, r0, cnt)
-    elif code == 2:
-        merge_fields(out, sm, r0, cnt, man_bits, 16)
-    elif code == 3:
+    elif code == 3 and man_bits == 23:
         for j in range(cnt):
             out[u(r0 + j)] |= sm_fp32(sm, u(r0 + j))
-    else:
+    elif code != 3 and man_bits == 7:  # 8-bit fields: bf16, or fp16 with three folded bits
         for j in range(cnt):
             out[u(r0 + j)] |= sm_bf16(sm, u(r0 + j))
+    else:
+        merge_fields(out, sm, r0, cnt, man_bits, 32 if code == 3 else 16)
 
 
 @numba.njit(parallel=True, nogil=True, cache=True, boundscheck=False)
@@ -260,9 +292,10 @@ def decode_lanes(
     """Decode all segments (in parallel) into ``out`` (uint16/uint32 bits); returns the inconsistent segments.
 
     Same contract as the scalar ``kernels.cpu._decode_lanes``, with ``table`` from :func:`table32`. ``code`` is
-    the dtype code (1 bf16, 2 fp16, 3 fp32) with fields of ``man_bits + 1`` bits (fp16: 11, or 9 with two folded
-    mantissa bits; the caller routes other widths to ``code`` 0), or 0 to write exponent bits only.
+    the dtype code (1 bf16, 2 fp16, 3 fp32) with fields of ``man_bits + 1`` bits (8 or one of
+    :data:`PACKED_WIDTHS`; the caller routes other widths to ``code`` 0), or 0 to write exponent bits only.
     """
+    sbase = table[table.size - 1]
     n = out.size
     seg = _W * k
     nseg = (n + seg - 1) // seg
@@ -286,15 +319,15 @@ def decode_lanes(
         # they get exponent bits here and a scalar merge below. The hot loops call only intrinsics.
         fieldw = man_bits + 1
         fused = full if code != 0 else 0  # code 0: exponent bits only, no fields to merge
-        while code > 1 and fused > 0 and _field_load_end(base + (fused - 1) * _W + 24, fieldw) > sm.size:
+        while fieldw != 8 and fused > 0 and _field_load_end(base + (fused - 1) * _W + 24, fieldw) > sm.size:
             fused -= 1
         for s in range(fused):
             r = base + s * _W
-            x0, p0, y0 = _step(x0, p0, table, words, start, lim, pb)
-            x1, p1, y1 = _step(x1, p1, table, words, start, lim, pb)
-            x2, p2, y2 = _step(x2, p2, table, words, start, lim, pb)
-            x3, p3, y3 = _step(x3, p3, table, words, start, lim, pb)
-            if code == 1:
+            x0, p0, y0 = _step(x0, p0, table, words, start, lim, pb, sbase)
+            x1, p1, y1 = _step(x1, p1, table, words, start, lim, pb, sbase)
+            x2, p2, y2 = _step(x2, p2, table, words, start, lim, pb, sbase)
+            x3, p3, y3 = _step(x3, p3, table, words, start, lim, pb, sbase)
+            if fieldw == 8:
                 _store_bf16(out, sm, r, y0)
                 _store_bf16(out, sm, r + 8, y1)
                 _store_bf16(out, sm, r + 16, y2)
@@ -303,10 +336,10 @@ def decode_lanes(
                 _store_row(out, sm, r, y0, y1, y2, y3, fieldw)
         for s in range(fused, full):
             r = base + s * _W
-            x0, p0, y0 = _step(x0, p0, table, words, start, lim, pb)
-            x1, p1, y1 = _step(x1, p1, table, words, start, lim, pb)
-            x2, p2, y2 = _step(x2, p2, table, words, start, lim, pb)
-            x3, p3, y3 = _step(x3, p3, table, words, start, lim, pb)
+            x0, p0, y0 = _step(x0, p0, table, words, start, lim, pb, sbase)
+            x1, p1, y1 = _step(x1, p1, table, words, start, lim, pb, sbase)
+            x2, p2, y2 = _step(x2, p2, table, words, start, lim, pb, sbase)
+            x3, p3, y3 = _step(x3, p3, table, words, start, lim, pb, sbase)
             _vstore(out, r, _shl(y0, man_bits))
             _vstore(out, r + 8, _shl(y1, man_bits))
             _vstore(out, r + 16, _shl(y2, man_bits))
@@ -330,7 +363,7 @@ def decode_lanes(
                 xn = (xn << np.uint32(16)) | np.uint32(words[start + min(int(rel[j]), lim)])
                 rel[j] += np.uint32(1)
             xs[j] = xn
-            out[r0 + j] = (e & np.uint32(0xFF)) << np.uint32(man_bits)
+            out[r0 + j] = ((e & np.uint32(0xFF)) + sbase) << np.uint32(man_bits)
         _merge_tail(out, sm, base + fused * _W, rest - fused * _W, code, man_bits)
         err = 0
         for j in range(_W):
@@ -340,4 +373,4 @@ def decode_lanes(
     return bad
 
 
-__all__ = ["VECTOR_MAX_PROB_BITS", "decode_lanes", "table32"]
+__all__ = ["PACKED_WIDTHS", "VECTOR_MAX_PROB_BITS", "decode_lanes", "table32", "vector_table_ok"]

@@ -6,6 +6,7 @@ import heapq
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 
@@ -25,14 +26,14 @@ class FreqTable:
 
     def dense(self, alphabet: int) -> tuple[list[int], list[int]]:
         """Frequencies and cumulative starts indexed by symbol (0 for absent symbols)."""
-        freq = [0] * alphabet
-        for s, f in zip(self.symbols, self.freqs, strict=True):
-            freq[s] = f
-        cum = [0] * alphabet
-        acc = 0
-        for s in range(alphabet):
-            cum[s] = acc
-            acc += freq[s]
+        freq, cum = self.dense_arrays(alphabet)
+        return freq.tolist(), cum.tolist()
+
+    def dense_arrays(self, alphabet: int) -> tuple[np.ndarray, np.ndarray]:
+        """:meth:`dense` as int64 numpy arrays (no Python loop over the alphabet: folded alphabets hold 1024)."""
+        freq = np.zeros(alphabet, dtype=np.int64)
+        freq[np.asarray(self.symbols, dtype=np.int64)] = self.freqs
+        cum: np.ndarray = np.cumsum(freq) - freq
         return freq, cum
 
     def decode_tables(self, alphabet: int, device: torch.device | str) -> torch.Tensor:
@@ -45,8 +46,10 @@ class FreqTable:
 
     def cost_bits(self, counts: list[int]) -> float:
         """Ideal coded size in bits of symbols with these counts under this table."""
-        freq = dict(zip(self.symbols, self.freqs, strict=True))
-        return sum(c * (self.prob_bits - math.log2(freq[s])) for s, c in enumerate(counts) if c)
+        # Summed over the table's symbols in ascending order: the present symbols' terms, in the order (and so with
+        # the float rounding) of a sum over the whole histogram; absent symbols contribute nothing.
+        pb = self.prob_bits
+        return sum(counts[s] * (pb - math.log2(f)) for s, f in zip(self.symbols, self.freqs, strict=True) if counts[s])
 
 
 def entropy_bits(counts: list[int]) -> float:

@@ -65,19 +65,29 @@ def spec_for(dtype: torch.dtype) -> FloatSpec:
     return spec
 
 
-def max_fold_bits(spec: FloatSpec) -> int:
-    """How many top mantissa bits can join the exponent in one rANS symbol (symbols are at most 8 bits)."""
-    return max(0, 8 - spec.exp_bits)
+MAX_SYMBOL_BITS = 10
+"""Widest rANS symbol (exponent plus folded mantissa bits) a blob of version 3 may code (alphabet 1024)."""
+V2_SYMBOL_BITS = 8
+"""Widest symbol of a version-2 blob (table symbols stored as u8: only fp16 folds there, 1 to 3 bits)."""
+
+
+def max_fold_bits(spec: FloatSpec, symbol_bits: int = MAX_SYMBOL_BITS) -> int:
+    """How many top mantissa bits can join the exponent in one rANS symbol of at most ``symbol_bits`` bits.
+
+    With the default (version 3 blobs) that is 2 for bf16 and fp32 and 5 for fp16; version 2 blobs allow
+    ``max_fold_bits(spec, V2_SYMBOL_BITS)`` (3 for fp16, 0 for the others).
+    """
+    return max(0, symbol_bits - spec.exp_bits)
 
 
 def folded(spec: FloatSpec, bits: int) -> FloatSpec:
     """The coding layout with the top ``bits`` mantissa bits moved from the raw field into the symbol.
 
-    ``folded(spec, 0)`` is ``spec``. For fp16 the top mantissa bits of Gaussian-like weights are not uniform,
-    so coding them with the 5-bit exponent saves bits (docs/FORMAT.md §1.4, version 2).
+    ``folded(spec, 0)`` is ``spec``. The top mantissa bits of weight-like data are not uniform, so coding them
+    with the exponent saves bits (docs/FORMAT.md §1.1, versions 2 and 3).
 
     Raises:
-        ValueError: ``bits`` is negative or the symbol would exceed 8 bits.
+        ValueError: ``bits`` is negative or the symbol would exceed :data:`MAX_SYMBOL_BITS`.
     """
     if not 0 <= bits <= max_fold_bits(spec):
         raise ValueError(f"cannot fold {bits} mantissa bits into the {spec.exp_bits}-bit exponent of {spec.dtype}")

@@ -12,8 +12,9 @@ is imported). Kernels live in ``kernels/triton_kernels.py``:
   device to one flag, which ``decode`` checks on the host (one sync) and ``decode_flagged`` returns unread.
 
 Host syncs (see docs/DESIGN.md): ``decode_flagged`` none (sizes come from the host-side header; tables are uploaded
-pinned and non-blocking); ``encode`` one (the word total that sizes the output); ``exponent_histogram`` none (its
-caller reads the counts back to choose the frequency table).
+pinned and non-blocking); ``encode`` one (the word total that sizes the output), ``encode_bounded`` none (the output
+is sized from the caller's upper bound and trimmed lazily); ``exponent_histogram`` none (its caller reads the counts
+back to choose the frequency table).
 """
 
 from __future__ import annotations
@@ -115,6 +116,8 @@ def _pack_sm(bits: torch.Tensor, spec: FloatSpec, gpu: bool) -> torch.Tensor:
 def encode(x: torch.Tensor, spec: FloatSpec, table: FreqTable, steps: int) -> Streams:
     """rANS-encode the exponents of ``x`` and pack its sign+mantissa fields (same output as the reference).
 
+    Reads the word total back to size the word stream (one host sync); :func:`encode_bounded` does not.
+
     Args:
         x: A float tensor of dtype ``spec.dtype`` with at least one element (CUDA, or CPU under the interpreter).
         spec: Its bit layout.
@@ -127,6 +130,19 @@ def encode(x: torch.Tensor, spec: FloatSpec, table: FreqTable, steps: int) -> St
     Raises:
         ValueError: ``x`` cannot run on this backend.
     """
+    return _encode(x, spec, table, steps, None)
+
+
+def encode_bounded(x: torch.Tensor, spec: FloatSpec, table: FreqTable, steps: int, max_words: int) -> Streams:
+    """:func:`encode` into a word buffer of ``max_words`` (an upper bound on the total): no host sync.
+
+    The streams' ``used`` holds the exact total on the device; words past the buffer are not written, and a total
+    over it makes ``Streams.settle`` raise and decodes fail their check (the bound was wrong: data lost).
+    """
+    return _encode(x, spec, table, steps, max_words)
+
+
+def _encode(x: torch.Tensor, spec: FloatSpec, table: FreqTable, steps: int, capacity: int | None) -> Streams:
     gpu = _check_device(x.device)
     device = x.device
     bits = _flat_bits(x, spec)
@@ -157,7 +173,8 @@ def encode(x: torch.Tensor, spec: FloatSpec, table: FreqTable, steps: int) -> St
         num_warps=max(1, lanes // 32) if gpu else 1,
     )
     offsets = word_offsets(counts)
-    total = int(offsets[-1])  # the one host sync of an encode: the word stream's size
+    # Without a bound, the word total sizes the stream: the one host sync of an encode.
+    total = int(offsets[-1]) if capacity is None else capacity
     words = torch.empty(total, dtype=torch.int16, device=device)
     if total:
         wblk = min(triton.next_power_of_2(k), 512 if gpu else 4096)
@@ -165,9 +182,10 @@ def encode(x: torch.Tensor, spec: FloatSpec, table: FreqTable, steps: int) -> St
         if not gpu:
             lblk = min(lblk, triton.next_power_of_2(nl))
         tk.compact_kernel[(triton.cdiv(nl, lblk), triton.cdiv(k, wblk))](
-            scratch, counts, offsets, words, nl, k, LB=lblk, W=wblk, num_warps=4
+            scratch, counts, offsets, words, nl, k, total, LB=lblk, W=wblk, num_warps=4
         )
-    return Streams(states=states, counts=counts, words=words, sm=_pack_sm(bits, spec, gpu))
+    used = None if capacity is None else offsets[-1]  # exact words when the total was read back
+    return Streams(states=states, counts=counts, words=words, sm=_pack_sm(bits, spec, gpu), used=used)
 
 
 def decode(
@@ -253,8 +271,10 @@ def decode_flagged(
         LANES=lanes,
         num_warps=max(1, lanes // 32) if gpu else 1,
     )
-    return status.any() | (offsets[-1] != nwords)
+    # ``words`` may be a larger buffer than the stream (``Streams.used``, from ``encode_bounded``); loaded blobs have
+    # exactly ``sum(counts)`` words (``blob.loads`` checks it).
+    return status.any() | (offsets[-1] > nwords)
 
 
-BACKEND = FunctionBackend("triton", exponent_histogram, encode, decode, decode_flagged)
+BACKEND = FunctionBackend("triton", exponent_histogram, encode, decode, decode_flagged, encode_bounded)
 """The ``"triton"`` entry of the backend registry."""

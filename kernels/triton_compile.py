@@ -147,15 +147,16 @@ def _make(kernel: str, consts: Mapping[str, int], bits: str, warps: int, variant
 def _layouts(kernel: str) -> dict[tuple[int, ...], tuple[FloatSpec, str]]:
     """Coding layouts a kernel is launched with, keyed by the constexprs they set, with their merged names.
 
-    Encoding (histogram, pack, encode) sees what ``compress`` codes: each dtype unfolded or folded by ``FOLD_BITS``
-    (the histogram only the latter) and the lossy carriers; decoding every fold a blob may hold (``max_fold_bits``).
+    Encoding (histogram, pack, encode) sees what ``compress`` codes: each dtype folded by 0 up to ``FOLD_BITS`` bits
+    (the histogram only the widest fold) and the lossy carriers; decoding every fold a blob may hold
+    (``max_fold_bits``: 0-2 for bf16 and fp32, 0-5 for fp16).
     """
     found: list[tuple[FloatSpec, str]] = []
     for spec in SPECS:
         name = str(spec.dtype).removeprefix("torch.").replace("bfloat", "bf").replace("float", "fp")
-        fold = FOLD_BITS.get(spec.dtype, 0)
-        every = range(max_fold_bits(spec) + 1)  # blobs may hold any fold; compress takes only the folded histogram
-        folds = {"decode_kernel": every, "histogram_kernel": [fold]}.get(kernel, sorted({0, fold}))
+        widest = FOLD_BITS.get(spec.dtype, 0)
+        every = range(max_fold_bits(spec) + 1)  # blobs may hold any fold; compress takes only the widest histogram
+        folds = {"decode_kernel": every, "histogram_kernel": [widest]}.get(kernel, range(widest + 1))
         found += [(folded(spec, f), name + (f" fold {f}" if f else "")) for f in folds]
         found.append((carrier_spec(spec), f"lossy {name}"))
     out: dict[tuple[int, ...], tuple[FloatSpec, str]] = {}

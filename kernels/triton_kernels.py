@@ -114,10 +114,13 @@ def compact_kernel(
     words_ptr,
     num_lanes,
     k,
+    capacity,
     LB: tl.constexpr,
     W: tl.constexpr,
 ):
     """Copy each lane's words from its scratch slot to ``words[offsets[l] : offsets[l] + counts[l]]``.
+
+    Nothing is written at or past ``capacity`` (the size of ``words``).
 
     Grid ``(cdiv(num_lanes, LB), cdiv(k, W))``: program ``(a, b)`` copies words ``[b * W, (b + 1) * W)`` of
     lanes ``[a * LB, (a + 1) * LB)``.
@@ -130,7 +133,8 @@ def compact_kernel(
     m = lane_ok[:, None] & (col[None, :] < cnt[:, None])
     src = (lane * k + k - cnt)[:, None] + col[None, :]
     v = tl.load(scratch_ptr + src, mask=m, other=0)
-    tl.store(words_ptr + (off[:, None] + col[None, :]), v, mask=m)
+    dst = off[:, None] + col[None, :]
+    tl.store(words_ptr + dst, v, mask=m & (dst < capacity))
 
 
 @triton.jit
@@ -149,6 +153,9 @@ def pack_sm_kernel(
     ``8j - i0 * w``, plus (when ``w`` is not a multiple of 8) the bottom of value ``i0 + 1``.
     """
     W: tl.constexpr = MAN_BITS + 1
+    # A byte starts inside value i0 at bit offset 8j mod W; with W >= 6 (symbols of at most 10 bits) the rest of
+    # the byte always lies in value i0 + 1 (W = 6: offsets 0, 2, 4; W = 7: at least 1 bit of i0 plus 7 of i0 + 1).
+    tl.static_assert(W >= 6)
     j = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
     mj = j < nbytes
     bit = j * 8

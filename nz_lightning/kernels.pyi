@@ -19,4 +19,5 @@ from kernels import entropy_bits as entropy_bits
 from kernels import peek_blob as peek_blob
 from kernels import quantize_counts as quantize_counts
 from kernels import serialized_size as serialized_size
+from kernels import settle_streams as settle_streams
 from kernels import spec_for as spec_for

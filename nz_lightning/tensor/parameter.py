@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 from torch.utils._pytree import tree_map
 
-from nz_lightning.kernels import DEFAULT_BLOCK_SIZE, CompressedTensor, compress, serialized_size
+from nz_lightning.kernels import DEFAULT_BLOCK_SIZE, CompressedTensor, compress, serialized_size, settle_streams
 from nz_lightning.tensor.prefetch import PREFETCH
 from nz_lightning.tensor.workspace import CODEC_STATS, DECODE_POOL, gather_rows, row_block, row_bounds
 
@@ -163,11 +163,13 @@ class WeightStore:
     @property
     def nbytes(self) -> int:
         """Bytes held by the compressed form (all blocks, cached decoder tables included)."""
+        settle_streams(ct.streams for ct in self._blocks)  # re-encoded blocks' word totals: one read for all
         return sum(ct.nbytes for ct in self._blocks)
 
     @property
     def serialized_nbytes(self) -> int:
         """Sum of the blocks' serialized sizes (what :meth:`to_blobs` returns, without building it)."""
+        settle_streams(ct.streams for ct in self._blocks)
         return sum(serialized_size(ct) for ct in self._blocks)
 
     def to_blobs(self) -> list[bytes]:

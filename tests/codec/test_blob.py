@@ -11,7 +11,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from nz_lightning.kernels import CompressedTensor, compress
-from nz_lightning.kernels.blob import MAGIC
+from nz_lightning.kernels.blob import MAGIC, count_bytes
+from nz_lightning.kernels.blob_table import table_nbytes
 from nz_lightning.kernels.layout import LANES_PER_SEGMENT, effective_steps, lane_lengths, num_lanes, num_segments
 
 X = (torch.randn(20_000, generator=torch.Generator().manual_seed(1)) * 0.02).to(torch.bfloat16)
@@ -59,9 +60,10 @@ def test_bad_magic_and_version() -> None:
 def _sections(c: CompressedTensor) -> dict[str, int]:
     """Byte offsets of the arrays inside the blob body (see docs/FORMAT.md)."""
     assert c.table is not None and c.streams is not None
-    pos = 8 + 8 * len(c.shape) + 16 + 3 * len(c.table.symbols)
+    pos = 8 + 8 * len(c.shape) + 16 + table_nbytes(c.table)  # version 3: the compact table section
     lanes = c.streams.states.numel()
-    return {"states": pos, "counts": pos + 4 * lanes, "words": pos + 6 * lanes}
+    cw = count_bytes(c.numel(), c.steps_per_lane)
+    return {"states": pos, "counts": pos + 4 * lanes, "words": pos + (4 + cw) * lanes, "count_bytes": cw}
 
 
 @pytest.mark.parametrize("backend", ["torch", "cpu"])
@@ -83,8 +85,9 @@ def test_crafted_structure_errors() -> None:
     with pytest.raises(ValueError, match="lower bound"):
         CompressedTensor.from_bytes(_with_crc(bytes(body)))
     body = bytearray(BLOB[:-4])
-    (cnt,) = struct.unpack_from("<H", body, sec["counts"])
-    struct.pack_into("<H", body, sec["counts"], cnt + 1)
+    fmt = "<B" if sec["count_bytes"] == 1 else "<H"
+    (cnt,) = struct.unpack_from(fmt, body, sec["counts"])
+    struct.pack_into(fmt, body, sec["counts"], cnt + 1)
     with pytest.raises(ValueError, match="word counts"):
         CompressedTensor.from_bytes(_with_crc(bytes(body)))
     body = bytearray(BLOB[:-4])

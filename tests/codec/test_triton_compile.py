@@ -90,10 +90,14 @@ def test_specializations_follow_the_kernel_signatures() -> None:
     decode = [s for s in tc.specializations() if s.kernel == "decode_kernel"]
     assert {s.constexprs["PB"] for s in decode} == set(range(8, 16))
     assert {s.constexprs["LANES"] for s in decode} == {32, 64, 128}
-    fp16 = next(s for s in SPECS if s.dtype == torch.float16)
-    assert {folded(fp16, f).alphabet for f in range(max_fold_bits(fp16) + 1)} <= {
-        s.constexprs["ALPHABET"] for s in decode
-    }
+    alphabets = {(s.constexprs["TOTAL_BITS"], s.constexprs["ALPHABET"]) for s in decode}
+    for spec in SPECS:  # every fold a blob may hold: bf16 / fp32 up to 2 bits, fp16 up to 5 (10-bit symbols)
+        assert {(spec.total_bits, folded(spec, f).alphabet) for f in range(max_fold_bits(spec) + 1)} <= alphabets
+    encoders = [s for s in tc.specializations() if s.kernel == "encode_kernel"]
+    encode = {(s.constexprs["ALPHABET"], s.constexprs["MAN_BITS"]) for s in encoders}
+    for spec in SPECS:  # every fold compress may choose
+        chosen = [folded(spec, f) for f in range(FOLD_BITS.get(spec.dtype, 0) + 1)]
+        assert {(c.alphabet, c.man_bits) for c in chosen} <= encode
 
 
 def test_problems_are_reported() -> None:
@@ -186,7 +190,7 @@ def test_backend_launches_are_enumerated(gpu_launches: list[tc.KernelSpec]) -> N
             for n, steps in ((1024, 2), (512, 2), (64, 1)):  # 128, 64 and 32 lanes per program; k = 1
                 v = x[:n]
                 table = quantize_counts(reference.exponent_histogram(v, coding).tolist(), 8 + fold)
-                if fold in (0, FOLD_BITS.get(spec.dtype, 0)):  # layouts compress encodes
+                if fold <= FOLD_BITS.get(spec.dtype, 0):  # layouts compress encodes
                     streams = tb.encode(v.to(device), coding, table, steps)
                 else:  # layouts only a blob may hold
                     streams = reference.encode(v, coding, table, steps).to(device)

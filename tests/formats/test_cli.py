@@ -100,7 +100,9 @@ def test_inspect_numbers(tmp_path: Path) -> None:
     assert w.exponent_entropy is not None and 2.0 <= w.exponent_entropy <= 3.5
     assert w.bits_per_weight < 16 and w.ratio > 1.3
     assert w.entropy_bound == pytest.approx(8 + w.exponent_entropy)
-    assert w.bits_per_weight >= w.entropy_bound - 0.01  # no coder beats the empirical entropy (8 raw bits + H)
+    # The bound is the exponent-only one (8 raw bits + H(exp)); folding the top mantissa bits into the coded symbol
+    # (format v3) codes below it, by at most the mantissa bits' redundancy, and lane overhead keeps us near it.
+    assert w.entropy_bound - 0.1 <= w.bits_per_weight <= w.entropy_bound + 0.05
     assert (n.mode, n.stored_bytes, n.ratio, n.exponent_entropy) == ("raw", 32, 1.0, None)
     assert from_container.float_numel == 65536 and from_container.float_bits_per_weight == pytest.approx(
         w.bits_per_weight
