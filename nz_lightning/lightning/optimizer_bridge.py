@@ -170,6 +170,7 @@ def to_fused(
     accumulate_grad_batches: int = 1,
     stochastic_rounding: bool = False,
     seed: int = 0,
+    blocked_head: bool = True,
 ) -> FusedOptimizer:
     """The fused equivalent of ``optimizer`` for ``module`` (its hooks are installed on the module's parameters).
 
@@ -185,6 +186,7 @@ def to_fused(
         accumulate_grad_batches: Micro-batches per update (``Trainer(accumulate_grad_batches=...)``).
         stochastic_rounding: Round bf16 results stochastically.
         seed: Seed of the stochastic rounding.
+        blocked_head: Use the blocked head on Hugging Face causal LMs (ignored for a user-built FusedOptimizer).
 
     Returns:
         The fused optimizer.
@@ -208,6 +210,7 @@ def to_fused(
         accumulate_grad_batches=accumulate_grad_batches,
         stochastic_rounding=stochastic_rounding,
         seed=seed,
+        blocked_head=blocked_head,
     )
     for key, value in group.items():
         if key not in _IMPL_KEYS:

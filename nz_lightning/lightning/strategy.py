@@ -67,6 +67,7 @@ class NeuZipStrategy(OneDeviceStrategy):
             ``fn(name, shape, dtype)``); see :func:`~nz_lightning.compress_model`.
         stochastic_rounding: Round bf16 updates stochastically.
         seed: Seed of the stochastic rounding.
+        blocked_head: HF causal LMs: loss, head and embedding updated by row blocks (``optim.blocked_head``).
         checkpoint_format: ``"dense"`` (portable) or ``"compressed"`` (weights stored as their encoded bytes).
         mantissa_bits: ``None`` (lossless) or the mantissa bits to keep: lossy weights for ``validate`` / ``test``
             / ``predict`` only (bf16 0-6, fp16 0-9, fp32 0-22; ``fit`` is refused when it starts).
@@ -93,6 +94,7 @@ class NeuZipStrategy(OneDeviceStrategy):
         weights: WeightSource | None = None,
         stochastic_rounding: bool = False,
         seed: int = 0,
+        blocked_head: bool = True,
         checkpoint_format: CheckpointFormat = "dense",
         mantissa_bits: int | None = None,
         block_size: int | None = DEFAULT_BLOCK_SIZE,
@@ -117,7 +119,7 @@ class NeuZipStrategy(OneDeviceStrategy):
         self.backend = backend
         self.weights = weights
         self.stochastic_rounding = stochastic_rounding
-        self.seed = int(seed)
+        self.seed, self.blocked_head = int(seed), blocked_head
         self.checkpoint_format: CheckpointFormat = checkpoint_format
         self.mantissa_bits = mantissa_bits
         self.block_size = block_size
@@ -224,6 +226,7 @@ class NeuZipStrategy(OneDeviceStrategy):
             accumulate_grad_batches=trainer.accumulate_grad_batches,
             stochastic_rounding=self.stochastic_rounding,
             seed=self.seed,
+            blocked_head=self.blocked_head,
         )
         rebind_schedulers((config.scheduler for config in self.lr_scheduler_configs), fused)
         self._fused = fused

@@ -6,6 +6,7 @@ parameter (re-compressing compressed ones) as soon as its gradient is ready; dri
 """
 
 from nz_lightning.optim.fused import RULES, FusedOptimizer, fused_optimizer
+from nz_lightning.optim.linear_ce import causal_lm_loss, linear_cross_entropy
 from nz_lightning.optim.rules import SGD, AdaLomo, AdamW, UpdateRule, stochastic_round_to_bf16
 
 __all__ = [
@@ -15,6 +16,8 @@ __all__ = [
     "AdamW",
     "FusedOptimizer",
     "UpdateRule",
+    "causal_lm_loss",
     "fused_optimizer",
+    "linear_cross_entropy",
     "stochastic_round_to_bf16",
 ]

@@ -24,7 +24,16 @@ from nz_lightning.optim.rules import AdaLomo, UpdateRule, stochastic_round_to_bf
 from nz_lightning.tensor.parameter import NZParameter, read_dense, write_dense
 from nz_lightning.tensor.workspace import decoded_block, row_block, row_bounds
 
-__all__ = ["SR_CHUNK", "apply_update", "mix_seed", "sr_noise"]
+__all__ = [
+    "SR_CHUNK",
+    "BlockGrad",
+    "apply_blocked_update",
+    "apply_update",
+    "block_value",
+    "mix_seed",
+    "param_bounds",
+    "sr_noise",
+]
 
 SR_CHUNK = 1 << 18
 """Elements per independently seeded chunk of the stochastic-rounding noise (so the noise of any row block can be
@@ -33,6 +42,14 @@ drawn on its own, and does not depend on how the parameter is split)."""
 _MASK63 = (1 << 63) - 1
 Noise = Callable[[int, int], Tensor]
 """``noise(start, stop)``: the stochastic-rounding bits of flat elements ``start:stop`` of a parameter."""
+BlockGrad = Callable[[int, Tensor], Tensor]
+"""``produce(k, value)``: the gradient of row block ``k`` of a parameter, given the block's current (pre-update)
+value ``value``; may be called more than once per block (AdaLomo makes two sweeps) and must return the same bits."""
+
+
+def param_bounds(p: Tensor) -> list[tuple[int, int]]:
+    """The row blocks ``p`` is updated by: its store's blocks if compressed, else :func:`row_bounds` of its shape."""
+    return p.store.bounds if isinstance(p, NZParameter) else row_bounds(p.shape, p.element_size())
 
 
 def mix_seed(*values: int) -> int:
@@ -93,7 +110,7 @@ def apply_update(
         noise: Stochastic-rounding bits by flat element range (bf16 only), or ``None`` to round to nearest.
     """
     store = p.store if isinstance(p, NZParameter) else None
-    bounds = store.bounds if store is not None else row_bounds(p.shape, p.element_size())
+    bounds = param_bounds(p)
     factored = isinstance(rule, AdaLomo) and "exp_avg_sq_row" in state
     if coef is not None and not (len(bounds) > 1 and rule.elementwise):
         grad, coef = grad * coef.to(grad.device), None  # out of place: autograd may still share the gradient
@@ -147,6 +164,119 @@ def _factored_blocks(
         bits = _block_noise(noise, p, bounds, k)
         _write_block(p, bounds, k, new.to(p.dtype) if bits is None else stochastic_round_to_bf16(new, noise=bits))
         del new
+
+
+def apply_blocked_update(
+    p: Tensor,
+    produce: BlockGrad,
+    state: dict[str, Tensor],
+    rule: UpdateRule,
+    lr: float,
+    step: int,
+    *,
+    coef: Tensor | None = None,
+    noise: Noise | None = None,
+) -> None:
+    """Update ``p`` in place from a gradient that exists only one row block at a time (``produce``).
+
+    Elementwise rules make one sweep: decode block ``k``, ``g = produce(k, value)``, update, re-encode. AdaLomo on a
+    matrix makes two (:func:`_factored_sweeps`): its factored statistics and update RMS need the whole gradient.
+
+    Args:
+        p: A trainable parameter (compressed or dense), updated by the blocks of :func:`param_bounds`.
+        produce: The gradient of each row block, given the block's pre-update value (see :data:`BlockGrad`).
+        state: Its rule state (mutated; ``"step"`` is left to the caller).
+        rule: The update rule.
+        lr: Learning rate.
+        step: 1-based number of this update.
+        coef: Gradient scale (clipping), or ``None``.
+        noise: Stochastic-rounding bits by flat element range (bf16 only), or ``None``.
+
+    Raises:
+        TypeError: A rule that is neither elementwise nor factored AdaLomo on a 2-D parameter.
+    """
+    bounds, scratch = param_bounds(p), isinstance(p, NZParameter)
+    if isinstance(rule, AdaLomo) and "exp_avg_sq_row" in state and p.dim() == 2:
+        _factored_sweeps(p, bounds, produce, state, rule, lr, step, coef, noise)
+        return
+    if not rule.elementwise:
+        raise TypeError(f"block-wise gradients need an elementwise rule or AdaLomo on a matrix, got {rule.name}")
+    shaped = {k for k, v in state.items() if isinstance(v, Tensor) and v.shape == p.shape}
+    for k in range(len(bounds)):
+        with _block(p, bounds, k) as value:
+            g = produce(k, value)
+            g = g if coef is None else g * coef.to(g.device)
+            st = {key: row_block(v, bounds, k) if key in shaped else v for key, v in state.items()}
+            new = _rule(rule, value, g, st, lr, step, scratch, _block_noise(noise, p, bounds, k))
+            _write_block(p, bounds, k, new)
+            del g, new
+
+
+def _factored_sweeps(
+    p: Tensor,
+    bounds: list[tuple[int, int]],
+    produce: BlockGrad,
+    state: dict[str, Tensor],
+    rule: AdaLomo,
+    lr: float,
+    step: int,
+    coef: Tensor | None,
+    noise: Noise | None,
+) -> None:
+    """AdaLomo on a matrix from block gradients: two sweeps over the blocks, each producing every block's gradient.
+
+    Sweep 1 updates the row statistics block by block and sums, over the rows, the column statistics
+    (``g^2 + eps1``), ``g^2 / row`` (which gives the RMS of the update without the update:
+    ``sum (r_i c_j g_ij)^2 = mean(row) * sum_j (sum_i g_ij^2 / row_i) / col_j``) and, with ``scale_parameter``, the
+    parameter's squares. Sweep 2 applies the update block by block. Equal to the whole-matrix formula up to rounding
+    (column sums and norms are summed block by block); compressed and dense twins take the same path (same bits).
+    """
+    f32 = torch.float32
+    beta2t = rule._beta2t(step)
+    row, col = state["exp_avg_sq_row"], state["exp_avg_sq_col"]
+    rows, cols = p.shape
+    col_sum = torch.zeros(cols, dtype=f32, device=p.device)
+    weighted = torch.zeros(cols, dtype=f32, device=p.device)
+    param_sq = torch.zeros((), dtype=f32, device=p.device)
+
+    def grad32(k: int, value: Tensor) -> Tensor:
+        g = produce(k, value).to(f32)
+        return g if coef is None else g.mul_(coef.to(g.device))
+
+    for k in range(len(bounds)):
+        with _block(p, bounds, k) as value:
+            g = grad32(k, value)
+            if rule.scale_parameter:
+                param_sq += value.to(f32).square().sum()
+        sq = g.square().add_(rule.eps[0])
+        r_k = row_block(row, bounds, k)
+        r_k.mul_(beta2t).add_(sq.mean(dim=-1), alpha=1.0 - beta2t)
+        col_sum += sq.sum(dim=0)
+        weighted += g.square_().div_(r_k.unsqueeze(-1)).sum(dim=0)
+        del g, sq
+    col.mul_(beta2t).add_(col_sum.div_(rows), alpha=1.0 - beta2t)
+    mean_row = row.mean()
+    r_factor = (row / mean_row).rsqrt_().unsqueeze(-1)
+    c_factor = col.unsqueeze(-2).rsqrt()
+    mean_sq = weighted.div_(col).sum().mul_(mean_row).div_(rows * cols)
+    clip = (mean_sq.sqrt() / rule.clip_threshold).clamp_(min=1.0)
+    rate: Tensor | float = lr
+    if rule.scale_parameter:
+        rate = (param_sq / max(p.numel(), 1)).sqrt().clamp_(min=rule.eps[1]) * lr
+    for k in range(len(bounds)):
+        with _block(p, bounds, k) as value:
+            g = grad32(k, value)
+            new = rule.factored_apply(value.to(f32, copy=True), g, row_block(r_factor, bounds, k), c_factor, clip, rate)
+        bits = _block_noise(noise, p, bounds, k)
+        _write_block(p, bounds, k, new.to(p.dtype) if bits is None else stochastic_round_to_bf16(new, noise=bits))
+        del g, new
+
+
+@contextlib.contextmanager
+def block_value(p: Tensor, k: int) -> Iterator[Tensor]:
+    """The current value of row block ``k`` (of :func:`param_bounds`) of ``p``: a pooled decode, or a view."""
+    with _block(p, param_bounds(p), k) as value:
+        yield value
 
 
 @contextlib.contextmanager

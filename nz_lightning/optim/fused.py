@@ -15,7 +15,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from nz_lightning.optim.blockwise import apply_update, sr_noise
+from nz_lightning.optim.block_grads import BlockGradsMixin, dense_rows, run_blocked, sum_producers
+from nz_lightning.optim.blockwise import BlockGrad, apply_blocked_update, apply_update, param_bounds, sr_noise
+from nz_lightning.optim.fused_state import FusedStateMixin
 from nz_lightning.optim.rules import SGD, AdaLomo, AdamW, UpdateRule
 from nz_lightning.tensor.parameter import is_compressed
 
@@ -24,7 +26,15 @@ __all__ = ["FusedOptimizer", "fused_optimizer"]
 RULES: dict[str, type[UpdateRule]] = {"sgd": SGD, "adamw": AdamW, "adalomo": AdaLomo}
 """The rules :func:`fused_optimizer` knows, by name."""
 
-_OPTIMIZER_OPTIONS = ("max_grad_norm", "accumulate_grad_batches", "stochastic_rounding", "seed", "accum_dtype")
+_OPTIMIZER_OPTIONS = (
+    "max_grad_norm",
+    "accumulate_grad_batches",
+    "stochastic_rounding",
+    "seed",
+    "accum_dtype",
+    "grad_reducer",
+    "blocked_head",
+)
 
 
 def _is_lossy(p: Tensor) -> bool:
@@ -32,7 +42,7 @@ def _is_lossy(p: Tensor) -> bool:
     return is_compressed(p) and bool(getattr(getattr(p, "store", None), "lossy", False))
 
 
-class FusedOptimizer(torch.optim.Optimizer):
+class FusedOptimizer(BlockGradsMixin, FusedStateMixin, torch.optim.Optimizer):
     """Applies an :class:`~nz_lightning.optim.rules.UpdateRule` inside backward, parameter by parameter.
 
     Use :meth:`backward` instead of ``loss.backward()`` + ``step()``::
@@ -63,6 +73,10 @@ class FusedOptimizer(torch.optim.Optimizer):
       Reentrant checkpointing of a weight also used outside the checkpoint delivers its gradient twice;
       that raises (in the norm pass before any update when clipping, else after the first partial update).
     * Only the parameters present at construction are hooked; ``state_dict`` identifies them by position.
+    * Hugging Face causal LMs get the blocked head (``blocked_head=True``, :mod:`~nz_lightning.optim.blocked_head`):
+      the loss is computed one row block of ``lm_head`` at a time and each block's gradient is handed to
+      :meth:`apply_blocked` inside the loss's backward; the input embedding's gradient comes by blocks too. Neither
+      the logits of the whole vocabulary nor the head's or the embedding's whole gradient ever exist.
 
     Args:
         model: The model; its trainable parameters, in ``model.parameters()`` order, are optimized.
@@ -76,6 +90,12 @@ class FusedOptimizer(torch.optim.Optimizer):
             :data:`~nz_lightning.optim.blockwise.SR_CHUNK` elements), so results depend neither on hook order
             nor on the row-block split.
         accum_dtype: Dtype of the accumulation buffers (``None``: each parameter's dtype).
+        grad_reducer: Applied to every gradient (whole or one row block) before it is used for the norm, the
+            accumulation or the update, e.g. an all-reduce average for data parallelism (``None``: identity). It
+            must be elementwise over the rows it gets (block results must not depend on the split) and return a
+            tensor of the same shape; it may be called twice per block (AdaLomo's two sweeps).
+        blocked_head: Install the blocked head and embedding on the Hugging Face causal LMs found in ``model``
+            (those whose ``forward`` computes ``lm_head`` then ``self.loss_function``; others keep their plain head).
 
     Raises:
         ValueError: Bad option values, no trainable parameter, a lossily compressed parameter, or a fused optimizer
@@ -93,6 +113,8 @@ class FusedOptimizer(torch.optim.Optimizer):
         stochastic_rounding: bool = False,
         seed: int = 0,
         accum_dtype: torch.dtype | None = torch.float32,
+        grad_reducer: Callable[[Tensor], Tensor] | None = None,
+        blocked_head: bool = True,
     ) -> None:
         if lr < 0:
             raise ValueError(f"lr must be >= 0, got {lr}")
@@ -129,7 +151,14 @@ class FusedOptimizer(torch.optim.Optimizer):
         self._norms: dict[int, Tensor] = {}
         self._coef: Tensor | None = None
         self._generators: dict[torch.device, torch.Generator] = {}
+        self.grad_reducer = grad_reducer
+        self._deferred: dict[int, BlockGrad] = {}
         self._handles = [p.register_post_accumulate_grad_hook(self._on_grad) for p in params]
+        from nz_lightning.optim.blocked_head import install_blocked_head  # imports this module
+
+        self.blocked_modules: list[str] = install_blocked_head(model, self) if blocked_head else []
+        """Names of the modules running the blocked head / embedding for this optimizer."""
+        self._uninstall = model
 
     # -- public API ------------------------------------------------------------------------------------
 
@@ -194,87 +223,43 @@ class FusedOptimizer(torch.optim.Optimizer):
         super().zero_grad(set_to_none=set_to_none)
 
     def remove_hooks(self) -> None:
-        """Detach the optimizer from the model (a plain ``loss.backward()`` then fills ``.grad`` again)."""
+        """Detach the optimizer from the model (a plain ``loss.backward()`` then fills ``.grad`` again).
+
+        The blocked head and embedding are removed too: the model computes its plain loss again.
+        """
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
+        if self.blocked_modules:
+            from nz_lightning.optim.blocked_head import uninstall_blocked_head
 
-    def state_dict(self) -> dict[str, Any]:
-        """Everything needed to resume bit-identically (tensors are references, as in torch).
-
-        Returns:
-            ``{"state": {index: {"step": int, **rule_state}}, "param_groups": [...], "fused": {...}}`` where
-            ``index`` is the position among the trainable parameters of ``model.parameters()``; ``fused``
-            holds the rule name, pending accumulation buffers and micro-step, and the RNG seed and states.
-        """
-        state = {i: dict(self.state[p]) for i, p in enumerate(self._params) if p in self.state and self.state[p]}
-        index = {id(p): i for i, p in enumerate(self._params)}
-        groups = [
-            {**{k: v for k, v in g.items() if k != "params"}, "params": [index[id(p)] for p in g["params"]]}
-            for g in self.param_groups
-        ]
-        return {
-            "state": state,
-            "param_groups": groups,
-            "fused": {
-                "rule": self.rule.name,
-                "micro_step": self._micro,
-                "accum": dict(self._accum),
-                "seed": self.seed,
-                "generators": {str(d): g.get_state() for d, g in self._generators.items()},
-            },
-        }
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Restore :meth:`state_dict` output (tensors are copied to each parameter's device, dtypes kept).
-
-        Raises:
-            ValueError: The state belongs to another rule or another set of parameters.
-        """
-        fused = state_dict["fused"]
-        if fused["rule"] != self.rule.name:
-            raise ValueError(f"state_dict is for the {fused['rule']!r} rule, this optimizer uses {self.rule.name!r}")
-        groups = state_dict["param_groups"]
-        if [len(g["params"]) for g in groups] != [len(g["params"]) for g in self.param_groups]:
-            raise ValueError("state_dict has a different number of parameter groups or parameters")
-        for saved, group in zip(groups, self.param_groups, strict=True):
-            group.update({k: v for k, v in saved.items() if k != "params"})
-        self.state.clear()
-        for i, entry in state_dict["state"].items():
-            p = self._params[int(i)]
-            self.state[p] = {k: _copy_to(v, p.device) for k, v in entry.items()}
-        self._accum = {int(i): _copy_to(b, self._params[int(i)].device) for i, b in fused["accum"].items()}
-        self._micro = int(fused["micro_step"])
-        self.seed = int(fused["seed"])
-        for dev, rng_state in fused["generators"].items():
-            self._generator(torch.device(dev)).set_state(rng_state)
-
-    # -- internals -------------------------------------------------------------------------------------
+            uninstall_blocked_head(self._uninstall, self)
+            self.blocked_modules = []
 
     def _run(self, loss: Tensor, mode: str, retain_graph: bool = False) -> None:
         self._mode = mode
         self._seen.clear()
-        loss.backward(retain_graph=retain_graph)
+        self._deferred.clear()
+        try:
+            loss.backward(retain_graph=retain_graph)
+            self._flush_deferred()
+        finally:
+            self._deferred.clear()
 
     def _on_grad(self, p: Tensor) -> None:
         grad = p.grad
         p.grad = None
         if grad is None:
             return
-        if self._mode is None:
-            raise RuntimeError(
-                "this model's parameters are driven by a FusedOptimizer: call opt.backward(loss) instead of "
-                "loss.backward() (or opt.remove_hooks() to detach it)"
-            )
         if grad.is_sparse:
             raise RuntimeError("FusedOptimizer does not support sparse gradients")
-        i = self._index[id(p)]
-        if i in self._seen:
-            raise RuntimeError(
-                "a parameter received its gradient twice in one backward pass (reentrant checkpointing of a "
-                "shared weight?); fused updates need it once: use non-reentrant checkpointing"
-            )
-        self._seen.add(i)
+        i = self._arrival(p)
+        head = self._deferred.pop(i, None)
+        if head is not None:  # the rest of a deferred gradient: go block-wise
+            run_blocked(self, p, i, sum_producers(head, dense_rows(grad, param_bounds(p))))
+            return
+        if self.grad_reducer is not None:
+            grad = self.grad_reducer(grad)
         if self._mode == "norm":
             self._norms[i] = self._norm(grad)
         elif self._mode == "accumulate":
@@ -326,6 +311,18 @@ class FusedOptimizer(torch.optim.Optimizer):
 
     def _apply(self, p: Tensor, i: int, grad: Tensor, coef: Tensor | None = None) -> None:
         """Update ``p`` (row block by row block, see :mod:`~nz_lightning.optim.blockwise`) and count the step."""
+        state, step, noise = self._prepare(p, i)
+        apply_update(p, grad, state, self.rule, self.lr, step, coef=coef, noise=noise)
+        state["step"] = step
+
+    def _apply_blocked(self, p: Tensor, i: int, produce: BlockGrad) -> None:
+        """Like :meth:`_apply` for a gradient produced block by block (with the clip coefficient of the pass)."""
+        state, step, noise = self._prepare(p, i)
+        apply_blocked_update(p, produce, state, self.rule, self.lr, step, coef=self._coef, noise=noise)
+        state["step"] = step
+
+    def _prepare(self, p: Tensor, i: int) -> tuple[dict[str, Any], int, Callable[[int, int], Tensor] | None]:
+        """``p``'s rule state (created on first use), the number of this update, and its rounding noise."""
         state = self.state[p]
         if "step" not in state:
             state.update(self.rule.init_state(p.detach()))  # only shape, dtype and device are used
@@ -338,8 +335,7 @@ class FusedOptimizer(torch.optim.Optimizer):
             def noise(start: int, stop: int) -> Tensor:
                 return sr_noise(gen, (self.seed, i, step), start, stop, total)
 
-        apply_update(p, grad, state, self.rule, self.lr, step, coef=coef, noise=noise)
-        state["step"] = step
+        return state, step, noise
 
 
 def _fused_hook(p: Tensor) -> FusedOptimizer | None:
@@ -350,10 +346,6 @@ def _fused_hook(p: Tensor) -> FusedOptimizer | None:
         if isinstance(owner, FusedOptimizer):
             return owner
     return None
-
-
-def _copy_to(value: Any, device: torch.device) -> Any:
-    return value.to(device=device, copy=True) if isinstance(value, Tensor) else value
 
 
 def fused_optimizer(model: nn.Module, name: str, lr: float, **options: Any) -> FusedOptimizer:

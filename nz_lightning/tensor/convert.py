@@ -12,6 +12,7 @@ from torch import nn
 
 from nz_lightning.kernels import DEFAULT_BLOCK_SIZE, CompressedTensor
 from nz_lightning.tensor.parameter import NZParameter, make_parameter
+from nz_lightning.tensor.workspace import DECODE_POOL
 
 WeightSource = (
     Mapping[str, torch.Tensor]
@@ -163,7 +164,25 @@ def compress_model(
             done[id(param)] = new
             setattr(module, pname, new)
         _install_state_dict_hook(module)
+    DECODE_POOL.fit(pool_bytes(model))
     return model
+
+
+def pool_bytes(model: nn.Module) -> int:
+    """What :data:`~nz_lightning.tensor.workspace.DECODE_POOL` should keep for ``model``: its largest weight held as
+    one block (decoded whole at every use), else its largest row block (0 without compressed parameters).
+
+    Row blocks of larger weights (decoded one at a time by the fused update, the blocked head and embedding, row
+    gathers) then get short-lived buffers, so that they are not resident while the rest of the step runs.
+    """
+    whole, blocks = 0, 0
+    for _, p in compressed_parameters(model):
+        row = p.store.shape[1:].numel() * p.element_size() if p.store.shape else p.element_size()
+        sizes = [(stop - start) * row for start, stop in p.store.bounds]
+        if len(sizes) == 1:
+            whole = max(whole, sizes[0])
+        blocks = max([blocks, *sizes])
+    return whole or blocks
 
 
 def decompress_model(model: nn.Module) -> nn.Module:

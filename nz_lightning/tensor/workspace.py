@@ -65,17 +65,26 @@ def row_block(t: Tensor, bounds: Sequence[tuple[int, int]], k: int) -> Tensor:
     return t if len(bounds) == 1 else t[bounds[k][0] : bounds[k][1]]
 
 
+MAX_POOLED_BYTES = 64 * 2**20
+"""Upper bound of a pooled buffer's size, whatever the model."""
+
+
 class WorkspacePool:
     """Flat buffers per (dtype, device), handed out for the duration of one op and then returned.
 
     A buffer is only reused after it is released, so two compressed arguments of one op never share one.
-    At most ``keep`` free buffers per key are retained, each of at most ``max_bytes`` (larger requests get a
+    At most ``keep`` free buffers per key are retained, each of at most :attr:`limit` bytes (larger requests get a
     buffer that is freed on release: a large embedding should not stay resident as a workspace).
+
+    Args:
+        keep: Free buffers retained per (dtype, device).
+        max_bytes: Fixed size limit of a retained buffer; ``None`` (default): sized to the models, see :attr:`limit`.
     """
 
-    def __init__(self, keep: int = 1, max_bytes: int = 64 * 2**20) -> None:
+    def __init__(self, keep: int = 1, max_bytes: int | None = None) -> None:
         self.keep = keep
         self.max_bytes = max_bytes
+        self._fitted = 0
         self._free: dict[tuple[torch.dtype, torch.device], list[torch.Tensor]] = {}
         self._lock = threading.Lock()
 
@@ -95,16 +104,44 @@ class WorkspacePool:
             if fits:
                 buf = free.pop(min(fits, key=lambda i: free[i].numel()))
             else:
-                if free:
+                if free and max(numel, 1) * dtype.itemsize <= self.limit:  # a buffer that will be kept
                     free.pop(max(range(len(free)), key=lambda i: free[i].numel()))  # replace the largest too-small
                 with torch.inference_mode(False):  # a buffer made under inference_mode must stay writable after it
                     buf = torch.empty(max(numel, 1), dtype=dtype, device=device)
         return buf[:numel].view(shape), buf
 
+    @property
+    def limit(self) -> int:
+        """Largest buffer retained: ``max_bytes`` if set, else the largest row block :meth:`fit` was told about
+        (:data:`ROW_BLOCK_BYTES` before any), at most :data:`MAX_POOLED_BYTES`.
+
+        What is decoded block by block (fused updates, blocked head and embedding, lookups) and every weight of up to
+        one block then reuses pooled buffers; whole decodes of larger weights get a buffer freed after the op, so a
+        small model never keeps more than its largest block resident.
+        """
+        if self.max_bytes is not None:
+            return self.max_bytes
+        return min(MAX_POOLED_BYTES, self._fitted or ROW_BLOCK_BYTES)
+
+    def fit(self, nbytes: int) -> None:
+        """Let buffers of up to ``nbytes`` stay pooled (the largest row block of a model just compressed).
+
+        The limit only grows, so that several models in one process all keep their buffers.
+        """
+        self._fitted = max(self._fitted, int(nbytes))
+        self.trim()
+
+    def trim(self) -> None:
+        """Drop free buffers above :attr:`limit`."""
+        limit = self.limit
+        with self._lock:
+            for free in self._free.values():
+                free[:] = [b for b in free if b.numel() * b.element_size() <= limit]
+
     def release(self, base: torch.Tensor) -> None:
         """Return a buffer obtained from :meth:`acquire`."""
         key = (base.dtype, base.device)
-        if base.numel() * base.element_size() > self.max_bytes:
+        if base.numel() * base.element_size() > self.limit:
             return
         with self._lock:
             free = self._free.setdefault(key, [])

@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 import torch
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.strategies import StrategyRegistry
 from torch import Tensor, nn
@@ -302,3 +302,48 @@ def test_neuzip_stats_logged(tmp_path: Any) -> None:
 def test_errors(make: Callable[[], Any], match: str) -> None:
     with pytest.raises(ValueError, match=match):
         make()
+
+
+class _DictLoader(torch.utils.data.Dataset):  # type: ignore[type-arg]
+    def __init__(self, n: int) -> None:
+        self.ids = torch.randint(0, 96, (n, 16), generator=torch.Generator().manual_seed(2))
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, i: int) -> dict[str, Tensor]:
+        return {"input_ids": self.ids[i], "labels": self.ids[i]}
+
+
+def _causal_lm_fit(strategy: NeuZipStrategy) -> tuple[Any, list[str]]:
+    from nz_lightning.lm.modules import CausalLMModule
+
+    cfg = {"model_type": "llama", "vocab_size": 96, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1}
+    cfg |= {"num_attention_heads": 2, "num_key_value_heads": 1, "tie_word_embeddings": True}
+    torch.manual_seed(0)
+    module = CausalLMModule(config=cfg, optimizer={"name": "sgd", "lr": 0.1, "momentum": 0.9}, dtype="bfloat16")
+    seen: list[str] = []
+
+    class Spy(Callback):
+        def on_train_batch_end(self, *args: Any) -> None:
+            seen[:] = strategy._fused.blocked_modules if strategy._fused is not None else []
+
+    data = torch.utils.data.DataLoader(_DictLoader(6), batch_size=2)
+    trainer(strategy, max_steps=3, callbacks=[Spy()], gradient_clip_val=1.0).fit(module, data)
+    return module, seen
+
+
+def test_causal_lm_blocked_head_neuzip_equals_lomo(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The blocked head (tied, several row blocks) runs under both strategies; NeuZip == LOMO bit for bit."""
+    import nz_lightning.tensor.workspace as workspace
+
+    monkeypatch.setattr(workspace, "ROW_BLOCK_BYTES", 2000)
+    nz, nz_blocked = _causal_lm_fit(NeuZipStrategy())
+    lomo, lomo_blocked = _causal_lm_fit(NeuZipStrategy(compress=False))
+    plain, plain_blocked = _causal_lm_fit(NeuZipStrategy(compress=False, blocked_head=False))
+    assert nz_blocked == lomo_blocked == ["model.lm_head", "model.model.embed_tokens"] and plain_blocked == []
+    assert is_compressed(nz.model.lm_head.weight) and len(nz.model.lm_head.weight.store.bounds) > 1
+    assert_same(weights(nz), weights(lomo))
+    for key, value in weights(plain).items():  # the plain head: same algorithm up to summation order
+        torch.testing.assert_close(weights(lomo)[key].float(), value.float(), atol=2e-2, rtol=0, msg=key)
+    assert type(nz.model.lm_head) is nn.Linear  # teardown removed the blocked head

@@ -103,7 +103,8 @@ SGD_CASES = [{}, {"momentum": 0.9, "weight_decay": 0.01}, {"momentum": 0.9, "nes
 def test_sgd_matches_torch_bit_for_bit(kind: str, options: dict[str, Any]) -> None:
     ref, fused, data = build(kind), build(kind), batches(3)
     expected = torch_train(ref, torch.optim.SGD(ref.parameters(), lr=0.5, foreach=False, **options), data)
-    assert train(fused, fused_optimizer(fused, "sgd", lr=0.5, **options), data) == expected
+    opt = fused_optimizer(fused, "sgd", lr=0.5, blocked_head=False, **options)  # torch's plain head
+    assert train(fused, opt, data) == expected
     assert_same_state(ref, fused)
 
 
