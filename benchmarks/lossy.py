@@ -1,9 +1,10 @@
-"""Lossy inference benchmark: weight bytes vs perplexity for NeuZip's lossy modes, per-row int8 and (if any) nf4.
+"""Lossy inference benchmark: weight bytes vs perplexity for NeuZip's lossy modes, int8 and bitsandbytes 4-bit.
 
 ``.venv/bin/python benchmarks/lossy.py [--quick]`` trains a small Llama-architecture decoder on byte tokens of stdlib
 modules (the project's offline text), casts it to bf16 and compares, on held-out modules, weight bytes, weight errors
 and perplexity of bf16, lossless NeuZip, NeuZip keeping k = 0, 1, 3 mantissa bits (blocks of 512, 64; none for k = 3),
-per-row int8 (``nz_lightning.lm.baselines``) and nf4 where bitsandbytes runs on CPU; plus weight statistics of a random
+per-row int8 (``nz_lightning.lm.baselines``) and real bitsandbytes layers (LLM.int8, nf4, nf4-dq, fp4; through
+``nz_lightning.lm.qlora``, on CPU; every linear layer, the embedding stays bf16); plus weight statistics of a random
 init. Outputs: ``benchmarks/out/lossy.json``, a ``lossy`` block in ``docs/BENCHMARKS.md``, ``docs/lossy_pareto.png``.
 """
 
@@ -31,6 +32,7 @@ from benchmarks.cpu_matmul import Bf16MatmulInFp32  # noqa: E402
 from nz_lightning import compress, compress_model  # noqa: E402
 from nz_lightning.lm import baselines as bl  # noqa: E402
 from nz_lightning.lm.data import DEFAULT_STDLIB_FILES, stdlib_files  # noqa: E402
+from nz_lightning.lm.qlora import QuantSettings, held_weight_bytes, quantize_model, quantized_layers  # noqa: E402
 from nz_lightning.tensor.sizes import weight_sizes  # noqa: E402
 
 MD_BEGIN = "<!-- lossy:begin -->"
@@ -66,12 +68,13 @@ QUICK = Config("quick", 64, 2, 128, 2, 64, 4, 8, 3e-3, 4)
 
 @dataclass(frozen=True)
 class Variant:
-    """One way of holding the weights: ``kind`` is ``bf16``, ``neuzip``, ``int8`` or ``nf4``."""
+    """One way of holding the weights: ``kind`` is ``bf16``, ``neuzip``, ``int8`` or ``bnb`` (``mode``: its mode)."""
 
     name: str
     kind: str
     mantissa_bits: int | None = None
     block_size: int | None = None
+    mode: str | None = None
 
 
 VARIANTS = [
@@ -80,7 +83,7 @@ VARIANTS = [
     *[Variant(f"neuzip k={k} B={b}", "neuzip", k, b) for k in (0, 1, 3) for b in (512, 64)],
     Variant("neuzip k=3 B=none", "neuzip", 3, None),
     Variant("int8 per-row", "int8"),
-    Variant("nf4 (bitsandbytes)", "nf4"),
+    *[Variant(f"bnb {m}", "bnb", mode=m) for m in ("int8", "nf4", "nf4-dq", "fp4")],
 ]
 
 
@@ -148,68 +151,82 @@ def window_nll(model: nn.Module, tokens: torch.Tensor, seq_len: int, windows: in
     return torch.cat(out)
 
 
-def nf4_backend() -> tuple[Any, str]:
-    """``(bitsandbytes.functional, "")`` if nf4 quantization runs on CPU here, else ``(None, reason)``."""
+def bnb_backend() -> str:
+    """``""`` if bitsandbytes' layers run on CPU here, else why not (its rows are then reported as not available)."""
     try:
-        import bitsandbytes.functional as bnbf
+        from nz_lightning.lm.qlora import QuantSettings, quantize_linear
 
-        bnbf.dequantize_4bit(*bnbf.quantize_4bit(torch.randn(64, 64, dtype=torch.bfloat16), quant_type="nf4"))
+        quantize_linear(nn.Linear(64, 64).bfloat16(), QuantSettings("nf4"))(torch.randn(2, 64, dtype=torch.bfloat16))
     except Exception as exc:  # noqa: BLE001 - any failure means "not available"
-        return None, f"{type(exc).__name__}: {exc}".splitlines()[0][:120]
-    return bnbf, ""
+        return f"{type(exc).__name__}: {exc}".splitlines()[0][:120]
+    return ""
 
 
-def reconstruct(w: torch.Tensor, v: Variant, nf4: Any = None) -> tuple[torch.Tensor, int]:
+def dequantized(layer: nn.Module) -> torch.Tensor:
+    """The weight a bitsandbytes layer computes with (4-bit: dequantized codes; LLM.int8: int8 x row scale / 127)."""
+    import bitsandbytes.functional as bnbf
+
+    w: Any = layer.weight
+    if getattr(w, "quant_state", None) is not None:
+        return bnbf.dequantize_4bit(w.data, w.quant_state).float()
+    scb = w.SCB if getattr(w, "SCB", None) is not None else layer.state.SCB  # type: ignore[union-attr]
+    return w.data.float() * scb.float().unsqueeze(1) / 127
+
+
+def reconstruct(w: torch.Tensor, v: Variant) -> tuple[torch.Tensor, int]:
     """The values a variant computes with for the 2-D weight ``w``, and the bytes it holds for it."""
     if v.kind == "bf16":
         return w, w.numel() * w.element_size()
     if v.kind == "neuzip":
         c = compress(w, mantissa_bits=v.mantissa_bits, block_size=v.block_size)
         return c.decompress(), len(c.to_bytes())
-    if v.kind == "int8":
-        q, scale = bl.quantize_int8(w, 0)
-        return bl.dequantize_int8(q, scale, 0, w.dtype), q.numel() + 4 * scale.numel()
-    packed, state = nf4.quantize_4bit(w.contiguous(), quant_type="nf4")  # simulated: bytes = packed + absmax
-    return nf4.dequantize_4bit(packed, state).to(w.dtype), packed.numel() + state.absmax.numel() * 4
+    q, scale = bl.quantize_int8(w, 0)
+    return bl.dequantize_int8(q, scale, 0, w.dtype), q.numel() + 4 * scale.numel()
 
 
-def build_variant(base: nn.Module, v: Variant, nf4: Any = None) -> nn.Module:
-    """A converted copy of the bf16 model ``base`` (nf4: dense weights replaced by their nf4 round trip)."""
+def build_variant(base: nn.Module, v: Variant) -> nn.Module:
+    """A converted copy of the bf16 model ``base``."""
     model = copy.deepcopy(base)
     if v.kind == "neuzip":
         compress_model(model, mantissa_bits=v.mantissa_bits, block_size=v.block_size)
     elif v.kind == "int8":
         bl.quantize_rowwise_int8(model, include_embeddings=True)
-    elif v.kind == "nf4":
-        for p in [q for q in model.parameters() if q.dim() == 2]:
-            p.data.copy_(reconstruct(p.detach(), v, nf4)[0])
+    elif v.kind == "bnb":  # every linear layer, the output head included (ignore_modules=())
+        assert v.mode is not None
+        quantize_model(model, QuantSettings(v.mode, dtype=torch.bfloat16, ignore_modules=()))
     return model
 
 
-def weight_errors(weights: list[torch.Tensor], v: Variant, nf4: Any = None) -> dict[str, Any]:
-    """:func:`nz_lightning.lm.baselines.relative_errors` of the variant's reconstructions, and their bits/weight."""
-    done = [(w, *reconstruct(w, v, nf4)) for w in weights]
+def weight_errors(done: list[tuple[torch.Tensor, torch.Tensor, int]]) -> dict[str, Any]:
+    """:func:`nz_lightning.lm.baselines.relative_errors` of ``(w, w_hat, bytes)`` reconstructions, and bits/weight."""
+    weights = [w for w, *_ in done]
     nbytes, numel = sum(b for *_, b in done), sum(w.numel() for w in weights)
     stats: dict[str, Any] = bl.relative_errors((w, w_hat) for w, w_hat, _ in done)
     return {**stats, "matrix_bytes": nbytes, "matrix_bits_per_weight": 8 * nbytes / max(numel, 1)}
 
 
 def measure(
-    base: nn.Module, v: Variant, nf4: Any, eval_tokens: torch.Tensor | None, cfg: Config, ref: dict[str, Any]
+    base: nn.Module, v: Variant, eval_tokens: torch.Tensor | None, cfg: Config, ref: dict[str, Any]
 ) -> dict[str, Any]:
     """One table row: bits/weight, bytes ratio, weight errors and (with ``eval_tokens``) perplexity."""
     row: dict[str, Any] = {"variant": v.name, **asdict(v), "available": True}
-    if v.kind == "nf4" and nf4 is None:
-        return {**row, "available": False, "reason": ref["nf4_reason"]}
+    if v.kind == "bnb" and ref["bnb_reason"]:
+        return {**row, "available": False, "reason": ref["bnb_reason"]}
     start = time.perf_counter()
-    model = build_variant(base, v, nf4)
-    mats = [p.detach() for p in base.parameters() if p.dim() == 2]  # each tied tensor once; what all variants quantize
-    row.update(weight_errors(mats, v, nf4))
-    sizes = weight_sizes(model)
-    nbytes, numel = sizes.serialized_bytes, sizes.numel
-    if v.kind == "nf4":  # its matrices are held dense (simulation): count what nf4 storage holds instead
-        matrices = [name for name, p in model.named_parameters() if p.dim() == 2]
-        nbytes += round(row["matrix_bytes"]) - weight_sizes(model, include=matrices).dense_bytes
+    model = build_variant(base, v)
+    mats = [(n, p.detach()) for n, p in base.named_parameters() if p.dim() == 2]  # each tied tensor once
+    numel = weight_sizes(base).numel
+    if v.kind == "bnb":  # real bitsandbytes layers; the embedding (not a linear layer) stays bf16
+        layers = {f"{name}.weight": layer for name, layer in quantized_layers(model)}
+        done = [(w, dequantized(layers[n]) if n in layers else w, 0) for n, w in mats]
+        held = held_weight_bytes(model)
+        nbytes = held["total"] - sum(b.numel() * b.element_size() for b in model.buffers())  # weights, not rope
+        matrix_bytes = held["quantized"] + sum(w.numel() * w.element_size() for n, w in mats if n not in layers)
+        row.update(weight_errors(done), matrix_bytes=matrix_bytes)
+        row["matrix_bits_per_weight"] = 8 * matrix_bytes / sum(w.numel() for _, w in mats)
+    else:
+        row.update(weight_errors([(w, *reconstruct(w, v)) for _, w in mats]))
+        nbytes = weight_sizes(model).serialized_bytes
     row.update(weight_bytes=nbytes, bits_per_weight=8 * nbytes / numel, bytes_ratio=nbytes / ref["bf16_bytes"])
     if eval_tokens is not None:  # perplexity; Δ and its standard error from the paired per-window differences
         nll = window_nll(model, eval_tokens, cfg.seq_len, cfg.eval_windows)
@@ -280,7 +297,7 @@ def render_markdown(result: dict[str, Any]) -> str:
     m, cfg, tr = result["machine"], result["config"], result["training"]
     lines = [
         MD_BEGIN,
-        "## Lossy inference: weight bytes vs perplexity (NeuZip k-bit, int8, nf4)",
+        "## Lossy inference: weight bytes vs perplexity (NeuZip k-bit, int8, bitsandbytes int8 / nf4 / fp4)",
         "",
         f"Generated by `python benchmarks/lossy.py{''.join(' ' + a for a in cfg['argv'])}` ({cfg['name']} config, "
         f"torch threads: {cfg['threads']}) on {m['date']} at `{m['git']}` in {result['seconds']:.0f} s; "
@@ -295,7 +312,11 @@ def render_markdown(result: dict[str, Any]) -> str:
         f"Perplexity per byte on {result['eval_tokens']:,} held-out tokens ({', '.join(EVAL_FILES)}; "
         f"{cfg['seq_len']}-token non-overlapping windows), bf16 GEMMs computed in fp32 with one rounding for every "
         "variant. Bits/weight = weight bytes x 8 / all weight elements (norm weights stay bf16 in every variant); "
-        "NeuZip bytes are serialized sizes; int8 counts int8 values + one fp32 scale per output row. Relative "
+        "NeuZip bytes are serialized sizes; int8 counts int8 values + one fp32 scale per output row. bnb rows: "
+        "real bitsandbytes layers on CPU (nz_lightning.lm.qlora, bf16 compute) for every linear layer including "
+        "the output head, the embedding kept bf16 (bitsandbytes has no such layer here); bytes = packed values + "
+        "quantization state (LLM.int8: fp32 row scales, outlier threshold 6.0; 4-bit: fp32 absmax per 64 weights, "
+        "nf4-dq: 8-bit absmax + one fp32 scale per 256 + a 1 KiB code book per layer). Relative "
         "errors are over the 2-D weight matrices (what every variant quantizes): |w_hat - w| / |w| over nonzero w, "
         "and ||w_hat - w||_F / ||w||_F. Δppl = ppl / ppl(bf16) - 1; ± SE = its standard error from the paired "
         "per-window differences (every variant sees the same windows): differences within about 2 SE are noise. "
@@ -358,16 +379,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     train_tokens, eval_tokens = load_tokens(DEFAULT_STDLIB_FILES), load_tokens(EVAL_FILES)
     _log(f"lossy benchmark ({cfg.name}): training on {train_tokens.numel():,} tokens")
     trained, log = train(cfg, train_tokens)
-    nf4, nf4_reason = nf4_backend()
+    bnb_reason = bnb_backend()
     results = {}
     runs = [("trained", trained, eval_tokens), ("random", build_model(cfg, cfg.seed + 1), None)]
     for label, fp32_model, tokens in runs:
         base = fp32_model.to(torch.bfloat16).eval()
-        ref: dict[str, Any] = {"bf16_bytes": weight_sizes(base).dense_bytes, "nf4_reason": nf4_reason}
+        ref: dict[str, Any] = {"bf16_bytes": weight_sizes(base).dense_bytes, "bnb_reason": bnb_reason}
         rows = []
         for v in VARIANTS:
             try:
-                row = measure(base, v, nf4, tokens, cfg, ref)
+                row = measure(base, v, tokens, cfg, ref)
             except (TypeError, ValueError, NotImplementedError) as exc:  # e.g. a codec mode not available yet
                 row = {"variant": v.name, **asdict(v), "available": False, "reason": str(exc).splitlines()[0][:120]}
             rows.append(row)

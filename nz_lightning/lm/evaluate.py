@@ -12,7 +12,8 @@ The paper's Table 3 protocol: the evaluation text is tokenized as one stream and
 Seq2seq models (T5) are scored on the targets of the data module's pairs (teacher forcing); words are those of the
 raw targets. The weights are whatever the run makes of them: dense (no strategy), NeuZip lossless or lossy (the
 strategy compresses them when the evaluation starts), per-row absmax int8 (``eval.quantize=rowwise_int8``) or
-bitsandbytes int8 / nf4 / fp4 / nf4-dq (Lightning's ``BitsandbytesPrecision``, ``+quant=...``).
+bitsandbytes int8 / nf4 / fp4 / nf4-dq (``+quant=...``: :class:`~nz_lightning.lm.qlora.BitsandbytesQuantPrecision`,
+on CPU or CUDA).
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from nz_lightning.lm.data import IGNORE_INDEX
 __all__ = [
     "PerplexityEvaluator",
     "WindowDataset",
+    "BNB_PLUGINS",
     "bf16_nbytes",
     "bnb_quant_mode",
     "check_quant_requirements",
@@ -156,35 +158,52 @@ def quant_state_nbytes(model: nn.Module) -> int:
     return total
 
 
-def bnb_quant_mode(trainer_conf: Mapping[str, Any]) -> str | None:
-    """The mode of a ``BitsandbytesPrecision`` plugin in a trainer config (``+quant=...``), else ``None``."""
+BNB_PLUGINS = ("nz_lightning.lm.qlora.BitsandbytesQuantPrecision", "BitsandbytesPrecision")
+"""Targets of bitsandbytes precision plugins: ours (CPU or CUDA) and Lightning's (CUDA only; matched by class name)."""
+
+
+def _bnb_plugin(trainer_conf: Mapping[str, Any]) -> Mapping[str, Any] | None:
     for plugin in trainer_conf.get("plugins") or []:
-        if isinstance(plugin, Mapping) and str(plugin.get("_target_", "")).endswith("BitsandbytesPrecision"):
-            return str(plugin.get("mode"))
+        if isinstance(plugin, Mapping) and str(plugin.get("_target_", "")).endswith(BNB_PLUGINS):
+            return plugin
     return None
+
+
+def bnb_quant_mode(trainer_conf: Mapping[str, Any]) -> str | None:
+    """The mode of a bitsandbytes precision plugin in a trainer config (``+quant=...``), else ``None``."""
+    plugin = _bnb_plugin(trainer_conf)
+    return None if plugin is None else str(plugin.get("mode"))
 
 
 def check_quant_requirements(trainer_conf: Mapping[str, Any]) -> None:
     """Fail early, naming what is missing, when a bitsandbytes baseline cannot run here.
 
+    ``conf/quant/*.yaml`` select :class:`~nz_lightning.lm.qlora.BitsandbytesQuantPrecision`, which runs on CPU and
+    CUDA and needs only the bitsandbytes package; Lightning's own ``BitsandbytesPrecision`` also needs a CUDA GPU.
+
     Raises:
-        RuntimeError: A ``BitsandbytesPrecision`` plugin is configured without the ``bitsandbytes`` package, without
-            a CUDA device, or with ``accelerator: cpu``.
+        ImportError: A bitsandbytes plugin is configured without the ``bitsandbytes`` package.
+        RuntimeError: Lightning's ``BitsandbytesPrecision`` is configured without a CUDA device or on a CPU trainer.
+        ValueError: The plugin's mode is unknown.
     """
-    mode = bnb_quant_mode(trainer_conf)
-    if mode is None:
+    plugin = _bnb_plugin(trainer_conf)
+    if plugin is None:
         return
-    missing = []
+    from nz_lightning.lm.qlora import INSTALL_HINT, MODES
+
+    mode = str(plugin.get("mode"))
+    if mode not in MODES:
+        raise ValueError(
+            f"unknown bitsandbytes quantization mode {mode!r} (quant plugin `mode`); choose one of {MODES}"
+        )
     if importlib.util.find_spec("bitsandbytes") is None:
-        missing.append("the bitsandbytes package (pip install bitsandbytes)")
-    if not torch.cuda.is_available():
-        missing.append("a CUDA GPU")
-    elif trainer_conf.get("accelerator") == "cpu":
-        missing.append("trainer=gpu (the trainer is on the CPU)")
-    if missing:
+        raise ImportError(f"the bitsandbytes {mode} baseline needs the bitsandbytes package: {INSTALL_HINT}")
+    if str(plugin.get("_target_")).endswith(BNB_PLUGINS[0]):
+        return
+    if not torch.cuda.is_available() or trainer_conf.get("accelerator") == "cpu":
         raise RuntimeError(
-            f"the bitsandbytes {mode} baseline (Lightning BitsandbytesPrecision) needs {' and '.join(missing)}; "
-            "on a CPU use eval.quantize=rowwise_int8 (per-row absmax int8) instead"
+            f"the bitsandbytes {mode} baseline through Lightning's BitsandbytesPrecision needs a CUDA GPU and "
+            f"trainer=gpu; on a CPU use the quant configs (+quant={mode.replace('-', '_')}: {BNB_PLUGINS[0]})"
         )
 
 

@@ -1,7 +1,15 @@
-"""LoRA adapters (peft) on a freshly built model, compatible with Lightning's bitsandbytes precision."""
+"""LoRA adapters (peft) on a freshly built model, on top of bitsandbytes-quantized base layers for QLoRA.
+
+Inside :class:`~nz_lightning.lm.qlora.BitsandbytesQuantPrecision`'s ``module_init_context`` (active while a
+``LightningModule``'s ``configure_model`` runs), :func:`apply_lora` first quantizes the base model's linear layers
+(:func:`~nz_lightning.lm.qlora.quantize_model`), so that peft wraps them with its bitsandbytes LoRA layers, as in
+QLoRA. Under Lightning's own ``BitsandbytesPrecision`` (CUDA only) the base model is already built quantized, and
+:func:`plain_linear` keeps the adapters ordinary layers.
+"""
 
 from __future__ import annotations
 
+import importlib.util
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
@@ -30,7 +38,8 @@ def apply_lora(model: nn.Module, config: Mapping[str, Any], task_type: str) -> n
     """Wrap ``model`` with peft LoRA adapters; only the adapters stay trainable.
 
     Args:
-        model: A Hugging Face model (plain or with bitsandbytes linear layers).
+        model: A Hugging Face model (plain or with bitsandbytes linear layers). Inside the bitsandbytes plugin's
+            ``module_init_context`` its linear layers are quantized first (in place).
         config: ``peft.LoraConfig`` options; defaults: ``r=8``, ``lora_alpha=16``, ``lora_dropout=0.05``,
             ``target_modules="all-linear"`` (every linear layer except the output head, as in QLoRA).
         task_type: ``"CAUSAL_LM"`` or ``"SEQ_2_SEQ_LM"``.
@@ -38,6 +47,13 @@ def apply_lora(model: nn.Module, config: Mapping[str, Any], task_type: str) -> n
     Returns:
         The ``PeftModel`` (its ``forward`` takes the same batches as the base model).
     """
+    from nz_lightning.lm.qlora import active_quantization, import_bitsandbytes, quantize_model
+
+    settings = active_quantization()
+    if settings is not None:
+        quantize_model(model, settings)  # frozen bitsandbytes base layers; peft then adds its bnb LoRA layers
+    elif importlib.util.find_spec("bitsandbytes") is not None:
+        import_bitsandbytes()  # peft imports bitsandbytes when installed: import it without our codec's shadowing
     from peft import LoraConfig, get_peft_model
 
     options: dict[str, Any] = {"r": 8, "lora_alpha": 16, "lora_dropout": 0.05, "target_modules": "all-linear"}

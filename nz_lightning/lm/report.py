@@ -54,8 +54,9 @@ def print_summary(summary: dict[str, Any], console: Console | None = None) -> No
 
     Args:
         summary: What :func:`nz_lightning.lm.run.train` returns (``strategy``, ``steps``, losses, ``wall_s``,
-            ``peak_rss``, ``weights`` (:class:`~nz_lightning.tensor.sizes.WeightSizes` or None), ``checkpoint``,
-            ``output_dir``).
+            ``peak_rss``, ``weights`` (:class:`~nz_lightning.tensor.sizes.WeightSizes` or None), ``quantized``
+            (:func:`~nz_lightning.lm.qlora.held_weight_bytes` of bitsandbytes-quantized models, else None),
+            ``checkpoint``, ``output_dir``).
         console: Where to print; default a new rich console on stdout.
     """
     table = _table("nz_lightning run")
@@ -67,9 +68,16 @@ def print_summary(summary: dict[str, Any], console: Console | None = None) -> No
     table.add_row("wall time", f"{summary['wall_s']:.1f} s")
     table.add_row("peak RSS (VmHWM)", mib(summary["peak_rss"]))
     sizes = summary.get("weights")
-    if sizes is not None:
+    quant = summary.get("quantized")
+    if sizes is not None and not quant:
         for label, value in weight_rows(sizes):
             table.add_row(label, value)
+    if quant:  # bitsandbytes layers: their packed storage is not a weight count (nz_lightning.lm.qlora)
+        table.add_row(
+            "weights: bitsandbytes quantized", f"{mib(quant['quantized'])} ({quant['quantized_numel']:,} weights)"
+        )
+        table.add_row("weights: held in total", f"{mib(quant['total'])} (quantized + dense rest + adapters)")
+        table.add_row("weights: trainable", mib(quant["trainable"]))
     if summary.get("checkpoint"):
         table.add_row("checkpoint", str(summary["checkpoint"]))
     table.add_row("output dir", str(summary["output_dir"]))

@@ -143,14 +143,19 @@ class WeightSizeProbe(Callback):
 
     Attributes:
         sizes: The sizes, or None before training ends.
+        quantized: :func:`~nz_lightning.lm.qlora.held_weight_bytes` when the model has bitsandbytes layers.
     """
 
     def __init__(self) -> None:
         self.sizes: WeightSizes | None = None
+        self.quantized: dict[str, int] | None = None
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Measure the weights as trained."""
         self.sizes = weight_sizes(pl_module)
+        from nz_lightning.lm.qlora import held_weight_bytes, quantized_layers
+
+        self.quantized = held_weight_bytes(pl_module) if quantized_layers(pl_module) else None
 
 
 # -- shared steps --------------------------------------------------------------------------------------------
@@ -196,14 +201,19 @@ def train(cfg: DictConfig, print_table: bool = True) -> dict[str, Any]:
     Returns:
         The summary: ``strategy`` (class name), ``steps``, ``train_loss``, ``val_loss``, ``val_ppl`` (None when not
         logged), ``wall_s``, ``peak_rss`` (bytes), ``weights`` (the trained model's
-        :class:`~nz_lightning.tensor.sizes.WeightSizes`), ``checkpoint`` (path or None), ``output_dir`` and
+        :class:`~nz_lightning.tensor.sizes.WeightSizes`), ``quantized`` (bytes held by bitsandbytes-quantized weights,
+        :func:`~nz_lightning.lm.qlora.held_weight_bytes`, or None), ``checkpoint`` (path or None), ``output_dir`` and
         ``metrics`` (every scalar the trainer logged).
 
     Raises:
-        ImportError: A configured target (strategy, callback, logger, model, data) cannot be imported.
-        ValueError: The model's vocabulary is smaller than the tokenizer's.
+        ImportError: A configured target (strategy, callback, logger, model, data) cannot be imported, or a
+            ``+quant=...`` baseline is configured without the bitsandbytes package.
+        ValueError: The model's vocabulary is smaller than the tokenizer's, or an unknown quantization mode.
     """
+    from nz_lightning.lm.evaluate import check_quant_requirements
+
     start = time.perf_counter()
+    check_quant_requirements(cfg.trainer)
     output_dir = _start(cfg)
     datamodule = instantiate_target(cfg.data, "data")
     module = instantiate_target(cfg.model, "model")
@@ -244,6 +254,7 @@ def train(cfg: DictConfig, print_table: bool = True) -> dict[str, Any]:
         "wall_s": time.perf_counter() - start,
         "peak_rss": peak_rss_bytes(),
         "weights": probe.sizes,
+        "quantized": probe.quantized,
         "checkpoint": checkpoint,
         "output_dir": output_dir,
         "metrics": metrics,
@@ -285,7 +296,7 @@ def evaluate(cfg: DictConfig, print_table: bool = True) -> dict[str, Any]:
 
     The method is what the config makes of the weights: no strategy (dense), ``+strategy=neuzip`` (lossless),
     ``+strategy=neuzip_lossy_<k>bit``, ``eval.quantize=rowwise_int8`` or ``+quant=int8|nf4|fp4|nf4_dq``
-    (bitsandbytes; needs CUDA).
+    (bitsandbytes, CPU or CUDA).
 
     Args:
         cfg: A composed ``conf/train.yaml`` config with ``task=eval``.
@@ -296,8 +307,8 @@ def evaluate(cfg: DictConfig, print_table: bool = True) -> dict[str, Any]:
         ``peak_rss`` (bytes), ``peak_cuda`` (bytes or None), ``output_dir`` and ``metrics`` (``eval/*``).
 
     Raises:
-        RuntimeError: A bitsandbytes baseline without bitsandbytes or CUDA.
-        ImportError: A configured target cannot be imported.
+        ImportError: A configured target cannot be imported, or a bitsandbytes baseline without bitsandbytes.
+        RuntimeError: Lightning's own ``BitsandbytesPrecision`` without CUDA.
     """
     from torch.utils.data import DataLoader
 

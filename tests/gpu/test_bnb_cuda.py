@@ -1,4 +1,6 @@
-"""The bitsandbytes baselines (Lightning's ``BitsandbytesPrecision``, the ``+quant=...`` configs) run on CUDA.
+"""The bitsandbytes baselines run on CUDA: Lightning's ``BitsandbytesPrecision`` and ours
+(:class:`nz_lightning.lm.qlora.BitsandbytesQuantPrecision`, what the ``+quant=...`` configs select; it also runs on
+CPU, see tests/app/test_qlora.py).
 
 Skipped with a reason where ``bitsandbytes`` is not installed. A tiny Llama built in ``configure_model`` (so that
 the plugin swaps in quantized layers) is validated on the GPU: its layers are bitsandbytes ones, the quantization
@@ -62,17 +64,21 @@ def _validate(module: Any, **options: Any) -> float:
     return float(result["val_loss"])
 
 
+@pytest.mark.parametrize("plugin", ["lightning", "nz_lightning"])
 @pytest.mark.parametrize("mode", MODES)
-def test_bitsandbytes_baseline_on_cuda(mode: Any) -> None:
+def test_bitsandbytes_baseline_on_cuda(mode: Any, plugin: str) -> None:
     pytest.importorskip("bitsandbytes", reason="bitsandbytes is not installed: its baselines cannot be checked")
     from lightning.pytorch.plugins import BitsandbytesPrecision
 
     from nz_lightning.lm.evaluate import quant_state_nbytes
+    from nz_lightning.lm.qlora import BitsandbytesQuantPrecision
 
     dense = _module()
     dense_loss = _validate(dense, precision="bf16-true")
     quantized = _module()
-    loss = _validate(quantized, plugins=[BitsandbytesPrecision(mode=mode, dtype=torch.bfloat16)])
+    cls = BitsandbytesPrecision if plugin == "lightning" else BitsandbytesQuantPrecision
+    dtype = torch.float16 if (mode == "int8" and plugin == "lightning") else torch.bfloat16  # Lightning: int8 = fp16
+    loss = _validate(quantized, plugins=[cls(mode=mode, dtype=dtype)])
     layers = [m for m in quantized.modules() if type(m).__module__.startswith(("bitsandbytes", "lightning"))]
     assert any("Linear" in type(m).__name__ for m in layers), "no quantized linear layer was built"
     assert quant_state_nbytes(quantized) > 0
