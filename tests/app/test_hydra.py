@@ -282,8 +282,9 @@ def test_neuzip_summary_reports_compressed_weights(tmp_path: Path, hydra_conf: N
     assert summary["peak_rss"] > 0 and os.path.isfile(summary["checkpoint"])
     assert set(summary) == {
         "strategy", "steps", "train_loss", "val_loss", "val_ppl", "wall_s", "peak_rss", "weights", "checkpoint",
-        "output_dir", "metrics",
+        "output_dir", "metrics", "quantized",
     }  # fmt: skip
+    assert summary["quantized"] is None  # no bitsandbytes layers in a NeuZip run
 
 
 def test_plain_run_summary_has_dense_weights(tmp_path: Path, hydra_conf: None) -> None:
