@@ -2,12 +2,30 @@
 
 from __future__ import annotations
 
+import argparse
+import os
 from typing import Any
 
 import torch
 from torch import nn
 
 INIT_STD = 0.02
+
+
+def add_model_args(ap: argparse.ArgumentParser) -> None:
+    """The options shared by the training benchmarks: model shape (~160M Llama by default), lengths, threads."""
+    ap.add_argument("--hidden", type=int, default=1024)
+    ap.add_argument("--layers", type=int, default=8)
+    ap.add_argument("--intermediate", type=int, default=2816)
+    ap.add_argument("--heads", type=int, default=16)
+    ap.add_argument("--kv-heads", type=int, default=4)
+    ap.add_argument("--vocab", type=int, default=32000)
+    ap.add_argument("--seq", type=int, nargs="+", default=[64, 512])
+
+
+def default_threads() -> int:
+    """Every core this process may run on."""
+    return max(1, len(os.sched_getaffinity(0)))
 
 
 def llama_config(

@@ -33,6 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script 
 
 from benchmarks.common import machine_info, machine_line, reset_peak_rss, rss_kib, write_results  # noqa: E402
 from benchmarks.cpu_matmul import Bf16MatmulInFp32  # noqa: E402
+from benchmarks.llama_model import add_model_args, default_threads  # noqa: E402
 from benchmarks.train_memory_trace import PHASES, PhaseTrace  # noqa: E402
 
 METHODS = ("vanilla", "lomo", "lomo-blocked", "neuzip-sgd-plain", "neuzip-sgd", "neuzip-adalomo", "neuzip-adamw")
@@ -239,15 +240,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("--quick", action="store_true", help="small model (~20M params) for a fast check")
-    ap.add_argument("--hidden", type=int, default=1024)
-    ap.add_argument("--layers", type=int, default=8)
-    ap.add_argument("--intermediate", type=int, default=2816)
-    ap.add_argument("--heads", type=int, default=16)
-    ap.add_argument("--kv-heads", type=int, default=4)
-    ap.add_argument("--vocab", type=int, default=32000)
-    ap.add_argument("--seq", type=int, nargs="+", default=[64, 512])
+    add_model_args(ap)
     ap.add_argument("--batch", type=int, default=1)
-    ap.add_argument("--threads", type=int, default=max(1, len(os.sched_getaffinity(0))))
+    ap.add_argument("--threads", type=int, default=default_threads())
     ap.add_argument(
         "--native-bf16-gemm", action="store_true", help="use torch's bf16 GEMMs (very slow on AVX2-only CPUs)"
     )

@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import os
 import statistics
 import sys
 import time
@@ -25,7 +24,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script 
 import nz_lightning as nz  # noqa: E402
 from benchmarks.common import machine_info, machine_line  # noqa: E402
 from benchmarks.cpu_matmul import Bf16MatmulInFp32  # noqa: E402
-from benchmarks.llama_model import build_compressed_from_meta, build_dense, llama_config  # noqa: E402
+from benchmarks.llama_model import (  # noqa: E402
+    add_model_args,
+    build_compressed_from_meta,
+    build_dense,
+    default_threads,
+    llama_config,
+)
 
 CONFIGS = ("lomo-plain", "lomo-blocked", "neuzip-plain", "neuzip-blocked")
 
@@ -85,15 +90,9 @@ def render(result: dict[str, Any]) -> str:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Parse options, run, write JSON (and markdown with ``--md``)."""
     ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--hidden", type=int, default=1024)
-    ap.add_argument("--layers", type=int, default=8)
-    ap.add_argument("--intermediate", type=int, default=2816)
-    ap.add_argument("--heads", type=int, default=16)
-    ap.add_argument("--kv-heads", type=int, default=4)
-    ap.add_argument("--vocab", type=int, default=32000)
-    ap.add_argument("--seq", type=int, nargs="+", default=[64, 512])
+    add_model_args(ap)
     ap.add_argument("--rounds", type=int, default=5)
-    ap.add_argument("--threads", type=int, default=max(1, len(os.sched_getaffinity(0))))
+    ap.add_argument("--threads", type=int, default=default_threads())
     ap.add_argument("--native-bf16-gemm", action="store_true")
     ap.add_argument("--out", type=Path, default=Path("benchmarks/out/train_memory_time.json"))
     ap.add_argument("--md", type=Path, default=None)
