@@ -9,7 +9,7 @@ points the LR schedulers at it so that they drive its learning rate.
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import lightning.pytorch as pl
@@ -140,9 +140,21 @@ def _check_coverage(module: nn.Module, groups: Iterable[dict[str, Any]]) -> None
 
 
 def _adopt(
-    opt: FusedOptimizer, max_grad_norm: float | None, accumulate_grad_batches: int, stochastic_rounding: bool, seed: int
+    opt: FusedOptimizer,
+    max_grad_norm: float | None,
+    accumulate_grad_batches: int,
+    stochastic_rounding: bool,
+    seed: int,
+    grad_reducer: Callable[[Tensor], Tensor] | None,
 ) -> FusedOptimizer:
-    """Apply the Trainer's clipping/accumulation and the strategy's rounding to a user-built fused optimizer."""
+    """Apply the Trainer's clipping/accumulation and the strategy's rounding/reduction to a user-built optimizer."""
+    if grad_reducer is not None:
+        if opt.grad_reducer is not None and opt.grad_reducer != grad_reducer:
+            raise ValueError(
+                "the FusedOptimizer already has a grad_reducer, and the data-parallel strategy needs its own "
+                "(the all-reduce average): build it without grad_reducer"
+            )
+        opt.grad_reducer = grad_reducer
     if max_grad_norm is not None:
         if opt.max_grad_norm is not None and opt.max_grad_norm != max_grad_norm:
             raise ValueError(
@@ -171,6 +183,7 @@ def to_fused(
     stochastic_rounding: bool = False,
     seed: int = 0,
     blocked_head: bool = True,
+    grad_reducer: Callable[[Tensor], Tensor] | None = None,
 ) -> FusedOptimizer:
     """The fused equivalent of ``optimizer`` for ``module`` (its hooks are installed on the module's parameters).
 
@@ -187,6 +200,7 @@ def to_fused(
         stochastic_rounding: Round bf16 results stochastically.
         seed: Seed of the stochastic rounding.
         blocked_head: Use the blocked head on Hugging Face causal LMs (ignored for a user-built FusedOptimizer).
+        grad_reducer: Applied to every gradient before it is used (the data-parallel all-reduce average).
 
     Returns:
         The fused optimizer.
@@ -197,7 +211,7 @@ def to_fused(
     """
     _check_coverage(module, optimizer.param_groups)
     if isinstance(optimizer, FusedOptimizer):
-        return _adopt(optimizer, max_grad_norm, accumulate_grad_batches, stochastic_rounding, seed)
+        return _adopt(optimizer, max_grad_norm, accumulate_grad_batches, stochastic_rounding, seed, grad_reducer)
     name, rule_options = _rule_for(optimizer)
     _check_groups(optimizer.param_groups)
     group = optimizer.param_groups[0]
@@ -211,6 +225,7 @@ def to_fused(
         stochastic_rounding=stochastic_rounding,
         seed=seed,
         blocked_head=blocked_head,
+        grad_reducer=grad_reducer,
     )
     for key, value in group.items():
         if key not in _IMPL_KEYS:

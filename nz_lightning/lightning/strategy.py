@@ -1,6 +1,8 @@
 """``NeuZipStrategy``: Lightning training on compressed weights with optimizer updates fused into backward.
 
-``Trainer(strategy="neuzip")`` (``"lomo"``: the same without compression) keeps a plain ``LightningModule``. Setup
+``Trainer(strategy="neuzip")`` (``"lomo"``: the same without compression) keeps a plain ``LightningModule``; with
+``devices=N`` / ``num_nodes=M`` every process trains a compressed replica on its share of each batch, gradients
+averaged inside backward (data parallel, :class:`~nz_lightning.lightning.replica.ReplicaStrategy`). Setup
 compresses the weights onto the device tensor by tensor (:func:`~nz_lightning.compress_model`; ``meta`` modules are
 filled from ``weights=``). ``torch.optim.SGD`` / ``AdamW`` become the equivalent
 :class:`~nz_lightning.optim.FusedOptimizer`, with LR schedulers, ``gradient_clip_val`` and
@@ -13,11 +15,13 @@ from __future__ import annotations
 
 from collections.abc import Callable, Generator, Iterable, Mapping
 from contextlib import contextmanager
+from datetime import timedelta
 from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
-from lightning.fabric.plugins import CheckpointIO
+from lightning.fabric.plugins import CheckpointIO, ClusterEnvironment
+from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout
 from lightning.pytorch.plugins.precision import Precision
 from lightning.pytorch.strategies import StrategyRegistry
 from lightning.pytorch.trainer.states import TrainerFn
@@ -35,8 +39,8 @@ from nz_lightning.lightning.compat import (
     _call_lightning_module_hook,
     _optimizers_to_device,
 )
-from nz_lightning.lightning.one_device import OneDeviceStrategy
 from nz_lightning.lightning.optimizer_bridge import check_supported, rebind_schedulers, to_fused
+from nz_lightning.lightning.replica import ReplicaStrategy, StartMethod
 from nz_lightning.optim import FusedOptimizer
 from nz_lightning.tensor.convert import WeightSource, compress_model
 from nz_lightning.tensor.parameter import is_compressed
@@ -46,8 +50,8 @@ __all__ = ["NeuZipStrategy", "register_strategies"]
 CheckpointFormat = Literal["dense", "compressed"]
 
 
-class NeuZipStrategy(OneDeviceStrategy):
-    """Single-device strategy that trains a losslessly compressed model with fused in-backward updates.
+class NeuZipStrategy(ReplicaStrategy):
+    """Strategy that trains a losslessly compressed model with fused in-backward updates.
 
     Losses and weights are bit-identical to ``compress=False`` (the uncompressed LOMO-style baseline, registered as
     ``"lomo"``) and to driving :func:`~nz_lightning.fused_optimizer` by hand. Differences from Lightning's default
@@ -56,6 +60,11 @@ class NeuZipStrategy(OneDeviceStrategy):
     * ``.grad`` is ``None`` after backward; ``on_before_optimizer_step`` runs after the weights were updated.
     * ``LightningModule.backward`` and ``configure_gradient_clipping`` overrides are not called (a warning says so).
     * Manual optimization, several optimizers, ``16-mixed`` (GradScaler) and clipping by value are refused.
+
+    With several processes (``Trainer(devices=N, num_nodes=M)``) each holds a full compressed replica, rank 0's
+    weights are copied to all at setup, and every gradient is averaged over the processes (all-reduce, one
+    parameter or row block at a time, never a buffer for all gradients) before clipping, accumulation or the update,
+    so the replicas stay bit-identical. Lightning adds the ``DistributedSampler``; rank 0 writes the checkpoints.
 
     Args:
         compress: Compress the weights (``False``: train the dense model with the same fused optimizer).
@@ -72,10 +81,14 @@ class NeuZipStrategy(OneDeviceStrategy):
         mantissa_bits: ``None`` (lossless) or the mantissa bits to keep: lossy weights for ``validate`` / ``test``
             / ``predict`` only (bf16 0-6, fp16 0-9, fp32 0-22; ``fit`` is refused when it starts).
         block_size: Lossy mode: elements per normalization block (a power of two; ``None``: no normalization).
-        accelerator: As for :class:`~lightning.pytorch.strategies.SingleDeviceStrategy`.
-        device: The device (default: the one the Trainer's ``accelerator``/``devices`` select).
+        accelerator: As for Lightning's strategies.
+        device: Force one device (default: the ones the Trainer's ``accelerator``/``devices`` select).
         checkpoint_io: Checkpoint plugin (default: :class:`~nz_lightning.lightning.checkpoint_io.AtomicCheckpointIO`).
-        precision_plugin: As for ``SingleDeviceStrategy``.
+        precision_plugin: As for Lightning's strategies.
+        cluster_environment: With several processes: as for ``DDPStrategy``.
+        process_group_backend: With several processes: ``"gloo"``, ``"nccl"``... (default: by device).
+        timeout: With several processes: timeout of each collective (a dead rank fails the job after it).
+        start_method: With several processes: ``"popen"`` (as ``ddp``), ``"spawn"`` or ``"fork"``.
 
     Raises:
         ValueError: A negative ``mantissa_bits``, lossy without ``compress``, a bad ``block_size`` or an unknown
@@ -102,6 +115,10 @@ class NeuZipStrategy(OneDeviceStrategy):
         device: _DEVICE | None = None,
         checkpoint_io: CheckpointIO | None = None,
         precision_plugin: Precision | None = None,
+        cluster_environment: ClusterEnvironment | None = None,
+        process_group_backend: str | None = None,
+        timeout: timedelta | None = default_pg_timeout,
+        start_method: StartMethod = "popen",
     ) -> None:
         if mantissa_bits is not None and (type(mantissa_bits) is not int or mantissa_bits < 0 or not compress):
             why = "needs compress=True" if type(mantissa_bits) is int and mantissa_bits >= 0 else "must be an int >= 0"
@@ -111,7 +128,14 @@ class NeuZipStrategy(OneDeviceStrategy):
         if checkpoint_format not in ("dense", "compressed"):
             raise ValueError(f"checkpoint_format must be 'dense' or 'compressed', got {checkpoint_format!r}")
         super().__init__(
-            device=device, accelerator=accelerator, checkpoint_io=checkpoint_io, precision_plugin=precision_plugin
+            device=device,
+            accelerator=accelerator,
+            checkpoint_io=checkpoint_io,
+            precision_plugin=precision_plugin,
+            cluster_environment=cluster_environment,
+            process_group_backend=process_group_backend,
+            timeout=timeout,
+            start_method=start_method,
         )
         self.compress = compress
         self.include = list(include) if include is not None else None
@@ -163,8 +187,9 @@ class NeuZipStrategy(OneDeviceStrategy):
 
     @override
     def model_to_device(self) -> None:
-        """Compress the weights onto the device (after the precision conversion), then move the rest."""
+        """Copy rank 0's weights to every process, compress them onto the device, then move the rest."""
         assert self.model is not None
+        self.broadcast_module_(self.model)
         if self.compress:
             try:
                 compress_model(
@@ -227,6 +252,7 @@ class NeuZipStrategy(OneDeviceStrategy):
             stochastic_rounding=self.stochastic_rounding,
             seed=self.seed,
             blocked_head=self.blocked_head,
+            grad_reducer=self.average_gradient if self.is_distributed else None,
         )
         rebind_schedulers((config.scheduler for config in self.lr_scheduler_configs), fused)
         self._fused = fused
@@ -377,6 +403,8 @@ class NeuZipStrategy(OneDeviceStrategy):
         if not stays:
             super().teardown()
             return
+        if self.cluster_environment is not None:
+            self.cluster_environment.teardown()
         _optimizers_to_device(self.optimizers, torch.device("cpu"))
         self.precision_plugin.teardown()
         assert self.accelerator is not None

@@ -99,14 +99,14 @@ def _instances() -> dict[tuple[str, str], Callable[[], Any]]:
     """A builder of an object of each class in PRIVATE_ATTRIBUTES (a class for class-level attributes)."""
     from lightning.pytorch import LightningModule
     from lightning.pytorch.core.optimizer import LightningOptimizer
-    from lightning.pytorch.strategies import SingleDeviceStrategy
+    from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
 
     def optimizer() -> LightningOptimizer:
         return LightningOptimizer(torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1))
 
     return {
         ("lightning.pytorch.core.module", "LightningModule"): LightningModule,
-        ("lightning.pytorch.strategies.single_device", "SingleDeviceStrategy"): lambda: SingleDeviceStrategy("cpu"),
+        ("lightning.pytorch.strategies.parallel", "ParallelStrategy"): DDPStrategy,
         ("lightning.pytorch.strategies.strategy", "Strategy"): lambda: SingleDeviceStrategy("cpu"),
         ("lightning.pytorch.core.optimizer", "LightningOptimizer"): optimizer,
         ("lightning.pytorch.plugins.io.wrapper", "_WrappingCheckpointIO"): lambda: compat._WrappingCheckpointIO,
@@ -128,7 +128,7 @@ def test_private_attribute_exists(module: str, cls: str, attr: str) -> None:
 
 
 def test_wrapping_checkpoint_io_setter() -> None:
-    """``OneDeviceStrategy`` sets ``checkpoint_io`` on a wrapper plugin: it must stay a settable property."""
+    """``ReplicaStrategy`` sets ``checkpoint_io`` on a wrapper plugin: it must stay a settable property."""
     prop = vars(compat._WrappingCheckpointIO).get("checkpoint_io")
     assert isinstance(prop, property) and prop.fset is not None, (
         f"lightning {metadata.version('lightning')}: _WrappingCheckpointIO.checkpoint_io is no longer a settable "

@@ -284,8 +284,7 @@ def test_neuzip_stats_logged(tmp_path: Any) -> None:
         (lambda: NeuZipStrategy(mantissa_bits=-1), "mantissa_bits=-1"),
         (lambda: NeuZipStrategy(mantissa_bits=3, compress=False), "compress=True"),
         (lambda: NeuZipStrategy(mantissa_bits=3, block_size=100), "block_size=100"),
-        (lambda: trainer("neuzip", devices=2), "multi-device"),
-        (lambda: trainer("neuzip", num_nodes=2), "multi-device"),
+        (lambda: NeuZipStrategy(start_method="thread"), "start_method"),  # type: ignore[arg-type]
     ],
     ids=[
         "optimizer",
@@ -295,13 +294,31 @@ def test_neuzip_stats_logged(tmp_path: Any) -> None:
         "mantissa-bits",
         "lossy-dense",
         "block-size",
-        "devices",
-        "num-nodes",
+        "start-method",
     ],  # fmt: skip
 )
 def test_errors(make: Callable[[], Any], match: str) -> None:
     with pytest.raises(ValueError, match=match):
         make()
+
+
+@pytest.mark.parametrize(("devices", "num_nodes"), [(1, 1), (2, 1), (1, 2), (2, 3)])
+def test_data_parallel_configuration(devices: int, num_nodes: int) -> None:
+    """devices/num_nodes make a data-parallel job (launcher, sampler) only when there are several processes."""
+    from lightning.pytorch.strategies.launchers import _SubprocessScriptLauncher
+
+    strategy = trainer("neuzip", devices=devices, num_nodes=num_nodes).strategy
+    assert isinstance(strategy, NeuZipStrategy)
+    world = devices * num_nodes
+    assert strategy.is_distributed == (world > 1)
+    assert strategy.root_device == torch.device("cpu")
+    assert strategy.distributed_sampler_kwargs == {"num_replicas": world, "rank": 0}
+    if world > 1:
+        assert isinstance(strategy.launcher, _SubprocessScriptLauncher)
+    else:
+        assert strategy.launcher is None
+    forced = trainer(NeuZipStrategy(device="cpu"), devices=2).strategy
+    assert forced.parallel_devices == [torch.device("cpu")] and not forced.is_distributed  # type: ignore[attr-defined]
 
 
 class _DictLoader(torch.utils.data.Dataset):  # type: ignore[type-arg]
