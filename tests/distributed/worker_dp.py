@@ -98,7 +98,7 @@ def main() -> None:
     parser.add_argument("--die-at", type=int, default=None)
     parser.add_argument("--die-rank", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--own-sampler", type=int, default=0, help="1: unshuffled DistributedSampler (else Lightning's)")
+    parser.add_argument("--own-sampler", type=int, default=0, help="1: unshuffled sampler")
     parser.add_argument("--format", default="dense", choices=["dense", "compressed"])
     args = parser.parse_args()
     world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
