@@ -13,6 +13,11 @@ Epoch 0's permutation is the one ``DataLoader(shuffle=True, generator=torch.Gene
 (torch's ``RandomSampler`` draws it after the loader's worker base seed, from the same generator), so fresh runs see
 the same batches as with the plain shuffled loader; epoch ``e`` is epoch 0 of a loader seeded with ``seed + e``
 (as ``DistributedSampler`` seeds its epochs), where the plain loader would continue one generator.
+
+Data parallel: with several processes (``torch.distributed`` initialized, or ``num_replicas``/``rank`` given) each
+rank takes every ``num_replicas``-th index of the epoch's permutation from its ``rank`` on, the permutation padded
+with its own head to a multiple of ``num_replicas``, as ``DistributedSampler`` does. :class:`ShuffleSampler` is a
+``DistributedSampler``, so Lightning keeps it instead of replacing the loader's sampler by its own.
 """
 
 from __future__ import annotations
@@ -22,7 +27,8 @@ from collections.abc import Iterator, Sized
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler
+import torch.distributed as dist
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 __all__ = ["ResumableLoader", "ShuffleSampler", "TrainLoaderState", "epoch_permutation"]
 
@@ -46,8 +52,15 @@ def epoch_permutation(n: int, seed: int, epoch: int) -> torch.Tensor:
     return torch.randperm(n, generator=gen)
 
 
-class ShuffleSampler(Sampler[int]):
-    """Indices of :func:`epoch_permutation`, from ``pass_start`` on, for the pass :class:`ResumableLoader` sets up.
+def _world() -> tuple[int, int]:
+    """``(num_replicas, rank)`` of the initialized process group, else ``(1, 0)``."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size(), dist.get_rank()
+    return 1, 0
+
+
+class ShuffleSampler(DistributedSampler):
+    """This rank's indices of :func:`epoch_permutation`, from ``pass_start`` on, for the pass the loader sets up.
 
     ``set_epoch`` (called by Lightning at the start of every epoch, as for ``DistributedSampler``) chooses the epoch
     of the loader's next pass; the loader fixes ``pass_epoch``/``pass_start`` when a pass begins, so a ``set_epoch``
@@ -56,9 +69,20 @@ class ShuffleSampler(Sampler[int]):
     Args:
         n: Number of samples.
         seed: Seed of the shuffling.
+        num_replicas: Processes sharing the data (default: the process group's size, 1 without one).
+        rank: This process's share (default: its rank in the process group).
+
+    Raises:
+        ValueError: ``rank`` outside ``0 .. num_replicas - 1``.
     """
 
-    def __init__(self, n: int, seed: int) -> None:
+    def __init__(self, n: int, seed: int, num_replicas: int | None = None, rank: int | None = None) -> None:
+        world, me = _world()
+        num_replicas = world if num_replicas is None else int(num_replicas)
+        rank = me if rank is None else int(rank)
+        if not 0 <= rank < num_replicas:
+            raise ValueError(f"rank must be in [0, {num_replicas}), got {rank}")
+        super().__init__(range(n), num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed)  # type: ignore[arg-type]
         self.n, self.seed = n, seed
         self.epoch = 0
         self.epoch_set = False
@@ -70,17 +94,21 @@ class ShuffleSampler(Sampler[int]):
         self.epoch, self.epoch_set = int(epoch), True
 
     def __len__(self) -> int:
-        return self.n
+        return self.num_samples
 
     def __iter__(self) -> Iterator[int]:
-        return iter(epoch_permutation(self.n, self.seed, self.pass_epoch)[self.pass_start :].tolist())
+        order = epoch_permutation(self.n, self.seed, self.pass_epoch)
+        if self.num_replicas > 1:
+            order = order.repeat(-(-self.total_size // max(self.n, 1)))[: self.total_size]
+            order = order[self.rank :: self.num_replicas]
+        return iter(order[self.pass_start :].tolist())
 
 
 class ResumableLoader(DataLoader):
     """A shuffled ``DataLoader`` whose position within the epoch is checkpointed (``state_dict``/``load_state_dict``).
 
     Each ``iter()`` is one pass (epoch): the epoch given to the sampler's ``set_epoch`` since the last pass, else the
-    next one (the first pass is epoch 0). The state is ``{"epoch", "batches", "seed", "samples", "batch_size"}``:
+    next one (the first pass is epoch 0). The state (:meth:`state_dict`) is
     plain ints, safe for ``torch.load(weights_only=True)``. After ``load_state_dict`` the next pass is that epoch,
     starting after the batches already handed out; a state saved after the last batch of an epoch resumes at the
     start of the next epoch. The worker base seed of a pass is drawn from a generator seeded with ``seed + epoch``,
@@ -91,6 +119,8 @@ class ResumableLoader(DataLoader):
         batch_size: Samples per batch.
         seed: Seed of the shuffling.
         drop_last: Drop the last, incomplete batch of each epoch.
+        num_replicas: Data parallel: processes sharing each epoch (default: the process group's size, else 1).
+        rank: Data parallel: this process's share (default: its rank in the process group).
         **kwargs: Other ``DataLoader`` arguments (``num_workers``, ``collate_fn``, ``pin_memory``, ...), not
             ``shuffle``, ``sampler``, ``batch_sampler`` or ``generator``.
 
@@ -98,14 +128,23 @@ class ResumableLoader(DataLoader):
         TypeError: The dataset has no length.
     """
 
-    def __init__(self, dataset: Dataset, batch_size: int, seed: int, drop_last: bool = False, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        dataset: Dataset,
+        batch_size: int,
+        seed: int,
+        drop_last: bool = False,
+        num_replicas: int | None = None,
+        rank: int | None = None,
+        **kwargs: Any,
+    ) -> None:
         if not isinstance(dataset, Sized):
             raise TypeError(f"{type(self).__name__} needs a map-style dataset with a length, got {type(dataset)}")
         self.seed = int(seed)
         super().__init__(
             dataset,
             batch_size=batch_size,
-            sampler=ShuffleSampler(len(dataset), self.seed),
+            sampler=ShuffleSampler(len(dataset), self.seed, num_replicas, rank),
             drop_last=drop_last,
             generator=torch.Generator().manual_seed(self.seed),
             **kwargs,
@@ -150,7 +189,7 @@ class ResumableLoader(DataLoader):
         """Position of the loader: the epoch, and the batches of it handed out (0 after the epoch's last batch).
 
         Returns:
-            ``{"epoch", "batches", "seed", "samples", "batch_size"}``.
+            ``{"epoch", "batches", "seed", "samples", "batch_size", "replicas"}`` (``samples``: this rank's).
         """
         if self._pending is not None:
             epoch, batches = self._pending
@@ -166,6 +205,7 @@ class ResumableLoader(DataLoader):
             "seed": self.seed,
             "samples": len(self.shuffle_sampler),
             "batch_size": int(self.batch_size or 1),
+            "replicas": self.shuffle_sampler.num_replicas,
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -178,7 +218,8 @@ class ResumableLoader(DataLoader):
             state_dict: A :meth:`state_dict`.
         """
         mine = self.state_dict()
-        changed = [k for k in ("seed", "samples", "batch_size") if k in state_dict and state_dict[k] != mine[k]]
+        keys = ("seed", "samples", "batch_size", "replicas")
+        changed = [k for k in keys if k in state_dict and state_dict[k] != mine[k]]
         if changed:
             saved = {k: state_dict[k] for k in changed}
             now = {k: mine[k] for k in changed}

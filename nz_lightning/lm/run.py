@@ -259,7 +259,7 @@ def train(cfg: DictConfig, print_table: bool = True) -> dict[str, Any]:
         "output_dir": output_dir,
         "metrics": metrics,
     }
-    if print_table:
+    if print_table and trainer.is_global_zero:  # data parallel: one table, from rank 0
         print_summary(summary)
     return summary
 
