@@ -1,0 +1,313 @@
+"""FSDP2-sharded NeuZip: each rank holds only its dim-0 shard of each weight, compressed.
+
+:func:`shard_model` applies FSDP2's ``fully_shard`` to chosen submodules (by default every block of every
+``nn.ModuleList``: the transformer layers) and then to the root. With ``compress=True`` the eligible weights
+(:func:`~nz_lightning.tensor.convert.default_should_compress`: floating-point, 2-D or more) are held, on each rank,
+as an :class:`~nz_lightning.distributed.fsdp_tensor.NZShard` of their shard; a weight exists dense only between
+FSDP's all-gather before its module computes and its reshard after (forward and backward). Gradients are
+reduce-scattered by FSDP; :func:`~nz_lightning.distributed.fsdp_optim.sharded_fused_optimizer` updates each local
+shard inside backward.
+
+With ``compressed_gather=True`` the all-gathers move each shard's compressed bytes in a payload of a fixed capacity
+agreed by all ranks here (the largest rank's encoded size times ``1 + gather_headroom``); see
+:mod:`~nz_lightning.distributed.fsdp_payload`.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import math
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+from torch.distributed.fsdp import fully_shard
+from torch.distributed.tensor import DTensor
+
+from nz_lightning.distributed.fsdp_payload import encoded_size
+from nz_lightning.distributed.fsdp_tensor import CommStats, GatherSpec, NZShard, PendingShard
+from nz_lightning.tensor.convert import default_should_compress
+from nz_lightning.tensor.parameter import NZParameter, read_dense
+from nz_lightning.tensor.workspace import DECODE_POOL
+
+__all__ = [
+    "ModuleSelector",
+    "comm_stats",
+    "local_shard",
+    "refresh_gather_capacities",
+    "shard_bytes",
+    "shard_model",
+    "shard_rows",
+]
+
+ModuleSelector = Callable[[str, nn.Module], bool] | Iterable[type[nn.Module] | str]
+"""Which submodules get their own ``fully_shard``: a predicate ``fn(name, module)``, module classes, or fnmatch
+patterns of module names."""
+
+_INFO = "_nz_fsdp_info"
+
+
+@dataclass
+class _ShardInfo:
+    """What :func:`shard_model` leaves on the model: byte counters and how capacities are agreed."""
+
+    stats: CommStats
+    group: Any
+    headroom: float
+
+
+def _matches(name: str, patterns: Iterable[str] | None) -> bool:
+    return patterns is not None and any(fnmatch.fnmatchcase(name, p) for p in patterns)
+
+
+def _default_blocks(model: nn.Module) -> list[str]:
+    """Names of the elements of every ``nn.ModuleList`` (transformer blocks) that hold parameters."""
+    names = []
+    for name, module in model.named_modules():
+        if isinstance(module, nn.ModuleList):
+            for child_name, child in module.named_children():
+                if any(True for _ in child.parameters()):
+                    names.append(f"{name}.{child_name}" if name else child_name)
+    return names
+
+
+def _selected(model: nn.Module, modules: ModuleSelector | None) -> list[nn.Module]:
+    """The submodules to shard on their own, children before parents (the root excluded)."""
+    if modules is None:
+        wanted = set(_default_blocks(model))
+        picked = [(n, m) for n, m in model.named_modules() if n in wanted]
+    elif callable(modules):
+        picked = [(n, m) for n, m in model.named_modules() if n and modules(n, m)]
+    else:
+        items = list(modules)
+        bad = [x for x in items if not (isinstance(x, str) or (isinstance(x, type) and issubclass(x, nn.Module)))]
+        if bad:
+            raise TypeError(f"modules must be a predicate, module classes or name patterns; got {bad[:3]}")
+        classes = tuple(x for x in items if isinstance(x, type))
+        patterns = [x for x in items if isinstance(x, str)]
+        picked = [
+            (n, m)
+            for n, m in model.named_modules()
+            if n and (isinstance(m, classes) or any(fnmatch.fnmatchcase(n, p) for p in patterns))
+        ]
+    return [m for _, m in reversed(picked)]  # named_modules is pre-order: reversed, children come first
+
+
+def shard_rows(rows: int, world: int, rank: int) -> tuple[int, int]:
+    """``(start, stop)`` rows of dim 0 that FSDP2 gives ``rank`` of ``world`` (``torch.chunk``'s split)."""
+    chunk = math.ceil(rows / world) if rows else 0
+    return min(rank * chunk, rows), min((rank + 1) * chunk, rows)
+
+
+def _swap_for_pending(
+    model: nn.Module,
+    world: int,
+    compress: bool,
+    compressed_gather: bool,
+    include: Iterable[str] | None,
+    exclude: Iterable[str] | None,
+    backend: str | None,
+    stats: CommStats,
+) -> None:
+    """Replace eligible parameters by :class:`PendingShard` (compress) and compressed others by dense ones."""
+    include, exclude = list(include or []), list(exclude or [])
+    done: dict[int, nn.Parameter] = {}
+    for module_name, module in list(model.named_modules(remove_duplicate=False)):
+        for pname, param in list(module.named_parameters(recurse=False)):
+            full = f"{module_name}.{pname}" if module_name else pname
+            if id(param) in done:
+                setattr(module, pname, done[id(param)])
+                continue
+            if isinstance(param, DTensor):
+                raise ValueError(f"parameter {full!r} is already a DTensor: the model is already sharded")
+            if param.device.type == "meta":
+                raise ValueError(f"parameter {full!r} is on the meta device: materialize the model before sharding it")
+            if isinstance(param, NZParameter) and param.store.lossy:
+                raise ValueError(
+                    f"parameter {full!r} is held with lossy compression: sharded training needs lossless weights "
+                    "(compress without mantissa_bits)"
+                )
+            wanted = compress and (default_should_compress(param) or _matches(full, include))
+            wanted = wanted and not _matches(full, exclude)
+            if wanted and (param.dim() == 0 or param.shape[0] % world):
+                raise ValueError(
+                    f"parameter {full!r} of shape {tuple(param.shape)}: dim 0 does not divide by the world size "
+                    f"{world}, so its shards cannot all be held compressed. Pad that dimension to a multiple of "
+                    f"{world}, or keep it dense-sharded with exclude=[{full!r}]"
+                )
+            if wanted:
+                spec = GatherSpec(name=full, compressed=compressed_gather, stats=stats, requested=compressed_gather)
+                value = read_dense(param).contiguous()
+                new = nn.Parameter(PendingShard(value, spec, backend), requires_grad=param.requires_grad)
+            elif isinstance(param, NZParameter):
+                new = nn.Parameter(param.dense(), requires_grad=param.requires_grad)
+            else:
+                done[id(param)] = param
+                continue
+            done[id(param)] = new
+            setattr(module, pname, new)
+
+
+def _agree_capacities(shards: list[NZShard], group: Any, headroom: float) -> bool:
+    """Set every compressed-gather shard's capacity to the largest rank's encoded size times ``1 + headroom``.
+
+    A parameter whose capacity would reach its dense shard size is gathered dense (compression would not pay).
+    A collective over ``group``. Returns False (and changes nothing) once an all-gather has sized FSDP's buffers.
+    """
+    if any(s.gather_spec.frozen for s in shards):
+        return False
+    wanted = [s for s in shards if s.gather_spec.requested]
+    if not wanted:
+        return True
+    sizes = torch.tensor([encoded_size(s.store) for s in wanted], dtype=torch.int64)
+    dist.all_reduce(sizes, op=dist.ReduceOp.MAX, group=group)
+    for shard, size in zip(wanted, sizes.tolist(), strict=True):
+        capacity = -(-math.ceil(size * (1.0 + headroom)) // 64) * 64
+        spec = shard.gather_spec
+        spec.compressed = capacity < shard.numel() * shard.element_size()
+        spec.capacity = capacity if spec.compressed else 0
+    return True
+
+
+def refresh_gather_capacities(model: nn.Module) -> bool:
+    """Agree the compressed-gather capacities again from the shards' current encodings (e.g. after loading weights).
+
+    A collective: call it on every rank. Only possible before the model's first all-gather (FSDP sizes its gather
+    buffers then); afterwards a shard that outgrew its capacity is gathered dense, still exactly.
+
+    Returns:
+        Whether the capacities were agreed again (False once the model has all-gathered).
+    """
+    info = _info(model)
+    nz = [s for s in (local_shard(p) for p in model.parameters()) if isinstance(s, NZShard)]
+    return _agree_capacities(nz, info.group, info.headroom)
+
+
+def shard_model(
+    model: nn.Module,
+    *,
+    mesh: DeviceMesh | None = None,
+    compress: bool = True,
+    compressed_gather: bool = True,
+    reshard_after_forward: bool = True,
+    modules: ModuleSelector | None = None,
+    include: Iterable[str] | None = None,
+    exclude: Iterable[str] | None = None,
+    gather_headroom: float = 0.05,
+    backend: str | None = None,
+) -> nn.Module:
+    """Shard ``model`` with FSDP2 in place, each rank holding its dim-0 shard of each weight (compressed).
+
+    Call it on every rank with the same model (same values everywhere: e.g. seeded, or loaded), after
+    ``torch.distributed`` is initialized and the model is on its device. The model may hold dense or losslessly
+    compressed (:func:`~nz_lightning.tensor.convert.compress_model`) parameters.
+
+    Args:
+        model: The model (modified in place).
+        mesh: A 1-D device mesh (``None``: all ranks, on the model's device type).
+        compress: Hold eligible weights' shards compressed (:class:`NZShard`); ``False``: plain FSDP2 (the dense
+            reference, compressed parameters are decompressed first).
+        compressed_gather: All-gather compressed payloads (``False``: decode the shard and gather dense values).
+            Both give bit-identical unsharded weights.
+        reshard_after_forward: FSDP2's option (free unsharded weights after forward; re-gather in backward).
+        modules: Submodules sharded on their own before the root (see :data:`ModuleSelector`; ``None``: every
+            element of every ``nn.ModuleList`` with parameters).
+        include: fnmatch patterns of parameter names to compress beyond the default policy.
+        exclude: fnmatch patterns of parameter names to keep dense-sharded (e.g. a weight whose dim 0 does not divide
+            by the world size).
+        gather_headroom: Capacity margin over the largest encoded shard at setup (weights drift while training; a
+            shard that outgrows the capacity is gathered dense, never wrongly).
+        backend: Codec backend to force.
+
+    Returns:
+        ``model``; its parameters are now DTensors (``fully_shard``). :func:`comm_stats` gives its byte counters.
+
+    Raises:
+        RuntimeError: ``torch.distributed`` is not initialized.
+        ValueError: A weight to compress whose dim 0 does not divide by the world size, a lossy weight, a meta or
+            already sharded parameter, a mesh that is not 1-D, or a bad ``gather_headroom``.
+    """
+    if not dist.is_available() or not dist.is_initialized():
+        raise RuntimeError("shard_model needs torch.distributed initialized (init_process_group) on every rank")
+    if not isinstance(reshard_after_forward, bool):
+        raise ValueError(f"reshard_after_forward must be a bool, got {reshard_after_forward!r}")
+    if not gather_headroom > -1.0:
+        raise ValueError(f"gather_headroom must be > -1, got {gather_headroom}")
+    if mesh is None:
+        first = next(model.parameters(), None)
+        device_type = first.device.type if first is not None else "cpu"
+        mesh = init_device_mesh(device_type, (dist.get_world_size(),))
+    if mesh.ndim != 1:
+        raise ValueError(f"shard_model takes a 1-D device mesh, got {mesh.ndim} dimensions")
+    stats = CommStats()
+    world = mesh.size()
+    _swap_for_pending(model, world, compress, compressed_gather, include, exclude, backend, stats)
+    for module in _selected(model, modules):
+        fully_shard(module, mesh=mesh, reshard_after_forward=reshard_after_forward)
+    fully_shard(model, mesh=mesh, reshard_after_forward=reshard_after_forward)
+    shards = [local_shard(p) for p in model.parameters()]
+    nz = [s for s in shards if isinstance(s, NZShard)]
+    _agree_capacities(nz, mesh.get_group(), gather_headroom)
+    for p in model.parameters():
+        if isinstance(p, DTensor) and p.requires_grad:
+            start, stop = shard_rows(p.shape[0], world, 0)
+            padded = (stop - start) * world * (p.numel() // max(p.shape[0], 1)) * p.element_size()
+            p.register_post_accumulate_grad_hook(_count_reduce_scatter(stats, padded))
+    block_bytes = [
+        (stop - start) * s.store.shape[1:].numel() * s.element_size() for s in nz for start, stop in s.store.bounds
+    ]
+    DECODE_POOL.fit(max(block_bytes, default=0))
+    setattr(model, _INFO, _ShardInfo(stats, mesh.get_group(), gather_headroom))
+    return model
+
+
+def _count_reduce_scatter(stats: CommStats, nbytes: int) -> Callable[[Tensor], None]:
+    def hook(p: Tensor) -> None:
+        stats.reduce_scatter_bytes += nbytes
+
+    return hook
+
+
+def local_shard(p: Tensor) -> Tensor:
+    """The tensor this rank holds for parameter ``p``: a DTensor's local tensor (an :class:`NZShard` or dense), or
+    ``p`` itself for a parameter that is not sharded."""
+    return p._local_tensor if isinstance(p, DTensor) else p
+
+
+def comm_stats(model: nn.Module) -> CommStats:
+    """The byte counters of a model built by :func:`shard_model`.
+
+    Raises:
+        ValueError: ``model`` was not built by :func:`shard_model`.
+    """
+    return _info(model).stats
+
+
+def _info(model: nn.Module) -> _ShardInfo:
+    info = getattr(model, _INFO, None)
+    if not isinstance(info, _ShardInfo):
+        raise ValueError("this model was not sharded by shard_model")
+    return info
+
+
+def shard_bytes(model: nn.Module) -> dict[str, int]:
+    """Bytes this rank holds for the model's parameters (each tied parameter once).
+
+    Returns:
+        ``{"compressed": ..., "dense": ..., "total": ..., "dense_equivalent": ...}``: compressed shards' held bytes
+        (blobs and cached tables), dense local tensors' bytes, their sum, and what all local shards take dense.
+    """
+    compressed = dense = equivalent = 0
+    for p in model.parameters():
+        local = local_shard(p)
+        size = local.numel() * local.element_size()
+        equivalent += size
+        if isinstance(local, NZParameter):
+            compressed += local.store.nbytes
+        else:
+            dense += size
+    return {"compressed": compressed, "dense": dense, "total": compressed + dense, "dense_equivalent": equivalent}

@@ -1,0 +1,264 @@
+"""The compressed local shard FSDP2 holds: :class:`NZShard`, with FSDP2's all-gather extension.
+
+FSDP2 (``fully_shard``) keeps each parameter as a DTensor whose local tensor is this rank's dim-0 shard. Here that
+local tensor is an :class:`NZShard`: an :class:`~nz_lightning.tensor.parameter.NZParameter` (a lazily decoded view
+of a :class:`~nz_lightning.tensor.parameter.WeightStore`) with ``fsdp_pre_all_gather`` / ``fsdp_post_all_gather``:
+
+* compressed gather: each rank hands FSDP a fixed-capacity uint8 payload of its shard's blobs
+  (:mod:`~nz_lightning.distributed.fsdp_payload`); after the all-gather every rank decodes every rank's part into the
+  unsharded dense weight. A shard that does not fit its capacity makes every rank gather the dense shards instead
+  (the overflow flag travels in the payload, so all ranks take that branch together).
+* dense gather: the local shard is decoded and the dense values are gathered (what plain FSDP2 moves).
+
+The unsharded weight is a plain dense tensor that FSDP frees when it reshards (after forward, after backward).
+A :class:`PendingShard` stands in for a parameter between :func:`~nz_lightning.distributed.fsdp.shard_model`'s swap
+and ``fully_shard``: it holds the dense full value and makes ``fully_shard``'s ``new_zeros`` build an empty
+``NZShard``, so that each rank only ever encodes its own shard.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+from torch.utils._pytree import tree_map
+
+from nz_lightning.distributed.fsdp_payload import pack_payload, payload_overflowed, unpack_payload
+from nz_lightning.tensor.parameter import NZParameter, WeightStore
+
+__all__ = ["CommStats", "GatherSpec", "NZShard", "PendingShard"]
+
+aten = torch.ops.aten
+
+
+@dataclass
+class CommStats:
+    """Bytes moved by the collectives of one sharded model (summed over calls; :meth:`reset` between steps).
+
+    Attributes:
+        all_gather_bytes: All-gather output bytes of the compressed weights (``world_size`` times each rank's input:
+            payloads in compressed mode, dense shards in dense mode), dense fallbacks after an overflow included.
+        all_gather_dense_bytes: What the same all-gathers move as dense weights (the baseline for the ratio).
+        reduce_scatter_bytes: Reduce-scatter input bytes of every sharded parameter's gradient (padded).
+        all_gathers: Number of weight all-gathers counted.
+        overflows: All-gathers that fell back to dense because a shard did not fit its capacity.
+    """
+
+    all_gather_bytes: int = 0
+    all_gather_dense_bytes: int = 0
+    reduce_scatter_bytes: int = 0
+    all_gathers: int = 0
+    overflows: int = 0
+
+    def reset(self) -> None:
+        """Zero every counter."""
+        self.all_gather_bytes = self.all_gather_dense_bytes = self.reduce_scatter_bytes = 0
+        self.all_gathers = self.overflows = 0
+
+    @property
+    def gather_ratio(self) -> float:
+        """``all_gather_bytes / all_gather_dense_bytes`` (1.0 before any gather)."""
+        return self.all_gather_bytes / self.all_gather_dense_bytes if self.all_gather_dense_bytes else 1.0
+
+
+@dataclass
+class GatherSpec:
+    """How one compressed parameter is all-gathered (shared by all views of its shard).
+
+    Attributes:
+        name: The parameter's name (for errors).
+        compressed: Gather compressed payloads (else dense values).
+        capacity: Payload bytes per rank (compressed mode; agreed by every rank, fixed from the first all-gather on).
+        stats: The model's byte counters.
+        requested: Whether compressed gather was asked for (``compressed`` may be off where it would not pay).
+        frozen: Set by the first all-gather: FSDP has sized its buffers, the capacity may no longer change.
+    """
+
+    name: str
+    compressed: bool
+    capacity: int = 0
+    stats: CommStats = field(default_factory=CommStats)
+    requested: bool = False
+    frozen: bool = False
+
+
+class NZShard(NZParameter):
+    """A rank's compressed dim-0 shard of a parameter, as FSDP2's local tensor (see the module docstring)."""
+
+    _gather: GatherSpec
+
+    @staticmethod
+    def __new__(
+        cls,
+        store: WeightStore,
+        size: Any,
+        stride: Any,
+        offset: int,
+        requires_grad: bool = False,
+        *,
+        gather: GatherSpec,
+    ) -> NZShard:
+        t = NZParameter.__new__(cls, store, size, stride, offset, requires_grad)
+        assert isinstance(t, NZShard)
+        t._gather = gather
+        return t
+
+    @property
+    def gather_spec(self) -> GatherSpec:
+        """How this shard is all-gathered."""
+        return self._gather
+
+    @classmethod
+    def __torch_dispatch__(  # type: ignore[override]
+        cls, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: dict[str, Any] | None = None
+    ) -> Any:
+        spec = next((a._gather for a in args if isinstance(a, NZShard)), None)
+        out = super().__torch_dispatch__(func, types, args, kwargs)
+        if spec is None:
+            return out
+
+        def rewrap(x: Any) -> Any:  # views come back as plain NZParameters: keep them shards
+            if type(x) is NZParameter:
+                size, stride, offset = x._view
+                return NZShard(x.store, size, stride, offset, x.requires_grad, gather=spec)
+            return x
+
+        return tree_map(rewrap, out)
+
+    # -- FSDP2 all-gather extension -------------------------------------------------------------------------------
+
+    def fsdp_pre_all_gather(
+        self, mesh: Any, outer_size: torch.Size, outer_stride: tuple[int, ...], module: Any, mp_policy: Any
+    ) -> tuple[tuple[Tensor, ...], Any]:
+        """This rank's all-gather input: its fixed-capacity payload (compressed) or its decoded shard (dense).
+
+        Raises:
+            NotImplementedError: A mixed-precision ``param_dtype`` other than the stored dtype.
+            RuntimeError: The local tensor is not a whole shard, or no capacity was agreed.
+        """
+        spec = self._gather
+        param_dtype = getattr(mp_policy, "param_dtype", None)
+        if param_dtype is not None and param_dtype != self.dtype:
+            raise NotImplementedError(
+                f"{spec.name}: compressed shards are gathered in their stored dtype {self.dtype}, not {param_dtype}"
+            )
+        if not self.is_whole_store():
+            raise RuntimeError(f"{spec.name}: FSDP's local tensor is a partial view of its compressed shard")
+        world = mesh.size()
+        spec.frozen = True
+        dense_bytes = self.numel() * self.element_size()
+        spec.stats.all_gathers += 1
+        spec.stats.all_gather_dense_bytes += dense_bytes * world
+        meta = (tuple(outer_size), mesh.get_group())
+        if not spec.compressed:
+            spec.stats.all_gather_bytes += dense_bytes * world
+            return (self.store.read(),), meta
+        if spec.capacity <= 0:
+            raise RuntimeError(f"{spec.name}: no gather capacity was agreed (build the model with shard_model)")
+        payload, _ = pack_payload(self.store, spec.capacity, self.device)
+        spec.stats.all_gather_bytes += spec.capacity * world
+        return (payload,), meta
+
+    def fsdp_post_all_gather(
+        self,
+        all_gather_outputs: tuple[Tensor, ...],
+        metadata: Any,
+        param_dtype: torch.dtype,
+        *,
+        out: Tensor | None = None,
+    ) -> tuple[Tensor, tuple[Tensor, ...]] | None:
+        """Build (or refill ``out`` with) the unsharded dense weight from the gathered inputs.
+
+        Raises:
+            RuntimeError: The gathered payloads do not match the agreed capacity (a rank packed another one), or a
+                payload is malformed.
+        """
+        (gathered,) = all_gather_outputs
+        outer_size, group = metadata
+        spec = self._gather
+        if not spec.compressed:
+            full = gathered.view(outer_size)
+            if out is None:
+                return full, ()
+            if out.untyped_storage().data_ptr() != full.untyped_storage().data_ptr():
+                with torch.no_grad(), torch.autograd._unsafe_preserve_version_counter(out):
+                    out.detach().copy_(full)
+            return None
+        cap = spec.capacity
+        world = dist.get_world_size(group)
+        if gathered.numel() != cap * world:
+            raise RuntimeError(
+                f"{spec.name}: the all-gather output holds {gathered.numel()} bytes, expected {world} payloads of the "
+                f"agreed capacity {cap}: the capacity changed after the first all-gather or differs between ranks"
+            )
+        target = torch.empty(outer_size, dtype=self.dtype, device=self.device) if out is None else out
+        host = gathered.detach().reshape(-1).to("cpu", copy=True)  # .numpy() would pin FSDP's buffer's size
+        raw = host.numpy().data
+        parts = [raw[r * cap : (r + 1) * cap] for r in range(world)]
+        with torch.no_grad(), torch.autograd._unsafe_preserve_version_counter(target):
+            dense = target.detach()
+            if any(payload_overflowed(part, cap) for part in parts):
+                spec.stats.overflows += 1
+                local = self.store.read().reshape(-1)
+                spec.stats.all_gather_bytes += local.numel() * local.element_size() * world
+                dist.all_gather_single(dense.view(-1), local, group=group)
+            else:
+                rows = dense.view(world, -1, *dense.shape[1:])
+                for r, part in enumerate(parts):
+                    unpack_payload(part, cap, rows[r])
+        if gathered.untyped_storage().size() > 0:  # the payloads are decoded: FSDP re-allocates them per gather
+            gathered.untyped_storage().resize_(0)
+        return (target, (target,)) if out is None else None
+
+
+class PendingShard(torch.Tensor):
+    """A parameter's dense full value waiting for ``fully_shard`` to cut it into an :class:`NZShard`.
+
+    ``fully_shard`` chunks it (dense views), asks it for a zero padded shard (``new_zeros``: an empty compressed
+    ``NZShard``) and copies this rank's chunk in (one encode). Any other op sees the dense value.
+    """
+
+    _full: Tensor
+    _gather: GatherSpec
+    _backend: str | None
+
+    @staticmethod
+    def __new__(cls, full: Tensor, gather: GatherSpec, backend: str | None = None) -> PendingShard:
+        t = torch.Tensor._make_wrapper_subclass(
+            cls,
+            full.shape,
+            strides=full.stride(),
+            storage_offset=0,
+            dtype=full.dtype,
+            device=full.device,
+            requires_grad=full.requires_grad,
+        )
+        t._full, t._gather, t._backend = full, gather, backend
+        return t
+
+    def __repr__(self, *, tensor_contents: Any = None) -> Any:  # type: ignore[override]
+        return f"PendingShard(shape={tuple(self.shape)}, dtype={self.dtype}, name={self._gather.name!r})"
+
+    @classmethod
+    def __torch_dispatch__(  # type: ignore[override]
+        cls, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: dict[str, Any] | None = None
+    ) -> Any:
+        kwargs = kwargs or {}
+        first = args[0] if args else None
+        if isinstance(first, PendingShard):
+            if func in (aten.detach.default, aten.alias.default):
+                return PendingShard(first._full, first._gather, first._backend)
+            dtype = kwargs.get("dtype")
+            if func is aten.new_zeros.default and (dtype is None or dtype == first.dtype):
+                size = torch.Size(args[1])
+                store = WeightStore(torch.zeros(size, dtype=first.dtype, device=first.device), first._backend)
+                meta = torch.empty(size, device="meta")
+                return NZShard(store, meta.shape, meta.stride(), 0, gather=first._gather)
+
+        def unwrap(a: Any) -> Any:
+            return a._full if isinstance(a, PendingShard) else a
+
+        return func(*tree_map(unwrap, args), **tree_map(unwrap, kwargs))

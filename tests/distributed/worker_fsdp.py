@@ -1,0 +1,268 @@
+"""One rank of the FSDP2-sharded NeuZip tests (run by tests/distributed/test_fsdp.py through ``run_ranks``).
+
+``python -m tests.distributed.worker_fsdp --out DIR --job JOB``; each rank writes ``DIR/rank{R}.json`` (and rank 0
+``DIR/{mode}.pt``, dense full state dicts). Jobs:
+
+* ``train``: for each rule and clipping setting, the same tiny bf16 model trained 3 steps with the fused update in
+  backward as plain FSDP2 (``dense``), compressed shards with dense all-gather (``nz-dense``), with compressed
+  all-gather (``nz-comp``) and with a capacity too small for any shard (``nz-overflow``: dense fallback). Records
+  losses, the full state dict's checksum, the unsharded weights every rank computed with, and the bytes moved.
+* ``state``: full state dict of a trained sharded model loaded (from rank 0) into a fresh sharded compressed model.
+* ``errors``: bad input (non-divisible dims, lossy weights, AdaLomo, a changed capacity) and what it raises.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import hashlib
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from nz_lightning.distributed import (
+    comm_stats,
+    full_state_dict,
+    load_full_state_dict,
+    load_shard_state_dict,
+    refresh_gather_capacities,
+    shard_bytes,
+    shard_model,
+    shard_state_dict,
+    sharded_fused_optimizer,
+)
+from nz_lightning.distributed.fsdp import local_shard
+from nz_lightning.distributed.fsdp_tensor import NZShard
+from nz_lightning.tensor.convert import compress_model
+
+VOCAB, DIM, HEAD = 64, 64, 10
+MODES: dict[str, dict[str, Any]] = {
+    "dense": {"compress": False},
+    "nz-dense": {"compress": True, "compressed_gather": False},
+    "nz-comp": {"compress": True, "compressed_gather": True},
+    "nz-overflow": {"compress": True, "compressed_gather": True, "gather_headroom": -0.9},
+}
+
+
+class Block(nn.Module):
+    """Pre-norm MLP block."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(DIM)
+        self.up = nn.Linear(DIM, 4 * DIM)
+        self.down = nn.Linear(4 * DIM, DIM, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x + self.down(F.gelu(self.up(self.norm(x))))
+
+
+class TinyLM(nn.Module):
+    """Embedding, two blocks (an ``nn.ModuleList``: sharded one by one), a head."""
+
+    def __init__(self, head: int = HEAD) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(VOCAB, DIM)
+        self.layers = nn.ModuleList([Block() for _ in range(2)])
+        self.head = nn.Linear(DIM, head)
+
+    def forward(self, ids: Tensor, labels: Tensor) -> Tensor:
+        x = self.emb(ids)
+        for layer in self.layers:
+            x = layer(x)
+        return F.cross_entropy(self.head(x).float().flatten(0, 1), labels.flatten())
+
+
+def build(seed: int = 0, head: int = HEAD) -> TinyLM:
+    torch.manual_seed(seed)
+    return TinyLM(head).to(torch.bfloat16)
+
+
+def batch(step: int, rank: int) -> tuple[Tensor, Tensor]:
+    gen = torch.Generator().manual_seed(1000 * step + rank)
+    ids = torch.randint(0, VOCAB, (4, 8), generator=gen)
+    return ids, torch.randint(0, HEAD - 1, (4, 8), generator=gen)  # valid for the 9-wide head too
+
+
+def digest(tensors: dict[str, Tensor]) -> str:
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        h.update(name.encode())
+        h.update(tensors[name].detach().contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def capture_unsharded(model: nn.Module) -> Callable[[], dict[str, str]]:
+    """Record, at each Linear's forward, a digest of the (unsharded) weight it computes with."""
+    seen: dict[str, str] = {}
+
+    def make(name: str) -> Callable[[nn.Module, Any], None]:
+        def hook(module: nn.Module, args: Any) -> None:
+            w = module.weight
+            assert isinstance(w, Tensor) and type(w) is nn.Parameter  # dense, unsharded while the module computes
+            seen[name] = digest({"w": w.detach().clone()})
+
+        return hook
+
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear):
+            module.register_forward_pre_hook(make(name))
+    return lambda: dict(seen)
+
+
+def train(mode: str, rule: str, clip: float | None, accumulate: int, steps: int = 3) -> dict[str, Any]:
+    rank = dist.get_rank()
+    model = shard_model(build(), **MODES[mode])
+    seen = capture_unsharded(model)
+    lr = {"sgd": 0.05, "adamw": 1e-2}[rule]
+    options: dict[str, Any] = {"max_grad_norm": clip, "accumulate_grad_batches": accumulate}
+    opt = sharded_fused_optimizer(model, rule, lr, stochastic_rounding=rule == "adamw", **options)
+    losses = []
+    for step in range(steps * accumulate):
+        loss = model(*batch(step, rank))
+        losses.append(float(loss.detach()))
+        opt.backward(loss)
+    stats = comm_stats(model)
+    unsharded = seen()
+    sd = full_state_dict(model)
+    return {
+        "losses": losses,
+        "checksum": digest(sd) if rank == 0 else None,
+        "unsharded": unsharded,
+        "nz_locals": sum(isinstance(local_shard(p), NZShard) for p in model.parameters()),
+        "gather_bytes": stats.all_gather_bytes,
+        "gather_dense_bytes": stats.all_gather_dense_bytes,
+        "reduce_scatter_bytes": stats.reduce_scatter_bytes,
+        "overflows": stats.overflows,
+        "held": shard_bytes(model),
+        "sd": sd,
+    }
+
+
+def job_train(out: Path) -> dict[str, Any]:
+    result: dict[str, Any] = {}
+    # SGD (every mode, the overflow fallback too), AdamW with stochastic rounding and two-pass clipping, AdamW with
+    # clipping over 2 accumulated micro-batches (each reduce-scattered)
+    for rule, clip, accumulate, modes in (
+        ("sgd", None, 1, list(MODES)),
+        ("adamw", 0.5, 1, ["dense", "nz-dense", "nz-comp"]),
+        ("adamw", 0.5, 2, ["dense", "nz-comp"]),
+    ):
+        for mode in modes:
+            run = train(mode, rule, clip, accumulate)
+            sd = run.pop("sd")
+            if dist.get_rank() == 0 and (rule, accumulate, mode) == ("adamw", 1, "dense"):
+                torch.save(sd, out / "reference.pt")
+            result[f"{rule}-{accumulate}-{mode}"] = run
+    return result
+
+
+def job_state(out: Path) -> dict[str, Any]:
+    rank = dist.get_rank()
+    trained = shard_model(build(), compressed_gather=True)
+    opt = sharded_fused_optimizer(trained, "adamw", 1e-2)
+    for step in range(2):
+        opt.backward(trained(*batch(step, rank)))
+    sd = full_state_dict(trained)
+    if rank == 0:
+        torch.save(sd, out / "gathered.pt")
+    fresh = shard_model(build(seed=1), compressed_gather=True)  # other values: all must be overwritten
+    load_full_state_dict(fresh, sd, from_rank0=True)
+    again = full_state_dict(fresh)
+    ids, labels = batch(7, rank)
+    with torch.no_grad():
+        loss_trained, loss_fresh = float(trained(ids, labels)), float(fresh(ids, labels))
+    resume = exact_resume(out)
+    return {
+        **resume,
+        "checksum_gathered": digest(sd) if rank == 0 else None,
+        "checksum_reloaded": digest(again) if rank == 0 else None,
+        "keys": sorted(sd) if rank == 0 else None,
+        "losses": [loss_trained, loss_fresh],
+        "fresh_nz_locals": sum(isinstance(local_shard(p), NZShard) for p in fresh.parameters()),
+    }
+
+
+def exact_resume(out: Path) -> dict[str, Any]:
+    """Save this rank's shards (compressed blobs) and optimizer state mid-run; resume into a fresh sharded model."""
+    rank = dist.get_rank()
+    options: dict[str, Any] = {"stochastic_rounding": True, "max_grad_norm": 0.5}
+    model = build()
+    shard_model(model)
+    opt = sharded_fused_optimizer(model, "adamw", 1e-2, **options)
+    for step in range(2):
+        opt.backward(model(*batch(step, rank)))
+    path = out / f"shards{rank}.pt"
+    torch.save({"model": shard_state_dict(model), "optim": opt.state_dict()}, path)
+    opt.backward(model(*batch(2, rank)))
+    continued = full_state_dict(model)
+    resumed = build(seed=2)
+    shard_model(resumed)
+    ropt = sharded_fused_optimizer(resumed, "adamw", 1e-2, **options)
+    saved = torch.load(path, weights_only=True)
+    load_shard_state_dict(resumed, saved["model"])
+    ropt.load_state_dict(copy.deepcopy(saved["optim"]))
+    ropt.backward(resumed(*batch(2, rank)))
+    again = full_state_dict(resumed)
+    return {
+        "resume_continued": digest(continued) if rank == 0 else None,
+        "resume_resumed": digest(again) if rank == 0 else None,
+        "resume_overflows": comm_stats(resumed).overflows,
+        "resume_compressed_blobs": len(saved["model"]["compressed"]),
+    }
+
+
+def expect(kind: type[BaseException], fn: Callable[[], Any]) -> str:
+    try:
+        fn()
+    except kind as err:
+        return str(err)
+    raise AssertionError(f"expected {kind.__name__}")
+
+
+def job_errors(out: Path) -> dict[str, Any]:
+    rank = dist.get_rank()
+    errors = {"odd_dim": expect(ValueError, lambda: shard_model(build(head=9)))}
+    ok = build(head=9)
+    shard_model(ok, exclude=["head.weight"])  # the fix the message names: keep it dense-sharded
+    opt = sharded_fused_optimizer(ok, "sgd", 0.05)
+    opt.backward(ok(*batch(0, rank)))
+    errors["odd_dim_excluded_trains"] = str(type(local_shard(ok.head.weight)).__name__)
+    lossy = compress_model(build(), mantissa_bits=3)
+    errors["lossy"] = expect(ValueError, lambda: shard_model(lossy))
+    errors["adalomo"] = expect(ValueError, lambda: sharded_fused_optimizer(shard_model(build()), "adalomo", 1e-2))
+    errors["unsharded"] = expect(ValueError, lambda: sharded_fused_optimizer(build(), "sgd", 0.1))
+    model = shard_model(build(), compressed_gather=True)
+    refreshed = [refresh_gather_capacities(model)]  # before any all-gather: capacities may still be agreed again
+    model(*batch(0, rank))  # first all-gather: FSDP sizes its output buffers from the payloads
+    refreshed.append(refresh_gather_capacities(model))  # ... not after
+    errors["refreshed"] = str(refreshed)
+    shard = local_shard(model.get_parameter("layers.0.up.weight"))
+    assert isinstance(shard, NZShard) and shard.gather_spec.compressed
+    shard.gather_spec.capacity += 64  # every rank now packs a payload the allocated buffers do not match
+    errors["capacity"] = expect(RuntimeError, lambda: model(*batch(1, rank)))
+    return errors
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--job", choices=["train", "state", "errors"], required=True)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo")
+    try:
+        result = {"train": job_train, "state": job_state, "errors": job_errors}[args.job](args.out)
+        (args.out / f"rank{dist.get_rank()}.json").write_text(json.dumps(result))
+    finally:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
