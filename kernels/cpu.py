@@ -6,7 +6,8 @@ here for ``prob_bits < 10``). Decoding is vectorized the same way for ``prob_bit
 together (32 independent dependency chains for the CPU to overlap), merging each decoded exponent with
 its sign+mantissa field and writing the float bits directly into the output buffer. Segments decode in
 parallel (``numba.prange``) when numba has more than one thread; set ``NUMBA_NUM_THREADS`` or
-``numba.set_num_threads`` to control it.
+``numba.set_num_threads`` to control it. torch's own thread count is left as it was (numba's OpenMP layer would
+otherwise leave its count in the shared OpenMP runtime).
 """
 
 from __future__ import annotations
@@ -352,10 +353,15 @@ def decode(
     width = spec.sm_bits
     fused_merge = native or (vector and (width == 8 or width in PACKED_WIDTHS[spec.total_bits]))
     code = spec.code if fields and fused_merge else 0
+    torch_threads = torch.get_num_threads()
     if vector:
         bad = decode_lanes_vector(*args, tables.numpy().view(np.uint32), prob_bits, k, code, spec.man_bits)
     else:
         bad = _decode_lanes(*args, tables.numpy().view(np.uint64), prob_bits, k, code)
+    if torch.get_num_threads() != torch_threads:
+        # numba's OpenMP threading layer sets the process-wide OpenMP thread count (which torch shares) to its own
+        # at a parallel launch; give torch its count back, or its later ops (their summation order) would change
+        torch.set_num_threads(torch_threads)
     if fields and not fused_merge:
         merge_fields(bits, args[1], 0, n, spec.man_bits, spec.total_bits)
     if bad:
