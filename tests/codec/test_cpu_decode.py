@@ -109,20 +109,23 @@ def test_lanes_without_words_never_read_out_of_bounds() -> None:
 
 
 def test_decode_leaves_torch_thread_count_alone() -> None:
-    """numba's OpenMP layer must not leave its thread count in torch (it changes torch's summation order)."""
+    """numba's OpenMP layer must not leave its thread count in torch (it changes torch's summation order).
+
+    It happens at the first parallel launch of a process, so the check runs in a fresh one.
+    """
+    import subprocess
+    import sys
+
     import numba
 
     if numba.config.NUMBA_NUM_THREADS < 2:
         pytest.skip("numba has one thread: its parallel launch cannot change the count")
-    from nz_lightning.kernels import compress
-
-    before, numba_before = torch.get_num_threads(), numba.get_num_threads()
-    try:
-        torch.set_num_threads(1)
-        numba.set_num_threads(2)
-        blob = compress(torch.randn(512, 512).to(torch.bfloat16), backend="cpu")
-        blob.decompress()
-        assert torch.get_num_threads() == 1
-    finally:
-        torch.set_num_threads(before)
-        numba.set_num_threads(numba_before)
+    script = (
+        "import torch\n"
+        "torch.set_num_threads(1)\n"
+        "from nz_lightning.kernels import compress\n"
+        "compress(torch.randn(512, 512).to(torch.bfloat16), backend='cpu').decompress()\n"
+        "print(torch.get_num_threads())\n"
+    )
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, check=True)
+    assert out.stdout.split()[-1] == "1"
