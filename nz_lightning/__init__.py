@@ -6,6 +6,7 @@ codec (``nz_lightning.kernels``) and torch, never Lightning. Sub-packages, one c
 * ``nz_lightning.kernels``: the codec (the top-level ``kernels/`` folder of the source tree).
 * ``nz_lightning.tensor``: compressed parameters, the decode workspace, model conversion, weight sizes.
 * ``nz_lightning.optim``: fused in-backward optimizers.
+* ``nz_lightning.distributed``: FSDP2 with compressed weight shards and compressed all-gather.
 * ``nz_lightning.lightning``: the Lightning strategies, optimizer translation, callbacks, checkpoint IO.
 * ``nz_lightning.formats``: the NZSF container, whole-model files, atomic writes.
 * ``nz_lightning.lm``: the language-model application (LightningModules, data, evaluation, baselines, runs).
@@ -21,6 +22,7 @@ if TYPE_CHECKING:
     from nz_lightning.formats.model_file import ModelFileReport, load_compressed, save_compressed
     from nz_lightning.kernels import CompressedTensor, compress
     from nz_lightning.lightning.callbacks import NeuZipStats
+    from nz_lightning.lightning.fsdp_strategy import NeuZipFSDPStrategy
     from nz_lightning.lightning.strategy import NeuZipStrategy
     from nz_lightning.optim import FusedOptimizer, fused_optimizer
     from nz_lightning.tensor.convert import compress_model, compressed_parameters, decompress_model
@@ -33,6 +35,7 @@ _EXPORTS: dict[str, str] = {
     "ModelFileReport": "nz_lightning.formats.model_file",
     "NZParameter": "nz_lightning.tensor.parameter",
     "NeuZipStats": "nz_lightning.lightning.callbacks",
+    "NeuZipFSDPStrategy": "nz_lightning.lightning.fsdp_strategy",
     "NeuZipStrategy": "nz_lightning.lightning.strategy",
     "compress": "nz_lightning.kernels",
     "compress_model": "nz_lightning.tensor.convert",
@@ -49,6 +52,7 @@ __all__ = [
     "FusedOptimizer",
     "ModelFileReport",
     "NZParameter",
+    "NeuZipFSDPStrategy",
     "NeuZipStats",
     "NeuZipStrategy",
     "compress",

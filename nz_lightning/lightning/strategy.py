@@ -252,11 +252,15 @@ class NeuZipStrategy(ReplicaStrategy):
             stochastic_rounding=self.stochastic_rounding,
             seed=self.seed,
             blocked_head=self.blocked_head,
-            grad_reducer=self.average_gradient if self.is_distributed else None,
+            grad_reducer=self._grad_reducer(),
         )
         rebind_schedulers((config.scheduler for config in self.lr_scheduler_configs), fused)
         self._fused = fused
         self.optimizers = [fused]
+
+    def _grad_reducer(self) -> Callable[[Tensor], Tensor] | None:
+        """What the fused optimizer applies to each gradient: the all-reduce average with several processes."""
+        return self.average_gradient if self.is_distributed else None
 
     def _release_fused(self) -> None:
         if self._fused is not None:

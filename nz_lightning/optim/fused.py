@@ -348,6 +348,15 @@ def _fused_hook(p: Tensor) -> FusedOptimizer | None:
     return None
 
 
+def _is_sharded(model: nn.Module) -> bool:
+    """Whether ``model`` holds DTensor (FSDP2-sharded) parameters."""
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # torch built without distributed support
+        return False
+    return any(isinstance(p, DTensor) for p in model.parameters())
+
+
 def fused_optimizer(model: nn.Module, name: str, lr: float, **options: Any) -> FusedOptimizer:
     """Build a :class:`FusedOptimizer` for ``model`` by rule name.
 
@@ -360,11 +369,19 @@ def fused_optimizer(model: nn.Module, name: str, lr: float, **options: Any) -> F
             ``accum_dtype``.
 
     Returns:
-        The optimizer, its hooks installed on the model.
+        The optimizer, its hooks installed on the model (for a model sharded by
+        :func:`~nz_lightning.distributed.shard_model`: a :class:`~nz_lightning.distributed.ShardedFusedOptimizer`).
 
     Raises:
         ValueError: Unknown rule name or option (the message lists the valid ones), or bad values.
     """
+    if _is_sharded(model):
+        from nz_lightning.distributed.fsdp_optim import sharded_fused_optimizer  # the layer above: lazily
+
+        if options.pop("grad_reducer", None) is not None:
+            raise ValueError("grad_reducer: a sharded model's gradients are reduce-scattered by FSDP2 already")
+        options.pop("blocked_head", None)  # shards keep the plain head
+        return sharded_fused_optimizer(model, name, lr, **options)
     rule_cls = RULES.get(name.lower()) if isinstance(name, str) else None
     if rule_cls is None:
         raise ValueError(f"unknown fused optimizer {name!r}; choose one of {', '.join(RULES)}")

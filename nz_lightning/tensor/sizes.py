@@ -106,7 +106,8 @@ def store_sizes(store: WeightStore) -> WeightSizes:
 def weight_sizes(module: nn.Module, include: Iterable[str] | None = None) -> WeightSizes:
     """Sizes of a module's weights: its parameters (each tied one once) and its :class:`SizedWeight` submodules.
 
-    Buffers that are not weights (rotary ``inv_freq``, masks) are not counted.
+    Buffers that are not weights (rotary ``inv_freq``, masks) are not counted. Of a parameter sharded by FSDP2
+    (a ``DTensor``), the shard this process holds is counted.
 
     Args:
         module: Any module, compressed or not.
@@ -118,6 +119,7 @@ def weight_sizes(module: nn.Module, include: Iterable[str] | None = None) -> Wei
     for name, p in module.named_parameters():  # tied parameters are yielded once
         if wanted is not None and name not in wanted:
             continue
+        p = getattr(p, "_local_tensor", p)  # an FSDP2-sharded parameter (DTensor): this rank's shard
         if isinstance(p, NZParameter):
             if id(p.store) in seen:
                 continue

@@ -1,4 +1,4 @@
-"""One rank of a data-parallel NeuZip / LOMO job on a tiny Llama (run by tests/distributed/test_data_parallel.py).
+"""One rank of a data-parallel or FSDP2 NeuZip / LOMO job on a tiny Llama (tests/distributed/test_*.py run it).
 
 Each rank writes ``rank{R}.json`` (weight checksum, losses, steps) and ``rank{R}.pt`` (dense weights) into ``--out``.
 The world comes from torchrun-style environment variables (``WORLD_SIZE``, ``RANK``, ``LOCAL_RANK``...).
@@ -20,6 +20,8 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
+from nz_lightning.distributed import comm_stats, full_state_dict, local_shard
+from nz_lightning.lightning.fsdp_strategy import NeuZipFSDPStrategy
 from nz_lightning.lightning.strategy import NeuZipStrategy
 from nz_lightning.lm.modules import CausalLMModule
 from nz_lightning.tensor.parameter import is_compressed
@@ -99,6 +101,8 @@ def main() -> None:
     parser.add_argument("--die-rank", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--own-sampler", type=int, default=0, help="1: unshuffled sampler")
+    parser.add_argument("--fsdp", type=int, default=0, help="1: NeuZipFSDPStrategy (else NeuZipStrategy)")
+    parser.add_argument("--gather", default="compressed", choices=["dense", "compressed"])
     parser.add_argument("--format", default="dense", choices=["dense", "compressed"])
     args = parser.parse_args()
     world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
@@ -113,9 +117,13 @@ def main() -> None:
             dirpath=args.out / "ckpt", filename="{epoch}", every_n_epochs=1, save_top_k=-1, save_on_train_epoch_end=True
         )
         callbacks.append(every)
-    strategy = NeuZipStrategy(
-        compress=bool(args.compress), checkpoint_format=args.format, timeout=timedelta(seconds=60)
-    )
+    options: dict[str, Any] = {"compress": bool(args.compress), "checkpoint_format": args.format}
+    if args.fsdp:
+        strategy: NeuZipStrategy = NeuZipFSDPStrategy(
+            compressed_gather=args.gather == "compressed", timeout=timedelta(seconds=60), **options
+        )
+    else:
+        strategy = NeuZipStrategy(timeout=timedelta(seconds=60), **options)
     trainer = pl.Trainer(
         strategy=strategy,
         accelerator="cpu",
@@ -135,9 +143,15 @@ def main() -> None:
     sampler = DistributedSampler(tokens, world, rank, shuffle=False) if args.own_sampler and world > 1 else None
     data = DataLoader(tokens, batch_size=args.global_batch // world, sampler=sampler)
     trainer.fit(module, data, ckpt_path=args.resume)
-    weights = dense_weights(module)
-    assert all(is_compressed(p) for p in module.model.model.layers.parameters() if p.dim() > 1) == bool(args.compress)
-    result = {"rank": rank, "world": world, "checksum": checksum(weights), "losses": record.losses}
+    if args.fsdp:
+        weights = full_state_dict(module, rank0_only=False)
+        held = [local_shard(p) for p in module.model.model.layers.parameters() if p.dim() > 1]
+        stats = comm_stats(module.model)
+        comm = {"all_gather_bytes": stats.all_gather_bytes, "all_gather_dense_bytes": stats.all_gather_dense_bytes}
+    else:
+        weights, held, comm = dense_weights(module), list(module.model.model.layers.parameters()), {}
+    assert all(is_compressed(p) for p in held if p.dim() > 1) == bool(args.compress)
+    result = {"rank": rank, "world": world, "checksum": checksum(weights), "losses": record.losses, **comm}
     result["global_step"] = trainer.global_step
     (args.out / f"rank{rank}.json").write_text(json.dumps(result))
     torch.save(weights, args.out / f"rank{rank}.pt")

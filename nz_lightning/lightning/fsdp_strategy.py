@@ -1,0 +1,241 @@
+"""``NeuZipFSDPStrategy``: FSDP2-sharded NeuZip (``Trainer(strategy="neuzip_fsdp")``; ``"lomo_fsdp"``: dense shards).
+
+Every rank holds only its dim-0 shard of each weight, compressed (:func:`~nz_lightning.distributed.shard_model`); a
+layer's weight is all-gathered (as compressed bytes by default), decoded, used and freed; gradients are
+reduce-scattered and the fused optimizer updates each rank's shard inside backward
+(:class:`~nz_lightning.distributed.ShardedFusedOptimizer`). Checkpoints are written by rank 0 alone, atomically:
+``checkpoint_format="dense"`` gathers whole dense tensors (portable, loadable at any world size and without
+nz_lightning); ``"compressed"`` gathers every rank's compressed shards as they are held (same world size to resume).
+Both carry every rank's optimizer state, so a run resumes bit-identically at the same world size.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+import torch.distributed as dist
+from torch import Tensor, nn
+from torch.optim import Optimizer
+from typing_extensions import override
+
+from nz_lightning.lightning.compat import _distributed_is_initialized, _init_dist_connection
+from nz_lightning.lightning.strategy import NeuZipStrategy
+
+__all__ = ["NeuZipFSDPStrategy"]
+
+_SHARDS_KEY = "nz_lightning_shards"
+"""``checkpoint["state_dict"]`` key of the compressed format: every rank's :func:`shard_state_dict`, by rank."""
+
+
+class NeuZipFSDPStrategy(NeuZipStrategy):
+    """NeuZip on FSDP2: compressed weight shards, compressed all-gather, fused update of the local shard.
+
+    Args:
+        compressed_gather: All-gather the compressed bytes (fixed capacity per weight, dense fallback for a shard
+            that outgrows it) and decode after the gather; ``False``: decode the shard, gather dense values. Both give
+            bit-identical weights.
+        modules: Submodules sharded on their own (FSDP2 units) before their root: fnmatch patterns of names, module
+            classes or a predicate ``fn(name, module)`` (default: every element of every ``nn.ModuleList``).
+        gather_headroom: Capacity margin over the largest encoded shard at setup.
+        **kwargs: :class:`~nz_lightning.NeuZipStrategy`'s options (``compress``, ``include``/``exclude``,
+            ``checkpoint_format``, ``stochastic_rounding``, ``seed``, process-group options...). ``mantissa_bits``
+            (lossy) and ``blocked_head`` are not supported on shards.
+
+    Raises:
+        ValueError: ``mantissa_bits`` is set. At setup: a weight whose dim 0 does not divide by the world size
+            (the message names the fix), AdaLomo, or parameters held directly by the LightningModule.
+    """
+
+    strategy_name = "neuzip_fsdp"
+
+    def __init__(
+        self,
+        *,
+        compressed_gather: bool = True,
+        modules: Iterable[str] | Callable[[str, nn.Module], bool] | None = None,
+        gather_headroom: float = 0.05,
+        **kwargs: Any,
+    ) -> None:
+        if kwargs.get("mantissa_bits") is not None:
+            raise ValueError("NeuZipFSDPStrategy trains lossless shards: mantissa_bits is not supported")
+        kwargs["blocked_head"] = False
+        super().__init__(**kwargs)
+        self.compressed_gather = compressed_gather
+        self.modules = list(modules) if modules is not None and not callable(modules) else modules
+        self.gather_headroom = gather_headroom
+
+    # -- process group: FSDP2 needs one even for a single process ----------------------------------------------
+
+    @override
+    def setup_environment(self) -> None:
+        """Set up as a data-parallel strategy; a single process still joins a (one-rank) process group."""
+        super().setup_environment()
+        if not _distributed_is_initialized():
+            assert self.cluster_environment is not None
+            self.set_world_ranks()
+            backend = self._process_group_backend or ("nccl" if self.root_device.type == "cuda" else "gloo")
+            _init_dist_connection(self.cluster_environment, backend, timeout=self._timeout)
+
+    # -- model -------------------------------------------------------------------------------------------------
+
+    def sharded_roots(self) -> list[nn.Module]:
+        """The LightningModule's children that hold parameters: each is sharded with its own FSDP2 root.
+
+        Raises:
+            ValueError: The LightningModule holds parameters itself.
+        """
+        module = self.lightning_module
+        assert module is not None
+        own = [n for n, _ in module.named_parameters(recurse=False)]
+        if own:
+            raise ValueError(
+                f"NeuZipFSDPStrategy shards the LightningModule's submodules; it holds parameters itself "
+                f"({', '.join(own[:3])}): move them into a submodule"
+            )
+        return [child for child in module.children() if any(True for _ in child.parameters())]
+
+    @override
+    def model_to_device(self) -> None:
+        """Copy rank 0's weights everywhere, then shard each root (each rank keeps its rows, compressed)."""
+        from nz_lightning.distributed import shard_model
+        from nz_lightning.tensor.convert import compress_model
+
+        assert self.model is not None
+        self.broadcast_module_(self.model)
+        if self.weights is not None:
+            compress_model(self.model, exclude=["*"], weights=self.weights, device=self.root_device)
+        self.model.to(self.root_device)
+        for root in self.sharded_roots():
+            shard_model(
+                root,
+                compress=self.compress,
+                compressed_gather=self.compressed_gather,
+                modules=self.modules,
+                include=self.include,
+                exclude=self.exclude,
+                gather_headroom=self.gather_headroom,
+                backend=self.backend,
+            )
+
+    @override
+    def _grad_reducer(self) -> Callable[[Tensor], Tensor] | None:
+        return None  # FSDP2 reduce-scatters the gradients itself
+
+    # -- checkpoints -------------------------------------------------------------------------------------------
+
+    @override
+    def lightning_module_state_dict(self) -> dict[str, Any]:
+        """Whole dense tensors (``"dense"``), or every rank's compressed shards (``"compressed"``); on rank 0.
+
+        A collective: Lightning calls it on every rank before rank 0 writes.
+        """
+        from nz_lightning.distributed import full_state_dict, shard_state_dict
+
+        module = self.lightning_module
+        assert module is not None
+        if self.checkpoint_format == "dense":
+            return full_state_dict(module, rank0_only=True)
+        return {_SHARDS_KEY: self._gather_to_rank0(shard_state_dict(module))}
+
+    @override
+    def optimizer_state(self, optimizer: Optimizer) -> dict[str, Any]:
+        """Every rank's fused-optimizer state (the moments of its shards), gathered on rank 0."""
+        state = getattr(optimizer, "_optimizer", optimizer).state_dict()
+        return {"fused": True, "sharded": self._gather_to_rank0(state), "world_size": dist.get_world_size()}
+
+    def _gather_to_rank0(self, obj: Any) -> list[Any]:
+        gathered: list[Any] | None = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
+        dist.gather_object(obj, gathered, dst=0)
+        return gathered or []
+
+    @override
+    def load_model_state_dict(self, checkpoint: Mapping[str, Any], strict: bool = True) -> None:
+        """Restore dense tensors (any world size) or this rank's compressed shards (the saving world size).
+
+        Raises:
+            ValueError: A compressed checkpoint of another world size, or tensors that do not fit the model.
+        """
+        from nz_lightning.distributed import load_full_state_dict, load_shard_state_dict, refresh_gather_capacities
+        from nz_lightning.lightning.checkpoint_integrity import verify_checkpoint
+
+        module = self.lightning_module
+        assert module is not None
+        verified, self._verified = self._verified, None
+        if verified is None or verified[0] != id(checkpoint):
+            verify_checkpoint(checkpoint, sections=("state_dict",))
+        state = checkpoint["state_dict"]
+        if _SHARDS_KEY in state:
+            load_shard_state_dict(module, self._my_part(state[_SHARDS_KEY]))
+        else:
+            load_full_state_dict(module, state, strict=strict)
+        for root in self.sharded_roots():
+            refresh_gather_capacities(root)
+
+    @override
+    def load_optimizer_state_dict(self, checkpoint: Mapping[str, Any]) -> None:
+        """Give each rank the fused-optimizer state of its rows (resharded if written at another world size).
+
+        Raises:
+            ValueError: The optimizer state is not a sharded fused optimizer's, or cannot be resharded (pending
+                accumulation).
+        """
+        from nz_lightning.distributed.reshard import reshard_optimizer_state
+
+        for optimizer, state in zip(self.optimizers, checkpoint["optimizer_states"], strict=True):
+            if "sharded" not in state:
+                raise ValueError(
+                    "the checkpoint's optimizer state was not written by NeuZipFSDPStrategy: load only its weights "
+                    "(a dense checkpoint loads at any world size), then fit without ckpt_path"
+                )
+            parts = state["sharded"]
+            if len(parts) == dist.get_world_size():
+                optimizer.load_state_dict(parts[dist.get_rank()])
+            else:
+                fused = self._require_fused(optimizer)
+                shapes = [p.shape for p in fused._params]
+                optimizer.load_state_dict(
+                    reshard_optimizer_state(parts, shapes, dist.get_world_size(), dist.get_rank())
+                )
+
+    def _my_part(self, parts: list[Any]) -> Any:
+        world, rank = dist.get_world_size(), dist.get_rank()
+        if len(parts) != world:
+            raise ValueError(
+                f"the checkpoint's compressed weights were written by {len(parts)} rank(s), this run has {world}: "
+                f"resume at {len(parts)} rank(s), or write dense checkpoints (checkpoint_format='dense'), which load "
+                "at any world size"
+            )
+        return parts[rank]
+
+    @override
+    def teardown(self) -> None:
+        """Detach the fused hooks; sharded weights stay where they are (they cannot leave their process group)."""
+        self._release_fused()
+        if self.cluster_environment is not None:
+            self.cluster_environment.teardown()
+        self.precision_plugin.teardown()
+        assert self.accelerator is not None
+        self.accelerator.teardown()
+        self.checkpoint_io.teardown()
+
+    @classmethod
+    @override
+    def register_strategies(cls, strategy_registry: Any) -> None:
+        """Register ``"neuzip_fsdp"`` and ``"lomo_fsdp"`` (dense shards, the same fused update; idempotent)."""
+        if "neuzip_fsdp" not in strategy_registry:
+            strategy_registry.register("neuzip_fsdp", cls, description="NeuZip on FSDP2: compressed weight shards")
+        if "lomo_fsdp" not in strategy_registry:
+            strategy_registry.register(
+                "lomo_fsdp", cls, description="FSDP2 with the fused in-backward update (dense shards)", compress=False
+            )
+
+
+def register_fsdp_strategies() -> None:
+    """Register ``"neuzip_fsdp"`` and ``"lomo_fsdp"`` in Lightning's ``StrategyRegistry`` (idempotent)."""
+    from lightning.pytorch.strategies import StrategyRegistry
+
+    NeuZipFSDPStrategy.register_strategies(StrategyRegistry)
+
+
+register_fsdp_strategies()
