@@ -35,6 +35,7 @@ MODEL_PARAMS = {
     "tiny_llama": 0.49e6,
     "gpt_neo_2.7b": 2.651e9,
     "llama3_8b": 8.030e9,
+    "llama3_70b": 70.554e9,
     "llama2_13b": 13.016e9,
     "yi_1.5_34b": 34.389e9,
     "t5_1b": 0.738e9,
@@ -88,11 +89,12 @@ def test_every_group_option_composes(hydra_conf: None, group: str) -> None:
         if group in ("data", "model", "trainer"):
             get_class(node._target_)
         if group == "strategy":
-            assert node._target_ == "nz_lightning.NeuZipStrategy"
-            assert node.compress is (option != "lomo")
+            kind = "NeuZipFSDPStrategy" if option.endswith("_fsdp") else "NeuZipStrategy"
+            assert node._target_ == f"nz_lightning.{kind}"
+            assert node.compress is not option.startswith("lomo")
             assert node.checkpoint_format == ("compressed" if option == "neuzip_compressed_ckpt" else "dense")
             assert node.get("mantissa_bits") == (int(option[13]) if option.startswith("neuzip_lossy_") else None)
-            assert type(instantiate(node, _convert_="all")).__name__ == "NeuZipStrategy"
+            assert type(instantiate(node, _convert_="all")).__name__ == kind
         if group == "quant":
             assert node.plugins[0].mode == option.replace("_", "-")
             assert node.plugins[0].dtype._target_ == "hydra.utils.get_object"
@@ -133,6 +135,8 @@ def test_recipe_composes_and_instantiates(hydra_conf: None, recipe: str) -> None
         assert cfg.task == "eval"  # Table 3 details: tests/test_eval_recipes.py
     elif method in ("lomo", "neuzip") or recipe == "llama3_8b_under_16gb":
         assert cfg.strategy.compress is (method != "lomo")
+    elif recipe.startswith("multi_gpu/"):
+        assert cfg.strategy.compress and cfg.trainer.devices == 8 and cfg.model.optimizer.name == "sgd"
     else:
         assert "strategy" not in cfg
     module = instantiate(cfg.model, _convert_="all")
@@ -140,7 +144,7 @@ def test_recipe_composes_and_instantiates(hydra_conf: None, recipe: str) -> None
     data = instantiate(cfg.data, _convert_="all")
     assert data.seq_len == cfg.data.seq_len
     assert cfg.trainer.accelerator == "gpu"
-    if recipe.startswith("table1/") or recipe == "llama3_8b_under_16gb":
+    if recipe.startswith(("table1/", "multi_gpu/")) or recipe == "llama3_8b_under_16gb":
         assert cfg.data.dataset == "wikitext" and cfg.data.seq_len == 1024 and cfg.model.gradient_checkpointing
     if recipe.startswith("table2/"):
         assert cfg.data.task == "seq2seq" and cfg.model.bleu and cfg.model.pretrained.startswith("google-t5/")
@@ -154,7 +158,8 @@ def test_recipe_composes_and_instantiates(hydra_conf: None, recipe: str) -> None
         pytest.importorskip("bitsandbytes")
         assert type(instantiate(plugin_conf)).__name__ == "BitsandbytesQuantPrecision"  # CPU or CUDA
     if "strategy" in cfg:
-        assert type(run.build_strategy(cfg)).__name__ == "NeuZipStrategy"
+        expected = "NeuZipFSDPStrategy" if recipe.endswith("_fsdp") else "NeuZipStrategy"
+        assert type(run.build_strategy(cfg)).__name__ == expected
 
 
 def test_sweep_definition(hydra_conf: None) -> None:
@@ -187,7 +192,7 @@ NOT_RECIPES = [
 def test_config_tree_is_plain_files() -> None:
     """No links (checkouts without symlink support), no partials or sweeps among the recipes."""
     assert not [p for p in CONF.rglob("*") if p.is_symlink()]
-    assert EXPERIMENTS.is_dir() and len(RECIPES) == 1 + 9 + 9 + 4 + 48
+    assert EXPERIMENTS.is_dir() and len(RECIPES) == 1 + 9 + 9 + 4 + 48 + 3  # ... + multi_gpu
     assert not [p for p in EXPERIMENTS.rglob("*") if p.is_file() and (p.name.startswith("_") or p.suffix != ".yaml")]
     bases = sorted(p.stem for p in (CONF / "recipe_base").glob("*.yaml"))
     assert bases == ["qlora", "table1_pretrain", "table2_sql_finetune", "table3a_lossy_eval", "table3b_lossy_eval_t5"]
