@@ -11,7 +11,7 @@ Private symbols (imported here, :data:`PRIVATE_SYMBOLS`):
 * ``lightning.fabric.utilities.types._DEVICE``: the device type (``torch.device | str | int``) of the strategies'
   ``device`` argument, the same annotation as ``SingleDeviceStrategy`` (``strategy.py``, ``replica.py``).
 * ``lightning.fabric.utilities.types._PATH``: the path type (``str | Path``) of ``save_checkpoint`` and
-  ``atomic_save``, matching ``CheckpointIO``'s signatures (``strategy.py``, ``checkpoint_io.py``).
+  ``atomic_save``, matching ``CheckpointIO``'s signatures (``strategy_checkpoint.py``, ``checkpoint_io.py``).
 * ``lightning.fabric.utilities.optimizer._optimizers_to_device``: moves the optimizer state to the CPU in
   ``NeuZipStrategy.teardown`` when the compressed module has to stay on the accelerator, the part of
   ``Strategy.teardown`` that applies then (``strategy.py``).

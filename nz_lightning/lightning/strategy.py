@@ -13,10 +13,10 @@ Checkpoints are dense (portable) or compressed, written atomically, with the fus
 
 from __future__ import annotations
 
-from collections.abc import Callable, Generator, Iterable, Mapping
+from collections.abc import Callable, Generator, Iterable
 from contextlib import contextmanager
 from datetime import timedelta
-from typing import Any, Literal
+from typing import Any
 
 import lightning.pytorch as pl
 import torch
@@ -30,8 +30,6 @@ from torch.optim import Optimizer
 from typing_extensions import override
 
 from nz_lightning.kernels import DEFAULT_BLOCK_SIZE
-from nz_lightning.lightning.checkpoint_integrity import checkpoint_checksums, verify_checkpoint
-from nz_lightning.lightning.checkpoint_io import compressed_state_dict, load_state_dict
 from nz_lightning.lightning.compat import (
     _DEVICE,
     _PATH,
@@ -40,17 +38,16 @@ from nz_lightning.lightning.compat import (
     _optimizers_to_device,
 )
 from nz_lightning.lightning.optimizer_bridge import check_supported, rebind_schedulers, to_fused
-from nz_lightning.lightning.replica import ReplicaStrategy, StartMethod
+from nz_lightning.lightning.replica import StartMethod
+from nz_lightning.lightning.strategy_checkpoint import CheckpointFormat, StrategyCheckpointMixin
 from nz_lightning.optim import FusedOptimizer
 from nz_lightning.tensor.convert import WeightSource, compress_model
 from nz_lightning.tensor.parameter import is_compressed
 
 __all__ = ["NeuZipStrategy", "register_strategies"]
 
-CheckpointFormat = Literal["dense", "compressed"]
 
-
-class NeuZipStrategy(ReplicaStrategy):
+class NeuZipStrategy(StrategyCheckpointMixin):
     """Strategy that trains a losslessly compressed model with fused in-backward updates.
 
     Losses and weights are bit-identical to ``compress=False`` (the uncompressed LOMO-style baseline, registered as
@@ -329,65 +326,6 @@ class NeuZipStrategy(ReplicaStrategy):
         _call_lightning_module_hook(module.trainer, "on_before_optimizer_step", fused)
         fused.step()
         return result
-
-    # -- checkpoints -----------------------------------------------------------------------------------------
-
-    @override
-    def lightning_module_state_dict(self) -> dict[str, Any]:
-        """Dense tensors (portable), or encoded weights as ``uint8`` tensors with ``checkpoint_format="compressed"``."""
-        module = self.lightning_module
-        assert module is not None
-        if self.checkpoint_format == "compressed":
-            return compressed_state_dict(module)
-        return module.state_dict()
-
-    @override
-    def load_checkpoint(self, checkpoint_path: _PATH, weights_only: bool | None = None) -> dict[str, Any]:
-        """Read a checkpoint; raise ``ValueError`` naming the tensor and file if one fails its checksum."""
-        checkpoint = super().load_checkpoint(checkpoint_path, weights_only=weights_only)
-        verify_checkpoint(checkpoint, checkpoint_path)
-        self._verified = (id(checkpoint), checkpoint_path)
-        return checkpoint
-
-    @override
-    def load_model_state_dict(self, checkpoint: Mapping[str, Any], strict: bool = True) -> None:
-        """Restore a dense or compressed model state all or nothing (checksums verified unless already done).
-
-        Raises:
-            ValueError: A tensor fails its checksum or an encoded weight is corrupt (named); nothing is assigned.
-        """
-        module = self.lightning_module
-        assert module is not None
-        verified, self._verified = self._verified, None
-        path = verified[1] if verified is not None and verified[0] == id(checkpoint) else None
-        if path is None:
-            verify_checkpoint(checkpoint, sections=("state_dict",))
-        load_state_dict(module, checkpoint["state_dict"], strict=strict, source=path)
-
-    @override
-    def load_optimizer_state_dict(self, checkpoint: Mapping[str, Any]) -> None:
-        """Restore the fused optimizer state (moments, step counts, pending accumulation, RNG).
-
-        Raises:
-            ValueError: The checkpoint's optimizer state is not a fused optimizer's.
-        """
-        for state in checkpoint["optimizer_states"]:
-            if "fused" not in state:
-                raise ValueError(
-                    "the checkpoint's optimizer state was not written by NeuZipStrategy (no fused optimizer state); "
-                    "load only its weights, e.g. LightningModule.load_from_checkpoint, then fit without ckpt_path"
-                )
-        super().load_optimizer_state_dict(checkpoint)
-
-    @override
-    def save_checkpoint(self, checkpoint: dict[str, Any], filepath: _PATH, storage_options: Any | None = None) -> None:
-        """Record the format and per-tensor checksums in ``checkpoint["nz_lightning"]``, then write atomically."""
-        checkpoint["nz_lightning"] = {
-            "checkpoint_format": self.checkpoint_format,
-            "compress": self.compress,
-            "checksums": checkpoint_checksums(checkpoint),
-        }
-        super().save_checkpoint(checkpoint, filepath, storage_options=storage_options)
 
     # -- teardown --------------------------------------------------------------------------------------------
 
