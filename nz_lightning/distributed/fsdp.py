@@ -112,17 +112,27 @@ def _swap_for_pending(
     exclude: Iterable[str] | None,
     backend: str | None,
     stats: CommStats,
+    *,
+    prefix: str = "",
+    done: dict[int, nn.Parameter] | None = None,
+    skip_sharded: bool = False,
 ) -> None:
-    """Replace eligible parameters by :class:`PendingShard` (compress) and compressed others by dense ones."""
+    """Replace eligible parameters by :class:`PendingShard` (compress) and compressed others by dense ones.
+
+    ``prefix``: ``model``'s name in the whole model (for ``include``/``exclude``); ``done``: replacements made by
+    earlier calls (tied parameters); ``skip_sharded``: leave DTensors (units sharded before) alone instead of raising.
+    """
     include, exclude = list(include or []), list(exclude or [])
-    done: dict[int, nn.Parameter] = {}
+    done = {} if done is None else done
     for module_name, module in list(model.named_modules(remove_duplicate=False)):
         for pname, param in list(module.named_parameters(recurse=False)):
-            full = f"{module_name}.{pname}" if module_name else pname
+            full = ".".join(x for x in (prefix, module_name, pname) if x)
             if id(param) in done:
                 setattr(module, pname, done[id(param)])
                 continue
             if isinstance(param, DTensor):
+                if skip_sharded:
+                    continue
                 raise ValueError(f"parameter {full!r} is already a DTensor: the model is already sharded")
             if param.device.type == "meta":
                 raise ValueError(f"parameter {full!r} is on the meta device: materialize the model before sharding it")
@@ -199,6 +209,7 @@ def shard_model(
     exclude: Iterable[str] | None = None,
     gather_headroom: float = 0.05,
     backend: str | None = None,
+    device: torch.device | str | None = None,
 ) -> nn.Module:
     """Shard ``model`` with FSDP2 in place, each rank holding its dim-0 shard of each weight (compressed).
 
@@ -222,6 +233,9 @@ def shard_model(
         gather_headroom: Capacity margin over the largest encoded shard at setup (weights drift while training; a
             shard that outgrows the capacity is gathered dense, never wrongly).
         backend: Codec backend to force.
+        device: Move each FSDP unit to this device just before sharding it, so the dense model may start on the CPU
+            and only one unit is dense on the device at a time (``None``: the model is on its device already). The
+            checks on the whole model (divisibility, lossy, meta) then run unit by unit.
 
     Returns:
         ``model``; its parameters are now DTensors (``fully_shard``). :func:`comm_stats` gives its byte counters.
@@ -239,15 +253,30 @@ def shard_model(
         raise ValueError(f"gather_headroom must be > -1, got {gather_headroom}")
     if mesh is None:
         first = next(model.parameters(), None)
-        device_type = first.device.type if first is not None else "cpu"
+        if device is not None:
+            device_type = torch.device(device).type
+        else:
+            device_type = first.device.type if first is not None else "cpu"
         mesh = init_device_mesh(device_type, (dist.get_world_size(),))
     if mesh.ndim != 1:
         raise ValueError(f"shard_model takes a 1-D device mesh, got {mesh.ndim} dimensions")
     stats = CommStats()
     world = mesh.size()
-    _swap_for_pending(model, world, compress, compressed_gather, include, exclude, backend, stats)
-    for module in _selected(model, modules):
-        fully_shard(module, mesh=mesh, reshard_after_forward=reshard_after_forward)
+    options = (world, compress, compressed_gather, include, exclude, backend, stats)
+    units = _selected(model, modules)
+    if device is None:
+        _swap_for_pending(model, *options)
+        for module in units:
+            fully_shard(module, mesh=mesh, reshard_after_forward=reshard_after_forward)
+    else:  # one unit dense on the device at a time
+        names = {id(m): n for n, m in model.named_modules()}
+        done: dict[int, nn.Parameter] = {}
+        for module in units:
+            module.to(device)
+            _swap_for_pending(module, *options, prefix=names[id(module)], done=done, skip_sharded=True)
+            fully_shard(module, mesh=mesh, reshard_after_forward=reshard_after_forward)
+        model.to(device)
+        _swap_for_pending(model, *options, done=done, skip_sharded=True)
     fully_shard(model, mesh=mesh, reshard_after_forward=reshard_after_forward)
     shards = [local_shard(p) for p in model.parameters()]
     nz = [s for s in shards if isinstance(s, NZShard)]

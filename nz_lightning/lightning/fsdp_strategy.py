@@ -11,15 +11,18 @@ Both carry every rank's optimizer state, so a run resumes bit-identically at the
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Generator, Iterable, Mapping
+from contextlib import contextmanager
 from typing import Any
 
+import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 from torch.optim import Optimizer
 from typing_extensions import override
 
 from nz_lightning.lightning.compat import _distributed_is_initialized, _init_dist_connection
+from nz_lightning.lightning.replica import ReplicaStrategy
 from nz_lightning.lightning.strategy import NeuZipStrategy
 
 __all__ = ["NeuZipFSDPStrategy"]
@@ -95,6 +98,13 @@ class NeuZipFSDPStrategy(NeuZipStrategy):
             )
         return [child for child in module.children() if any(True for _ in child.parameters())]
 
+    @contextmanager
+    @override
+    def tensor_init_context(self, empty_init: bool | None = None) -> Generator[None, None, None]:
+        """Build modules on the CPU (compressed or not): each FSDP unit moves to the device when it is sharded."""
+        with ReplicaStrategy.tensor_init_context(self, empty_init=empty_init), torch.device("cpu"):
+            yield
+
     @override
     def model_to_device(self) -> None:
         """Copy rank 0's weights everywhere, then shard each root (each rank keeps its rows, compressed)."""
@@ -105,8 +115,7 @@ class NeuZipFSDPStrategy(NeuZipStrategy):
         self.broadcast_module_(self.model)
         if self.weights is not None:
             compress_model(self.model, exclude=["*"], weights=self.weights, device=self.root_device)
-        self.model.to(self.root_device)
-        for root in self.sharded_roots():
+        for root in self.sharded_roots():  # each unit moves to the device just before it is sharded
             shard_model(
                 root,
                 compress=self.compress,
@@ -116,7 +125,9 @@ class NeuZipFSDPStrategy(NeuZipStrategy):
                 exclude=self.exclude,
                 gather_headroom=self.gather_headroom,
                 backend=self.backend,
+                device=self.root_device,
             )
+        self.model.to(self.root_device)  # what no root holds (buffers of the LightningModule itself)
 
     @override
     def _grad_reducer(self) -> Callable[[Tensor], Tensor] | None:

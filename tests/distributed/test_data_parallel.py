@@ -36,13 +36,13 @@ def assert_close(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], atol: f
         torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=atol, msg=name)
 
 
-@pytest.mark.parametrize(
-    "options",
-    [["--own-sampler", "1"], ["--own-sampler", "1", "--opt", "adamw", "--clip", "0.5", "--accum", "2"]],
-    ids=["sgd", "adamw-clip-accum"],
-)
-def test_replicas_identical_equal_lomo_and_single_process(tmp_path: Path, options: list[str]) -> None:
-    """2 ranks: replicas bit-identical, NeuZip == LOMO bit for bit, and == 1 process on the same global batch."""
+def test_replicas_identical_equal_lomo_and_single_process(tmp_path: Path) -> None:
+    """2 ranks: replicas bit-identical, NeuZip == LOMO bit for bit, and == 1 process on the same global batch.
+
+    AdamW with global-norm clipping and 2 accumulated micro-batches: every gradient path goes through the all-reduce
+    (SGD runs data parallel in tests/distributed/test_train_py.py and the resume test).
+    """
+    options = ["--own-sampler", "1", "--opt", "adamw", "--clip", "0.5", "--accum", "2"]
     neuzip = job(tmp_path / "neuzip", 2, *options)
     lomo = job(tmp_path / "lomo", 2, "--compress", "0", *options)
     single = job(tmp_path / "single", 1, *options)
@@ -51,20 +51,19 @@ def test_replicas_identical_equal_lomo_and_single_process(tmp_path: Path, option
     assert lomo[0]["checksum"] == lomo[1]["checksum"] == neuzip[0]["checksum"]
     assert neuzip[0]["global_step"] == single[0]["global_step"] == 4
     assert single[0]["checksum"] != neuzip[0]["checksum"]  # different summation order, so not bitwise ...
-    assert_close(neuzip[0]["weights"], single[0]["weights"])  # ... but the same training
+    assert_close(neuzip[0]["weights"], single[0]["weights"], atol=5e-5)  # ... but the same training
     mean_loss = [(a + b) / 2 for a, b in zip(neuzip[0]["losses"], neuzip[1]["losses"], strict=True)]
     assert mean_loss == pytest.approx(single[0]["losses"], rel=1e-4)
 
 
-@pytest.mark.parametrize("fmt", ["dense", "compressed"])
-def test_resume_same_world_bit_identical_and_other_world(tmp_path: Path, fmt: str) -> None:
-    """A 2-rank run resumed mid-run at 2 ranks ends bit-identical; a dense checkpoint resumes at 1 rank too.
+def test_resume_same_world_bit_identical_and_other_world(tmp_path: Path) -> None:
+    """A 2-rank run resumed mid-run at 2 ranks ends bit-identical; its dense checkpoint resumes at 1 rank too.
 
     One step per epoch and a checkpoint per epoch: Lightning restarts a resumed epoch's (non-resumable) data from its
-    start, so only then is the data of the resumed run the uninterrupted run's.
+    start, so only then is the data of the resumed run the uninterrupted run's. (Compressed checkpoints are written
+    by the same code as on one device, where tests/lightning covers their resume.)
     """
-    sampler = ["--own-sampler", "1"] if fmt == "dense" else []  # else Lightning's (shuffled) DistributedSampler
-    common = ["--steps-per-epoch", "1", "--format", fmt, *sampler]
+    common = ["--steps-per-epoch", "1", "--format", "dense", "--own-sampler", "1"]
     full = job(tmp_path / "full", 2, "--ckpt", "1", *common)
     names = [f"epoch={e}.ckpt" for e in range(4)]
     ckpts = [tmp_path / "full" / "ckpt" / name for name in names]
@@ -72,12 +71,11 @@ def test_resume_same_world_bit_identical_and_other_world(tmp_path: Path, fmt: st
     resumed = job(tmp_path / "resumed", 2, "--resume", str(ckpts[1]), *common)
     assert resumed[0]["checksum"] == resumed[1]["checksum"] == full[0]["checksum"]
     assert resumed[0]["losses"] == full[0]["losses"][2:]
-    if fmt == "dense":  # portable: plain torch reads the weights, and one process resumes the 2-rank run
-        state = torch.load(ckpts[3], weights_only=True)["state_dict"]
-        for name, value in full[0]["weights"].items():
-            assert torch.equal(state[name], value), name
-        single = job(tmp_path / "single", 1, "--resume", str(ckpts[1]), "--steps-per-epoch", "1")
-        assert_close(single[0]["weights"], full[0]["weights"])
+    state = torch.load(ckpts[3], weights_only=True)["state_dict"]  # portable: plain torch reads the weights
+    for name, value in full[0]["weights"].items():
+        assert torch.equal(state[name], value), name
+    single = job(tmp_path / "single", 1, "--resume", str(ckpts[1]), "--steps-per-epoch", "1")  # 2 ranks -> 1
+    assert_close(single[0]["weights"], full[0]["weights"])
 
 
 def test_dead_rank_fails_the_job_with_a_clear_error(tmp_path: Path) -> None:
