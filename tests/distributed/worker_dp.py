@@ -20,11 +20,17 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from nz_lightning.distributed import comm_stats, full_state_dict, local_shard
-from nz_lightning.lightning.fsdp_strategy import NeuZipFSDPStrategy
-from nz_lightning.lightning.strategy import NeuZipStrategy
-from nz_lightning.lm.modules import CausalLMModule
-from nz_lightning.tensor.parameter import is_compressed
+try:
+    import nz_lightning.kernels  # noqa: F401
+except ModuleNotFoundError:  # a GPU machine running the checkout as it is (make test-gpu): map kernels/ as pip would
+    from benchmarks.gpu_check_env import ensure_importable
+
+    ensure_importable()
+from nz_lightning.distributed import comm_stats, full_state_dict, local_shard  # noqa: E402
+from nz_lightning.lightning.fsdp_strategy import NeuZipFSDPStrategy  # noqa: E402
+from nz_lightning.lightning.strategy import NeuZipStrategy  # noqa: E402
+from nz_lightning.lm.modules import CausalLMModule  # noqa: E402
+from nz_lightning.tensor.parameter import is_compressed  # noqa: E402
 
 VOCAB, SEQ = 96, 12
 CONFIG: dict[str, Any] = {
@@ -101,6 +107,7 @@ def main() -> None:
     parser.add_argument("--die-rank", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--own-sampler", type=int, default=0, help="1: unshuffled sampler")
+    parser.add_argument("--accelerator", default="cpu")
     parser.add_argument("--fsdp", type=int, default=0, help="1: NeuZipFSDPStrategy (else NeuZipStrategy)")
     parser.add_argument("--gather", default="compressed", choices=["dense", "compressed"])
     parser.add_argument("--format", default="dense", choices=["dense", "compressed"])
@@ -126,7 +133,7 @@ def main() -> None:
         strategy = NeuZipStrategy(timeout=timedelta(seconds=60), **options)
     trainer = pl.Trainer(
         strategy=strategy,
-        accelerator="cpu",
+        accelerator=args.accelerator,
         devices=world,
         max_steps=args.steps,
         gradient_clip_val=args.clip,
