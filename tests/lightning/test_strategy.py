@@ -17,6 +17,7 @@ from torch import Tensor, nn
 
 from nz_lightning.lightning.callbacks import NeuZipStats
 from nz_lightning.lightning.checkpoint_io import AtomicCheckpointIO
+from nz_lightning.lightning.fsdp_strategy import NeuZipFSDPStrategy
 from nz_lightning.lightning.strategy import NeuZipStrategy, register_strategies
 from nz_lightning.optim import FusedOptimizer, fused_optimizer
 from nz_lightning.tensor.convert import compress_model, compressed_parameters
@@ -285,6 +286,7 @@ def test_neuzip_stats_logged(tmp_path: Any) -> None:
         (lambda: NeuZipStrategy(mantissa_bits=3, compress=False), "compress=True"),
         (lambda: NeuZipStrategy(mantissa_bits=3, block_size=100), "block_size=100"),
         (lambda: NeuZipStrategy(start_method="thread"), "start_method"),  # type: ignore[arg-type]
+        (lambda: NeuZipFSDPStrategy(mantissa_bits=3), "lossless shards"),
     ],
     ids=[
         "optimizer",
@@ -295,6 +297,7 @@ def test_neuzip_stats_logged(tmp_path: Any) -> None:
         "lossy-dense",
         "block-size",
         "start-method",
+        "fsdp-lossy",
     ],  # fmt: skip
 )
 def test_errors(make: Callable[[], Any], match: str) -> None:
