@@ -220,15 +220,8 @@ class NeuZipFSDPStrategy(NeuZipStrategy):
         return parts[rank]
 
     @override
-    def teardown(self) -> None:
-        """Detach the fused hooks; sharded weights stay where they are (they cannot leave their process group)."""
-        self._release_fused()
-        if self.cluster_environment is not None:
-            self.cluster_environment.teardown()
-        self.precision_plugin.teardown()
-        assert self.accelerator is not None
-        self.accelerator.teardown()
-        self.checkpoint_io.teardown()
+    def _weights_stay(self) -> bool:
+        return True  # sharded weights stay where they are (they cannot leave their process group)
 
     @classmethod
     @override

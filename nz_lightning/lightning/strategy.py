@@ -338,11 +338,7 @@ class NeuZipStrategy(StrategyCheckpointMixin):
         by a failed setup); other modules are moved as usual.
         """
         self._release_fused()
-        module = self.lightning_module
-        stays = module is not None and any(
-            p.is_meta or (is_compressed(p) and p.device.type != "cpu") for p in module.parameters()
-        )
-        if not stays:
+        if not self._weights_stay():
             super().teardown()
             return
         if self.cluster_environment is not None:
@@ -352,6 +348,13 @@ class NeuZipStrategy(StrategyCheckpointMixin):
         assert self.accelerator is not None
         self.accelerator.teardown()
         self.checkpoint_io.teardown()
+
+    def _weights_stay(self) -> bool:
+        """Whether teardown leaves the module where it is (compressed weights on an accelerator, or ``meta``)."""
+        module = self.lightning_module
+        return module is not None and any(
+            p.is_meta or (is_compressed(p) and p.device.type != "cpu") for p in module.parameters()
+        )
 
     @classmethod
     @override
