@@ -65,13 +65,25 @@ def _matches(name: str, patterns: Iterable[str] | None) -> bool:
 
 
 def _default_blocks(model: nn.Module) -> list[str]:
-    """Names of the elements of every ``nn.ModuleList`` (transformer blocks) that hold parameters."""
+    """The default FSDP2 units: every element of every ``nn.ModuleList`` (transformer blocks) that holds parameters,
+    and every ``nn.Embedding`` / ``nn.Linear`` outside them (embeddings, the output head) whose weight is not tied to
+    another module's. FSDP2 keeps the root's own parameters unsharded from forward to backward, so an embedding or
+    head left in the root would be held whole on every rank for the whole step."""
     names = []
     for name, module in model.named_modules():
         if isinstance(module, nn.ModuleList):
             for child_name, child in module.named_children():
                 if any(True for _ in child.parameters()):
                     names.append(f"{name}.{child_name}" if name else child_name)
+    uses: dict[int, int] = {}
+    for _, module in model.named_modules(remove_duplicate=False):
+        for p in module.parameters(recurse=False):
+            uses[id(p)] = uses.get(id(p), 0) + 1
+    for name, module in model.named_modules():
+        inside = any(name == b or name.startswith(f"{b}.") for b in names)
+        if name and not inside and isinstance(module, (nn.Embedding, nn.Linear)):
+            if all(uses[id(p)] == 1 for p in module.parameters(recurse=False)):
+                names.append(name)
     return names
 
 
@@ -226,7 +238,8 @@ def shard_model(
             Both give bit-identical unsharded weights.
         reshard_after_forward: FSDP2's option (free unsharded weights after forward; re-gather in backward).
         modules: Submodules sharded on their own before the root (see :data:`ModuleSelector`; ``None``: every
-            element of every ``nn.ModuleList`` with parameters).
+            element of every ``nn.ModuleList`` with parameters, and the untied embeddings and linear layers outside
+            them, such as the output head).
         include: fnmatch patterns of parameter names to compress beyond the default policy.
         exclude: fnmatch patterns of parameter names to keep dense-sharded (e.g. a weight whose dim 0 does not divide
             by the world size).
