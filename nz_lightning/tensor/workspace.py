@@ -16,7 +16,7 @@ from typing import Protocol
 import torch
 from torch import Tensor
 
-ROW_BLOCK_BYTES = 16 * 2**20
+ROW_BLOCK_BYTES = 4 * 2**20
 """Dense bytes per row block of a lossless ``WeightStore`` (read whenever a store is written; tests set it small).
 A larger weight is held as several ``CompressedTensor`` blocks of whole rows (dim 0), so the fused optimizers
 decode, update and re-encode it one block at a time."""
