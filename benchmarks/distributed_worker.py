@@ -1,0 +1,302 @@
+"""One rank of ``benchmarks/distributed.py``: build one configuration, run a warm-up and measured steps, write JSON.
+
+Run by the driver as ``python -m benchmarks.distributed_worker '<json config>'`` in ``world_size`` processes with a
+torchrun-style environment (``MASTER_ADDR``/``MASTER_PORT``/``WORLD_SIZE``/``RANK``). Each rank writes
+``<out_dir>/<tag>.rank<r>.json``.
+
+Methods (all fused SGD inside backward, plain LM head, activation checkpointing on; FSDP units: each decoder
+layer, the embedding and the LM head, the final norm in the root):
+
+* ``dp-lomo`` / ``dp-neuzip``: a full dense / compressed replica per rank; at world size > 1 every gradient is
+  all-reduced (SUM, then divided by the world size) in the fused optimizer's hook (``grad_reducer``), as
+  ``ReplicaStrategy.average_gradient`` does.
+* ``fsdp-dense``: FSDP2 on dense weights (``shard_model(compress=False)``) + ``sharded_fused_optimizer``.
+* ``fsdp-nz-dgather`` / ``fsdp-nz-cgather``: NeuZip-FSDP (compressed shards) with dense / compressed all-gather.
+
+Weights: the trained byte-level Llama of ``benchmarks/codec_trained.py`` (``benchmarks/out/trained_bf16.safetensors``)
+tiled into the benchmark's shapes: each tensor takes the values of the trained tensor of the same kind (q/k/v/o,
+gate/up/down, norms, embedding, head) of layer ``i mod L``, flattened and repeated to the target size (the codec's
+"tiled" convention in docs/BENCHMARKS.md). Without the file, ``N(0, 0.02)`` (``benchmarks.llama_model``), recorded
+in the result.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import json
+import os
+import re
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
+
+from benchmarks.common import reset_peak_rss, rss_kib  # noqa: E402
+from benchmarks.cpu_matmul import Bf16MatmulInFp32  # noqa: E402
+
+METHODS = ("dp-lomo", "dp-neuzip", "fsdp-dense", "fsdp-nz-dgather", "fsdp-nz-cgather")
+TRAINED = Path(__file__).resolve().parent / "out" / "trained_bf16.safetensors"
+TINY = {"hidden": 64, "layers": 1, "intermediate": 128, "heads": 4, "kv_heads": 2, "vocab": 256}
+_LAYER = re.compile(r"layers\.(\d+)\.")
+
+WeightFn = Callable[[str, torch.Size, torch.dtype], torch.Tensor]
+
+
+def trained_weights(path: Path = TRAINED) -> tuple[WeightFn, str]:
+    """A ``compress_model`` weight source tiling the trained model's tensors into any Llama shape.
+
+    Returns:
+        The source and a description of it. Falls back to ``N(0, 0.02)`` when ``path`` does not exist.
+    """
+    from benchmarks.llama_model import random_weight
+
+    if not path.exists():
+        return random_weight(0), f"N(0, 0.02) random init ({path.name} not found)"
+    from safetensors.torch import load_file
+
+    trained = load_file(str(path))
+    n_layers = 1 + max(int(m.group(1)) for k in trained if (m := _LAYER.search(k)))
+
+    def make(name: str, shape: torch.Size, dtype: torch.dtype) -> torch.Tensor:
+        m = _LAYER.search(name)
+        key = _LAYER.sub(f"layers.{int(m.group(1)) % n_layers}.", name) if m else name
+        if key not in trained:
+            raise KeyError(f"no trained tensor for {name!r} (looked for {key!r} in {path})")
+        flat = trained[key].reshape(-1).to(dtype)
+        numel = int(torch.Size(shape).numel())
+        reps = -(-numel // flat.numel())
+        return flat.repeat(reps)[:numel].reshape(shape).clone()
+
+    desc = f"trained bf16 weights ({path.name}, {n_layers} layers) tiled to each tensor's shape"
+    return make, desc
+
+
+def build(method: str, dims: dict[str, int], weights: WeightFn) -> torch.nn.Module:
+    """The Llama of ``dims`` with ``weights``: compressed for the NeuZip methods, dense otherwise, checkpointed."""
+    from transformers import LlamaForCausalLM
+
+    from benchmarks.llama_model import _materialize_meta_buffers, llama_config
+    from nz_lightning import compress_model
+
+    config = llama_config(**dims)
+    with torch.device("meta"):
+        model = LlamaForCausalLM(config).to(torch.bfloat16)  # type: ignore[arg-type]
+    compressed = method in ("dp-neuzip", "fsdp-nz-dgather", "fsdp-nz-cgather")
+    compress_model(model, weights=weights, exclude=None if compressed else ["*"])
+    _materialize_meta_buffers(model, config)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model.train()
+
+
+class AllReduceMean:
+    """The data-parallel gradient reducer (``ReplicaStrategy.average_gradient``'s math) counting bytes reduced."""
+
+    def __init__(self) -> None:
+        self.bytes = 0
+        self.calls = 0
+
+    def __call__(self, grad: torch.Tensor) -> torch.Tensor:
+        """All-reduce ``grad`` (SUM) and divide by the world size."""
+        out = grad if grad.is_contiguous() else grad.contiguous()
+        dist.all_reduce(out)
+        self.bytes += out.numel() * out.element_size()
+        self.calls += 1
+        return out.div_(dist.get_world_size())
+
+
+class WireCounter:
+    """Counts the bytes of every FSDP2 all-gather (output) and reduce-scatter (input) by wrapping the
+    ``torch.distributed`` functions FSDP2 calls (``all_gather_single`` / ``reduce_scatter_single``): all parameters,
+    norm vectors included, whatever their format."""
+
+    def __init__(self) -> None:
+        self.all_gather_bytes = 0
+        self.reduce_scatter_bytes = 0
+        self._orig = (dist.all_gather_single, dist.reduce_scatter_single)
+
+    def install(self) -> None:
+        """Start counting."""
+        gather, scatter = self._orig
+
+        def counted_gather(output: torch.Tensor, input: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+            self.all_gather_bytes += output.numel() * output.element_size()
+            return gather(output, input, *args, **kwargs)
+
+        def counted_scatter(output: torch.Tensor, input: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+            self.reduce_scatter_bytes += input.numel() * input.element_size()
+            return scatter(output, input, *args, **kwargs)
+
+        dist.all_gather_single = counted_gather  # type: ignore[assignment]
+        dist.reduce_scatter_single = counted_scatter
+
+    def reset(self) -> None:
+        """Zero the counters."""
+        self.all_gather_bytes = self.reduce_scatter_bytes = 0
+
+
+WIRE = WireCounter()
+
+
+def _fsdp_unit(name: str, module: torch.nn.Module) -> bool:
+    """FSDP units: every decoder layer, the embedding and the LM head (each gathered only while it computes)."""
+    return _UNIT.fullmatch(name) is not None
+
+
+_UNIT = re.compile(r"model\.layers\.\d+|model\.embed_tokens|lm_head")
+
+
+def make_step(model: torch.nn.Module, method: str, lr: float) -> tuple[Callable[[torch.Tensor], float], Any]:
+    """Prepare ``model`` for ``method`` and return ``(step, counter)``; ``counter`` is the reducer or the model."""
+    from nz_lightning import fused_optimizer
+    from nz_lightning.distributed import shard_model, sharded_fused_optimizer
+
+    world = dist.get_world_size()
+    counter: Any
+    if method.startswith("dp-"):
+        counter = AllReduceMean()
+        opt: Any = fused_optimizer(model, "sgd", lr, blocked_head=False, grad_reducer=counter if world > 1 else None)
+    else:
+        compress = method != "fsdp-dense"
+        shard_model(model, compress=compress, compressed_gather=method == "fsdp-nz-cgather", modules=_fsdp_unit)
+        opt = sharded_fused_optimizer(model, "sgd", lr)
+        counter = model
+
+    def step(batch: torch.Tensor) -> float:
+        loss = model(input_ids=batch, labels=batch).loss
+        opt.backward(loss)
+        opt.step()
+        return float(loss.detach())
+
+    return step, counter
+
+
+def _comm(method: str, counter: Any) -> dict[str, int]:
+    from nz_lightning.distributed import comm_stats
+
+    if method.startswith("dp-"):
+        return {"all_reduce_bytes": counter.bytes, "all_reduces": counter.calls}
+    s = comm_stats(counter)
+    return {
+        "wire_all_gather_bytes": WIRE.all_gather_bytes,
+        "wire_reduce_scatter_bytes": WIRE.reduce_scatter_bytes,
+        "all_gather_bytes": s.all_gather_bytes,
+        "all_gather_dense_bytes": s.all_gather_dense_bytes,
+        "reduce_scatter_bytes": s.reduce_scatter_bytes,
+        "all_gathers": s.all_gathers,
+        "overflows": s.overflows,
+    }
+
+
+def _reset_comm(method: str, counter: Any) -> None:
+    from nz_lightning.distributed import comm_stats
+
+    if method.startswith("dp-"):
+        counter.bytes = counter.calls = 0
+    else:
+        comm_stats(counter).reset()
+    WIRE.reset()
+
+
+def _held_bytes(method: str, model: torch.nn.Module) -> dict[str, int]:
+    from nz_lightning.distributed import shard_bytes
+    from nz_lightning.tensor.sizes import weight_sizes
+
+    if method.startswith("dp-"):
+        s = weight_sizes(model)
+        return {"held": s.held_bytes, "dense_equivalent": s.dense_bytes}
+    b = shard_bytes(model)
+    return {"held": b["total"], "dense_equivalent": b["dense_equivalent"]}
+
+
+def run(cfg: dict[str, Any]) -> dict[str, Any]:
+    """Run one configuration on this rank (process group already initialized) and return its measurements."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    rank, world = dist.get_rank(), dist.get_world_size()
+    torch.set_num_threads(cfg["threads"])
+    gemm = contextlib.nullcontext() if cfg["native_bf16_gemm"] else Bf16MatmulInFp32()
+    weights, source = trained_weights() if cfg["trained"] else trained_weights(Path("/nonexistent"))
+    method, lr = cfg["method"], cfg["lr"]
+    with gemm:  # fixed costs: imports, numba JIT, process group, FSDP/codec initialisation, on a tiny model
+        warm = build(method, TINY, weights)
+        warm_step, _ = make_step(warm, method, lr)
+        warm_step(torch.randint(0, TINY["vocab"], (1, 16)))
+    del warm, warm_step
+    gc.collect()
+    dist.barrier()
+    base_kib = rss_kib()
+    dims = {k: cfg[k] for k in TINY}
+    t0 = time.perf_counter()
+    model = build(method, dims, weights)
+    params = sum(p.numel() for p in model.parameters())
+    step, counter = make_step(model, method, lr)
+    setup_s = time.perf_counter() - t0
+    gen = torch.Generator().manual_seed(1000 + rank)  # each rank its own micro-batch; same on every method
+    n = cfg["steps"] + 1
+    batches = [torch.randint(0, cfg["vocab"], (cfg["batch"], cfg["seq"]), generator=gen) for _ in range(n)]
+    losses, times = [], []
+    with gemm:
+        losses.append(step(batches[0]))  # warm-up: pooled buffers, FSDP buffers, capacities frozen
+        gc.collect()
+        dist.barrier()
+        settled_kib = rss_kib()
+        _reset_comm(method, counter)
+        reset_peak_rss()
+        for batch in batches[1:]:
+            dist.barrier()
+            t0 = time.perf_counter()
+            losses.append(step(batch))
+            times.append(time.perf_counter() - t0)
+        peak_kib = rss_kib("VmHWM")
+    comm = {k: v // cfg["steps"] for k, v in _comm(method, counter).items()}  # per step
+    return {
+        **cfg,
+        "rank": rank,
+        "world_size": world,
+        "weights_source": source,
+        "params": params,
+        "losses": losses,
+        "step_times_s": times,
+        "step_s": sum(times) / len(times),
+        "setup_s": setup_s,
+        "baseline_mib": base_kib / 1024,
+        "settled_mib": settled_kib / 1024,
+        "peak_mib": peak_kib / 1024,
+        "peak_over_baseline_mib": (peak_kib - base_kib) / 1024,
+        "weights_bytes": _held_bytes(method, model),
+        "comm_per_step": comm,
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point of one rank: ``python -m benchmarks.distributed_worker '<json config>'``."""
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) != 1:
+        raise SystemExit("usage: python -m benchmarks.distributed_worker '<json config>'")
+    cfg = json.loads(args[0])
+    if cfg.get("method") not in METHODS:
+        raise SystemExit(f"unknown method {cfg.get('method')!r}; choose one of {', '.join(METHODS)}")
+    for var in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        if var not in os.environ:
+            raise SystemExit(f"{var} is not set: run this through benchmarks/distributed.py")
+    dist.init_process_group("gloo")
+    WIRE.install()
+    try:
+        result = run(cfg)
+        out = Path(cfg["out_dir"]) / f"{cfg['tag']}.rank{dist.get_rank()}.json"
+        out.write_text(json.dumps(result, indent=1))
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,66 @@
+"""The multi-process benchmark (benchmarks/distributed.py) end to end at tiny size, and the memory model."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from benchmarks import distributed, distributed_model
+
+
+def test_distributed_benchmark_dry_run(tmp_path: Path) -> None:
+    """Two 2-rank gloo jobs (data-parallel NeuZip, NeuZip-FSDP with compressed gather) write sane JSON/markdown."""
+    distributed.main(
+        ["--dry-run", "--worlds", "2", "--methods", "dp-neuzip", "fsdp-nz-cgather", "--timeout", "100",
+         "--out-dir", str(tmp_path)]
+    )  # fmt: skip
+    result = json.loads((tmp_path / "distributed.json").read_text())
+    rows = {r["method"]: r for r in result["rows"]}
+    assert set(rows) == {"dp-neuzip", "fsdp-nz-cgather"}
+    for r in rows.values():
+        assert "error" not in r, r.get("error")
+        assert r["world_size"] == 2 and len(r["ranks"]) == 2 and len(r["losses"]) == 2
+        assert r["step_s"] > 0 and r["tokens_per_s"] > 0
+        assert r["peak_over_baseline_mib"] >= 0 and r["peak_mib"] > r["baseline_mib"] > 0
+        assert all(math.isfinite(x) for losses in r["losses"] for x in losses)
+        assert r["losses"][0] != r["losses"][1]  # each rank trains its own micro-batch
+    dense_bytes = 2 * rows["dp-neuzip"]["params"]  # bf16
+    assert rows["dp-neuzip"]["comm_per_step"]["all_reduce_bytes"] == dense_bytes  # every gradient once per step
+    c = rows["fsdp-nz-cgather"]["comm_per_step"]
+    assert c["wire_reduce_scatter_bytes"] == c["reduce_scatter_bytes"] >= dense_bytes
+    assert 0 < c["all_gather_bytes"] < c["all_gather_dense_bytes"] and c["overflows"] == 0
+    assert c["wire_all_gather_bytes"] >= c["all_gather_bytes"]  # + the dense norm vectors
+    # sharded: each rank holds about half of the compressed replica's bytes
+    assert rows["fsdp-nz-cgather"]["weights_held_bytes"] < 0.6 * rows["dp-neuzip"]["weights_held_bytes"]
+    # the same global batch and update: data parallel and FSDP agree bit for bit
+    assert rows["dp-neuzip"]["losses"] == rows["fsdp-nz-cgather"]["losses"]
+    targets = {t["target"]: t for t in result["targets"]}
+    gather = next(t for name, t in targets.items() if name.startswith("compressed all-gather"))
+    assert gather["ratio"] == pytest.approx(c["all_gather_bytes"] / c["all_gather_dense_bytes"])
+    md = (tmp_path / "distributed.md").read_text()
+    assert "| NeuZip-FSDP, compressed all-gather | 16 | 2 |" in md and "Targets (issue 13)" in md
+
+
+def test_distributed_memory_model(tmp_path: Path) -> None:
+    """The 8B / 70B memory model: every row, components adding up, sharding and compression shrinking weights."""
+    result = distributed_model.main(["--out-dir", str(tmp_path)])
+    assert json.loads((tmp_path / "distributed_model.json").read_text())["rows"] == result["rows"]
+    assert "13.9 GiB" in (tmp_path / "distributed_model.md").read_text()
+    assert 10.3 < result["bits_per_weight"]["gate_proj"] < 10.8  # measured, trained bf16
+    rows = result["rows"]
+    assert len(rows) == 2 * 3 * 3
+    for r in rows:
+        g = r["gib"]
+        assert g["total"] == pytest.approx(sum(v for k, v in g.items() if k != "total"))
+        assert r["fits_24"] == (g["total"] <= 24) and r["fits_80"] == (g["total"] <= 80)
+    by = {(r["model"], r["optimizer"], r["method"]): r["gib"] for r in rows}
+    for model in ("Llama-3 8B", "Llama-3 70B"):
+        nz = by[(model, "sgd", "NeuZip-FSDP")]["weights"]
+        dense = by[(model, "sgd", "FSDP2 dense + fused update")]["weights"]
+        replica = by[(model, "sgd", "data parallel NeuZip")]["weights"]
+        assert nz == pytest.approx(replica / 8) and 0.6 < nz / dense < 0.7
+    with pytest.raises(FileNotFoundError, match="codec results missing"):
+        distributed_model.main(["--codec", str(tmp_path / "none.json"), "--out-dir", str(tmp_path)])
