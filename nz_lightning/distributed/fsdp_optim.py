@@ -11,7 +11,6 @@ the result does not depend on the world size.
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Callable
 from typing import Any
 
@@ -22,7 +21,7 @@ from torch.distributed.tensor import DTensor
 
 from nz_lightning.distributed.fsdp import local_shard, shard_rows
 from nz_lightning.optim.blockwise import BlockGrad, apply_update, sr_noise
-from nz_lightning.optim.fused import RULES, FusedOptimizer
+from nz_lightning.optim.fused import FusedOptimizer, build_rule
 from nz_lightning.optim.rules import AdaLomo, UpdateRule
 
 __all__ = ["ShardedFusedOptimizer", "sharded_fused_optimizer"]
@@ -130,18 +129,17 @@ class ShardedFusedOptimizer(FusedOptimizer):
     def _clip_coef(self, norms: dict[int, Tensor]) -> Tensor:
         """``clip_grad_norm_``'s coefficient of the global norm: local squared norms all-reduced over the shards."""
         assert self.max_grad_norm is not None
-        sharded = torch.zeros((), dtype=torch.float32)
-        replicated = torch.zeros((), dtype=torch.float32)
+        device = next(iter(norms.values())).device if norms else torch.device("cpu")
+        sharded = torch.zeros((), dtype=torch.float32, device=device)  # kept on the device: no host sync
+        replicated = torch.zeros((), dtype=torch.float32, device=device)
         for i in sorted(norms):
-            sq = norms[i].detach().to("cpu", torch.float32).square()
+            sq = norms[i].detach().to(device, torch.float32).square()
             if isinstance(self._params[i], DTensor):
                 sharded += sq
             else:
                 replicated += sq
-        device = next(iter(norms.values())).device if norms else torch.device("cpu")
-        total_sq = sharded.to(device)
-        dist.all_reduce(total_sq, op=dist.ReduceOp.SUM, group=self._mesh.get_group())
-        total = (total_sq.cpu() + replicated).sqrt()
+        dist.all_reduce(sharded, op=dist.ReduceOp.SUM, group=self._mesh.get_group())
+        total = (sharded + replicated).sqrt()
         return torch.clamp(self.max_grad_norm / (total + 1e-6), max=1.0)
 
 
@@ -161,13 +159,5 @@ def sharded_fused_optimizer(model: nn.Module, name: str, lr: float, **options: A
     Raises:
         ValueError: Unknown rule or option, a non-elementwise rule, or a model that is not sharded.
     """
-    rule_cls = RULES.get(name.lower()) if isinstance(name, str) else None
-    if rule_cls is None:
-        raise ValueError(f"unknown fused optimizer {name!r}; choose one of {', '.join(RULES)}")
-    rule_options = [k for k in inspect.signature(rule_cls.__init__).parameters if k != "self"]
-    unknown = sorted(set(options) - set(rule_options) - set(_OPTIONS))
-    if unknown:
-        valid = ", ".join(rule_options + list(_OPTIONS))
-        raise ValueError(f"unknown option(s) {', '.join(unknown)} for sharded fused optimizer {name!r}; valid: {valid}")
-    rule = rule_cls(**{k: v for k, v in options.items() if k in rule_options})
-    return ShardedFusedOptimizer(model, rule, lr, **{k: v for k, v in options.items() if k in _OPTIONS})
+    rule, rest = build_rule(name, options, _OPTIONS, "sharded fused optimizer")
+    return ShardedFusedOptimizer(model, rule, lr, **rest)

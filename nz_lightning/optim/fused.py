@@ -382,13 +382,34 @@ def fused_optimizer(model: nn.Module, name: str, lr: float, **options: Any) -> F
             raise ValueError("grad_reducer: a sharded model's gradients are reduce-scattered by FSDP2 already")
         options.pop("blocked_head", None)  # shards keep the plain head
         return sharded_fused_optimizer(model, name, lr, **options)
+    rule, rest = build_rule(name, options, _OPTIMIZER_OPTIONS)
+    return FusedOptimizer(model, rule, lr, **rest)
+
+
+def build_rule(
+    name: str, options: dict[str, Any], optimizer_options: tuple[str, ...], what: str = "fused optimizer"
+) -> tuple[UpdateRule, dict[str, Any]]:
+    """The update rule called ``name`` built from its hyperparameters in ``options``, and the optimizer's options.
+
+    Args:
+        name: ``"sgd"``, ``"adamw"`` or ``"adalomo"``.
+        options: The rule's hyperparameters mixed with the optimizer's options.
+        optimizer_options: The names the optimizer takes.
+        what: The optimizer, in error messages.
+
+    Returns:
+        The rule and the options in ``optimizer_options``.
+
+    Raises:
+        ValueError: Unknown rule name or option (the message lists the valid ones).
+    """
     rule_cls = RULES.get(name.lower()) if isinstance(name, str) else None
     if rule_cls is None:
         raise ValueError(f"unknown fused optimizer {name!r}; choose one of {', '.join(RULES)}")
     rule_options = [k for k in inspect.signature(rule_cls.__init__).parameters if k != "self"]
-    unknown = sorted(set(options) - set(rule_options) - set(_OPTIMIZER_OPTIONS))
+    unknown = sorted(set(options) - set(rule_options) - set(optimizer_options))
     if unknown:
-        valid = ", ".join(rule_options + list(_OPTIMIZER_OPTIONS))
-        raise ValueError(f"unknown option(s) {', '.join(unknown)} for fused optimizer {name!r}; valid: {valid}")
+        valid = ", ".join(rule_options + list(optimizer_options))
+        raise ValueError(f"unknown option(s) {', '.join(unknown)} for {what} {name!r}; valid: {valid}")
     rule = rule_cls(**{k: v for k, v in options.items() if k in rule_options})
-    return FusedOptimizer(model, rule, lr, **{k: v for k, v in options.items() if k in _OPTIMIZER_OPTIONS})
+    return rule, {k: v for k, v in options.items() if k in optimizer_options}
