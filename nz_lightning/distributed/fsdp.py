@@ -19,7 +19,7 @@ import fnmatch
 import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.distributed as dist
@@ -30,11 +30,13 @@ from torch.distributed.tensor import DTensor
 
 from nz_lightning.distributed.fsdp_payload import encoded_size
 from nz_lightning.distributed.fsdp_tensor import CommStats, GatherSpec, NZShard, PendingShard
+from nz_lightning.distributed.row_split import UnitSplitter
 from nz_lightning.tensor.convert import default_should_compress
 from nz_lightning.tensor.parameter import NZParameter, read_dense
 from nz_lightning.tensor.workspace import DECODE_POOL
 
 __all__ = [
+    "Materializer",
     "ModuleSelector",
     "comm_stats",
     "local_shard",
@@ -47,6 +49,9 @@ __all__ = [
 ModuleSelector = Callable[[str, nn.Module], bool] | Iterable[type[nn.Module] | str]
 """Which submodules get their own ``fully_shard``: a predicate ``fn(name, module)``, module classes, or fnmatch
 patterns of module names."""
+
+Materializer = Callable[[str, nn.Module], None]
+"""``fn(name, module)``: give a unit's ``meta`` tensors values just before it is sharded (see :func:`shard_model`)."""
 
 _INFO = "_nz_fsdp_info"
 
@@ -209,6 +214,15 @@ def refresh_gather_capacities(model: nn.Module) -> bool:
     return _agree_capacities(nz, info.group, info.headroom)
 
 
+def _shard_unit(module: nn.Module, mesh: DeviceMesh, reshard_after_forward: bool) -> None:
+    """``fully_shard`` one unit; an embedding's weight is not gathered again for backward (its gradient does not read
+    it), so a large embedding is never dense on a rank after its forward."""
+    embedding = type(module) is nn.Embedding  # fully_shard changes the class (FSDPEmbedding)
+    fully_shard(module, mesh=mesh, reshard_after_forward=reshard_after_forward)
+    if embedding:
+        module.set_unshard_in_backward(False)  # type: ignore[operator]
+
+
 def shard_model(
     model: nn.Module,
     *,
@@ -222,6 +236,8 @@ def shard_model(
     gather_headroom: float = 0.05,
     backend: str | None = None,
     device: torch.device | str | None = None,
+    materialize: Materializer | None = None,
+    split_bytes: int | Literal["auto"] | None = "auto",
 ) -> nn.Module:
     """Shard ``model`` with FSDP2 in place, each rank holding its dim-0 shard of each weight (compressed).
 
@@ -249,6 +265,15 @@ def shard_model(
         device: Move each FSDP unit to this device just before sharding it, so the dense model may start on the CPU
             and only one unit is dense on the device at a time (``None``: the model is on its device already). The
             checks on the whole model (divisibility, lossy, meta) then run unit by unit.
+        materialize: Called as ``materialize(name, module)`` for each FSDP unit (children first, the root last with
+            name ``""``) just before it is moved to ``device`` and sharded: it must replace the ``meta`` parameters
+            and buffers the unit holds outside units already sharded (e.g. from a checkpoint file, or a seeded
+            init), so that a model built on ``meta`` is never dense as a whole on any rank.
+        split_bytes: Split a unit that is a plain ``nn.Linear`` or ``nn.Embedding`` outside the repeated blocks (the
+            output head, embeddings) and larger than this many dense bytes into row parts, each a unit of its own
+            (:mod:`~nz_lightning.distributed.row_split`; checkpoints keep the unsplit names). ``"auto"``: no larger
+            than the largest unit inside an ``nn.ModuleList`` (a decoder layer, or its largest projection when those
+            are units); ``None``: never split.
 
     Returns:
         ``model``; its parameters are now DTensors (``fully_shard``). :func:`comm_stats` gives its byte counters.
@@ -256,7 +281,7 @@ def shard_model(
     Raises:
         RuntimeError: ``torch.distributed`` is not initialized.
         ValueError: A weight to compress whose dim 0 does not divide by the world size, a lossy weight, a meta or
-            already sharded parameter, a mesh that is not 1-D, or a bad ``gather_headroom``.
+            already sharded parameter, a mesh that is not 1-D, a bad ``gather_headroom`` or ``split_bytes``.
     """
     if not dist.is_available() or not dist.is_initialized():
         raise RuntimeError("shard_model needs torch.distributed initialized (init_process_group) on every rank")
@@ -277,19 +302,24 @@ def shard_model(
     world = mesh.size()
     options = (world, compress, compressed_gather, include, exclude, backend, stats)
     units = _selected(model, modules)
-    if device is None:
+    names = {id(m): n for n, m in model.named_modules()}
+    splitter = UnitSplitter(model, units, split_bytes, world)
+    if device is None and materialize is None:
+        units = [part for module in units for _, part in splitter.split(names[id(module)], module)]
         _swap_for_pending(model, *options)
         for module in units:
-            fully_shard(module, mesh=mesh, reshard_after_forward=reshard_after_forward)
-    else:  # one unit dense on the device at a time
-        names = {id(m): n for n, m in model.named_modules()}
+            _shard_unit(module, mesh, reshard_after_forward)
+    else:  # one unit dense (and on the device) at a time
         done: dict[int, nn.Parameter] = {}
-        for module in units:
-            module.to(device)
-            _swap_for_pending(module, *options, prefix=names[id(module)], done=done, skip_sharded=True)
-            fully_shard(module, mesh=mesh, reshard_after_forward=reshard_after_forward)
-        model.to(device)
-        _swap_for_pending(model, *options, done=done, skip_sharded=True)
+        for unit in [*units, model]:
+            if materialize is not None:
+                materialize(names[id(unit)], unit)
+            for name, module in splitter.split(names[id(unit)], unit):
+                if device is not None:
+                    module.to(device)
+                _swap_for_pending(module, *options, prefix=name, done=done, skip_sharded=True)
+                if module is not model:
+                    _shard_unit(module, mesh, reshard_after_forward)
     fully_shard(model, mesh=mesh, reshard_after_forward=reshard_after_forward)
     shards = [local_shard(p) for p in model.parameters()]
     nz = [s for s in shards if isinstance(s, NZShard)]

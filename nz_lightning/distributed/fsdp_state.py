@@ -17,6 +17,7 @@ from torch import Tensor, nn
 from torch.distributed.tensor import DTensor
 
 from nz_lightning.distributed.fsdp import _INFO, local_shard, refresh_gather_capacities, shard_rows
+from nz_lightning.distributed.row_split import merge_split_state, split_split_state
 from nz_lightning.kernels import CompressedTensor
 from nz_lightning.tensor.parameter import NZParameter, read_dense, write_dense
 
@@ -47,7 +48,8 @@ def full_state_dict(model: nn.Module, *, rank0_only: bool = True, cpu: bool = Tr
         cpu: Move the tensors to CPU.
 
     Returns:
-        ``{name: tensor}`` in ``model.state_dict()`` order, plain dense tensors.
+        ``{name: tensor}`` in ``model.state_dict()`` order, plain dense tensors; a head or embedding split into row
+        parts (:mod:`~nz_lightning.distributed.row_split`) under its unsplit name.
     """
     keep = not rank0_only or not dist.is_initialized() or dist.get_rank() == 0
     out: dict[str, Tensor] = {}
@@ -58,6 +60,7 @@ def full_state_dict(model: nn.Module, *, rank0_only: bool = True, cpu: bool = Tr
         if keep:
             out[name] = full.cpu() if cpu else full
         del full
+    merge_split_state(model, out)
     return out
 
 
@@ -74,8 +77,9 @@ def load_full_state_dict(
 
     Args:
         model: A model sharded by :func:`~nz_lightning.distributed.fsdp.shard_model`.
-        state_dict: Whole tensors by name (e.g. from :func:`full_state_dict`); with ``from_rank0``, read on rank 0
-            only and broadcast (other ranks may pass ``{}``).
+        state_dict: Whole tensors by name (e.g. from :func:`full_state_dict`: unsplit names, also for a head or
+            embedding split into row parts); with ``from_rank0``, read on rank 0 only and broadcast (other ranks may
+            pass ``{}``).
         from_rank0: Broadcast each tensor from rank 0 (a collective: call on every rank).
         strict: Raise on missing or unexpected keys (checked on the rank(s) that read ``state_dict``).
 
@@ -85,6 +89,7 @@ def load_full_state_dict(
     """
     targets = {n: v for n, v in model.state_dict(keep_vars=True).items() if isinstance(v, Tensor)}
     reads = not from_rank0 or dist.get_rank() == 0
+    state_dict = split_split_state(model, state_dict) if reads else state_dict
     if strict and reads:
         missing = sorted(set(targets) - set(state_dict))
         unexpected = sorted(set(state_dict) - set(targets))

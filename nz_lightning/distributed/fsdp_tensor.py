@@ -18,6 +18,7 @@ and ``fully_shard``: it holds the dense full value and makes ``fully_shard``'s `
 
 from __future__ import annotations
 
+import ctypes
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -195,8 +196,7 @@ class NZShard(NZParameter):
                 f"agreed capacity {cap}: the capacity changed after the first all-gather or differs between ranks"
             )
         target = torch.empty(outer_size, dtype=self.dtype, device=self.device) if out is None else out
-        host = gathered.detach().reshape(-1).to("cpu", copy=True)  # .numpy() would pin FSDP's buffer's size
-        raw = host.numpy().data
+        raw = _host_bytes(gathered)
         parts = [raw[r * cap : (r + 1) * cap] for r in range(world)]
         with torch.no_grad(), torch.autograd._unsafe_preserve_version_counter(target):
             dense = target.detach()
@@ -212,6 +212,22 @@ class NZShard(NZParameter):
         if gathered.untyped_storage().size() > 0:  # the payloads are decoded: FSDP re-allocates them per gather
             gathered.untyped_storage().resize_(0)
         return (target, (target,)) if out is None else None
+
+
+def _host_bytes(gathered: Tensor) -> memoryview:
+    """The gathered payload bytes as a host memoryview: read in place on the CPU, copied from another device.
+
+    On the CPU no copy is made and no numpy array is exported (``.numpy()`` would make FSDP's buffer unresizable):
+    the view addresses the buffer's memory directly and is used only before the buffer is freed. Blobs parsed from
+    it copy their arrays (:meth:`~nz_lightning.kernels.CompressedTensor.from_bytes`), so nothing keeps pointing into
+    it afterwards.
+    """
+    flat = gathered.detach().reshape(-1)
+    if flat.device.type != "cpu":
+        return memoryview(flat.to("cpu").numpy().data)
+    if flat.dtype != torch.uint8 or not flat.is_contiguous():
+        raise RuntimeError(f"all-gather payloads must be contiguous uint8, got {flat.dtype}")
+    return memoryview((ctypes.c_ubyte * flat.numel()).from_address(flat.data_ptr())).cast("B")
 
 
 class PendingShard(torch.Tensor):
