@@ -69,17 +69,25 @@ def _matches(name: str, patterns: Iterable[str] | None) -> bool:
     return patterns is not None and any(fnmatch.fnmatchcase(name, p) for p in patterns)
 
 
-def _default_blocks(model: nn.Module) -> list[str]:
+def _default_blocks(model: nn.Module, per_weight: bool = False) -> list[str]:
     """The default FSDP2 units: every element of every ``nn.ModuleList`` (transformer blocks) that holds parameters,
     and every ``nn.Embedding`` / ``nn.Linear`` outside them (embeddings, the output head) whose weight is not tied to
     another module's. FSDP2 keeps the root's own parameters unsharded from forward to backward, so an embedding or
-    head left in the root would be held whole on every rank for the whole step."""
+    head left in the root would be held whole on every rank for the whole step. ``per_weight``: also every
+    ``nn.Linear`` / ``nn.Embedding`` inside the blocks (each projection a unit; the block keeps its norms)."""
     names = []
     for name, module in model.named_modules():
         if isinstance(module, nn.ModuleList):
             for child_name, child in module.named_children():
                 if any(True for _ in child.parameters()):
                     names.append(f"{name}.{child_name}" if name else child_name)
+    if per_weight:
+        blocks = list(names)
+        names += [
+            n
+            for n, m in model.named_modules()
+            if isinstance(m, (nn.Linear, nn.Embedding)) and any(n.startswith(f"{b}.") for b in blocks)
+        ]
     uses: dict[int, int] = {}
     for _, module in model.named_modules(remove_duplicate=False):
         for p in module.parameters(recurse=False):
@@ -92,11 +100,13 @@ def _default_blocks(model: nn.Module) -> list[str]:
     return names
 
 
-def _selected(model: nn.Module, modules: ModuleSelector | None) -> list[nn.Module]:
+def _selected(model: nn.Module, modules: ModuleSelector | str | None) -> list[nn.Module]:
     """The submodules to shard on their own, children before parents (the root excluded)."""
-    if modules is None:
-        wanted = set(_default_blocks(model))
+    if modules in (None, "layers", "weights"):
+        wanted = set(_default_blocks(model, per_weight=modules == "weights"))
         picked = [(n, m) for n, m in model.named_modules() if n in wanted]
+    elif isinstance(modules, str):
+        raise ValueError(f"modules={modules!r}: give 'layers', 'weights', a predicate, classes or a list of patterns")
     elif callable(modules):
         picked = [(n, m) for n, m in model.named_modules() if n and modules(n, m)]
     else:
@@ -230,7 +240,7 @@ def shard_model(
     compress: bool = True,
     compressed_gather: bool = True,
     reshard_after_forward: bool = True,
-    modules: ModuleSelector | None = None,
+    modules: ModuleSelector | Literal["layers", "weights"] | None = None,
     include: Iterable[str] | None = None,
     exclude: Iterable[str] | None = None,
     gather_headroom: float = 0.05,
@@ -253,9 +263,11 @@ def shard_model(
         compressed_gather: All-gather compressed payloads (``False``: decode the shard and gather dense values).
             Both give bit-identical unsharded weights.
         reshard_after_forward: FSDP2's option (free unsharded weights after forward; re-gather in backward).
-        modules: Submodules sharded on their own before the root (see :data:`ModuleSelector`; ``None``: every
-            element of every ``nn.ModuleList`` with parameters, and the untied embeddings and linear layers outside
-            them, such as the output head).
+        modules: Submodules sharded on their own before the root (see :data:`ModuleSelector`). ``None`` or
+            ``"layers"``: every element of every ``nn.ModuleList`` with parameters, and the untied embeddings and
+            linear layers outside them, such as the output head. ``"weights"``: those and every linear layer or
+            embedding inside the blocks, so that one weight matrix at a time is gathered dense (more, smaller
+            collectives; a lower peak).
         include: fnmatch patterns of parameter names to compress beyond the default policy.
         exclude: fnmatch patterns of parameter names to keep dense-sharded (e.g. a weight whose dim 0 does not divide
             by the world size).
