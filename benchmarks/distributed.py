@@ -1,7 +1,10 @@
 """Multi-process training benchmark: data-parallel LOMO / NeuZip, FSDP2 dense, NeuZip-FSDP (dense / compressed gather).
 
-Run: ``python benchmarks/distributed.py [--dry-run] [--worlds 1 2] [--methods ...] [--out-dir benchmarks/out]``.
-Writes ``<out-dir>/distributed.json`` and the markdown block ``<out-dir>/distributed.md``.
+Run: ``python benchmarks/distributed.py [--dry-run] [--worlds 1 2] [--methods ...] [--units {layer,weight}]
+[--no-backward-prefetch] [--out-dir benchmarks/out] [--name distributed]``. Writes ``<out-dir>/<name>.json`` and the
+markdown block ``<out-dir>/<name>.md``. ``--units`` sets the FSDP units of every FSDP method: ``layer`` (default) =
+each decoder layer, the embedding and the head; ``weight`` = those and each linear projection of a decoder layer on
+its own. ``--no-backward-prefetch``: every FSDP method gathers a unit only when its own backward starts.
 
 Every (method, world size) runs as a fresh gloo job on the CPU: ``world_size`` processes started with a
 torchrun-style environment (``benchmarks/distributed_worker.py``), one torch and one numba thread per rank
@@ -29,7 +32,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
 from benchmarks.common import machine_info, machine_line  # noqa: E402
-from benchmarks.distributed_worker import METHODS, TINY  # noqa: E402
+from benchmarks.distributed_worker import METHODS, TINY, UNITS  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 FULL = {"hidden": 512, "layers": 32, "intermediate": 1408, "heads": 8, "kv_heads": 2, "vocab": 8000}
@@ -39,6 +42,13 @@ LABELS = {
     "fsdp-dense": "FSDP2 dense + fused update",
     "fsdp-nz-dgather": "NeuZip-FSDP, dense all-gather",
     "fsdp-nz-cgather": "NeuZip-FSDP, compressed all-gather",
+}
+
+
+UNIT_TEXT = {
+    "layer": "each decoder layer, the embedding and the LM head (final norm in the root).",
+    "weight": "each decoder layer (holding its norms), each of its seven linear projections nested in it (q/k/v/o,"
+    " gate/up/down), the embedding and the LM head (final norm in the root).",
 }
 
 
@@ -91,7 +101,7 @@ def launch(cfg: dict[str, Any], world: int, timeout: float) -> list[dict[str, An
 
 def summarize(cfg: dict[str, Any], world: int, ranks: list[dict[str, Any]] | str) -> dict[str, Any]:
     """One table row: the largest rank's peak and step time, per-step bytes, every rank's losses."""
-    row: dict[str, Any] = {"method": cfg["method"], "world_size": world, "seq": cfg["seq"]}
+    row: dict[str, Any] = {"method": cfg["method"], "world_size": world, "seq": cfg["seq"], "units": cfg["units"]}
     if isinstance(ranks, str):
         return {**row, "error": ranks}
     r0 = ranks[0]
@@ -109,6 +119,7 @@ def summarize(cfg: dict[str, Any], world: int, ranks: list[dict[str, Any]] | str
         "weights_held_bytes": max(r["weights_bytes"]["held"] for r in ranks),
         "weights_dense_bytes": r0["weights_bytes"]["dense_equivalent"],
         "comm_per_step": r0["comm_per_step"],
+        "fsdp_units": len(r0["fsdp_modules"]),  # the root included; 0 for data parallel
         "losses": [r["losses"] for r in ranks],
         "ranks": ranks,
     }
@@ -216,6 +227,16 @@ def loss_checks(rows: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
+def _split_text(rows: list[dict[str, Any]]) -> str:
+    """Which units ``shard_model`` split into row parts (``<name>.parts.<k>``), per method, if any."""
+    seen: dict[str, set[str]] = {}
+    for r in rows:
+        for name in r["ranks"][0].get("fsdp_modules", []) if "ranks" in r else []:
+            if ".parts." in name:
+                seen.setdefault(name.split(".parts.")[0], set()).add(f"{r['method']}/{r['world_size']}")
+    return "".join(f" `{n}` split into row-part units ({', '.join(sorted(w))})." for n, w in sorted(seen.items()))
+
+
 def _mib(b: float) -> str:
     return f"{b / 2**20:.1f}"
 
@@ -238,7 +259,15 @@ def render(result: dict[str, Any]) -> str:
         f"micro-batch), {shape['threads']} torch + numba thread(s), activation checkpointing, plain LM head, fused "
         f"SGD (lr {shape['lr']}) in backward; bf16 GEMMs "
         + ("native." if shape["native_bf16_gemm"] else "in fp32 (benchmarks/cpu_matmul.py).")
-        + f" {shape['steps']} measured step(s) after one warm-up step. One fresh gloo job per row; peak over baseline ="
+        + f" {shape['steps']} measured step(s) after one warm-up step. FSDP units: "
+        + UNIT_TEXT[shape.get("units", "layer")]
+        + (
+            ""
+            if shape.get("backward_prefetch", True)
+            else " No backward prefetch (each unit gathered when its backward starts)."
+        )
+        + _split_text(rows)
+        + " One fresh gloo job per row; peak over baseline ="
         " VmHWM of the measured steps - RSS after the same method ran on a tiny model (largest rank). Bytes per step:"
         " data parallel = gradient bytes passed to all-reduce (a ring moves 2(n-1)/n of that per rank); FSDP ="
         " every all-gather's output bytes and every reduce-scatter's input bytes (all parameters, counted at"
@@ -297,6 +326,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--threads", type=int, default=1, help="torch and numba threads per rank")
     ap.add_argument("--fp32-gemm", action="store_true", help="bf16 GEMMs in fp32 (CPUs without AVX-512 BF16)")
     ap.add_argument("--random-init", action="store_true", help="N(0, 0.02) weights instead of tiled trained ones")
+    ap.add_argument("--units", default="layer", choices=UNITS, help="FSDP units (every FSDP method): layer / weight")
+    ap.add_argument(
+        "--no-backward-prefetch", action="store_true", help="FSDP: gather a unit only when its own backward starts"
+    )
     ap.add_argument("--timeout", type=float, default=900.0, help="seconds per configuration")
     ap.add_argument("--out-dir", type=Path, default=ROOT / "benchmarks" / "out")
     ap.add_argument("--name", default="distributed")
@@ -316,6 +349,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "threads": args.threads,
         "native_bf16_gemm": not args.fp32_gemm,
         "trained": not args.random_init,
+        "units": args.units,
+        "backward_prefetch": not args.no_backward_prefetch,
     }
     args.out_dir.mkdir(parents=True, exist_ok=True)
     machine = machine_info()  # date, commit and load when the run starts
@@ -326,12 +361,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 tag = f"{args.name}.{method}.s{seq}.w{world}.{os.getpid()}"
                 cfg = {**shape, "seq": seq, "method": method, "tag": tag, "out_dir": str(args.out_dir)}
                 row = summarize(cfg, world, launch(cfg, world, args.timeout))
-                keys = ("method", "seq", "world_size", "peak_over_baseline_mib", "step_s", "comm_per_step", "error")
+                keys = ("method", "seq", "world_size", "fsdp_units", "peak_over_baseline_mib", "step_s", "error")
                 print(json.dumps({k: row.get(k) for k in keys}), flush=True)
                 rows.append(row)
     shown = [a for i, a in enumerate(raw) if a != "--out-dir" and (i == 0 or raw[i - 1] != "--out-dir")]
     ok = next((r for r in rows if "error" not in r), None)
     result = {
+        "units": args.units,
         "machine": machine,
         "finished": time.strftime("%Y-%m-%dT%H:%M:%S+00:00", time.gmtime()),
         "shape": shape,

@@ -4,8 +4,10 @@ Run by the driver as ``python -m benchmarks.distributed_worker '<json config>'``
 torchrun-style environment (``MASTER_ADDR``/``MASTER_PORT``/``WORLD_SIZE``/``RANK``). Each rank writes
 ``<out_dir>/<tag>.rank<r>.json``.
 
-Methods (all fused SGD inside backward, plain LM head, activation checkpointing on; FSDP units: each decoder
-layer, the embedding and the LM head, the final norm in the root):
+Methods (all fused SGD inside backward, plain LM head, activation checkpointing on; FSDP units (``units`` in the
+config, the same for every FSDP method): ``layer`` = each decoder layer, the embedding and the LM head, the final norm
+in the root; ``weight`` = those and, nested in each decoder layer (which keeps its norms), each of its seven linear
+projections, so only one projection's dense weight is gathered at a time):
 
 * ``dp-lomo`` / ``dp-neuzip``: a full dense / compressed replica per rank; at world size > 1 every gradient is
   all-reduced (SUM, then divided by the world size) in the fused optimizer's hook (``grad_reducer``), as
@@ -144,16 +146,43 @@ class WireCounter:
 WIRE = WireCounter()
 
 
-def _fsdp_unit(name: str, module: torch.nn.Module) -> bool:
-    """FSDP units: every decoder layer, the embedding and the LM head (each gathered only while it computes)."""
-    return _UNIT.fullmatch(name) is not None
+UNITS = ("layer", "weight")
+_UNIT = {
+    "layer": re.compile(r"model\.layers\.\d+|model\.embed_tokens|lm_head"),
+    "weight": re.compile(
+        r"model\.layers\.\d+(\.self_attn\.[qkvo]_proj|\.mlp\.(gate|up|down)_proj)?|model\.embed_tokens|lm_head"
+    ),
+}
 
 
-_UNIT = re.compile(r"model\.layers\.\d+|model\.embed_tokens|lm_head")
+def fsdp_units(units: str) -> Callable[[str, torch.nn.Module], bool]:
+    """The ``shard_model(modules=...)`` predicate of a unit granularity (:data:`UNITS`).
+
+    ``layer``: every decoder layer, the embedding and the LM head (each gathered only while it computes).
+    ``weight``: those and every linear projection of a decoder layer on its own (nested units; the layer keeps its
+    norms).
+
+    Raises:
+        ValueError: ``units`` is not one of :data:`UNITS`.
+    """
+    if units not in _UNIT:
+        raise ValueError(f"unknown FSDP units {units!r}; choose one of {', '.join(UNITS)}")
+    pattern = _UNIT[units]
+
+    def select(name: str, module: torch.nn.Module) -> bool:
+        return pattern.fullmatch(name) is not None
+
+    return select
 
 
-def make_step(model: torch.nn.Module, method: str, lr: float) -> tuple[Callable[[torch.Tensor], float], Any]:
-    """Prepare ``model`` for ``method`` and return ``(step, counter)``; ``counter`` is the reducer or the model."""
+def make_step(
+    model: torch.nn.Module, method: str, lr: float, units: str = "layer", backward_prefetch: bool = True
+) -> tuple[Callable[[torch.Tensor], float], Any]:
+    """Prepare ``model`` for ``method`` and return ``(step, counter)``; ``counter`` is the reducer or the model.
+
+    ``units`` picks the FSDP units (:func:`fsdp_units`) and ``backward_prefetch`` FSDP2's implicit backward prefetch
+    (both ignored by the data-parallel methods).
+    """
     from nz_lightning import fused_optimizer
     from nz_lightning.distributed import shard_model, sharded_fused_optimizer
 
@@ -164,7 +193,14 @@ def make_step(model: torch.nn.Module, method: str, lr: float) -> tuple[Callable[
         opt: Any = fused_optimizer(model, "sgd", lr, blocked_head=False, grad_reducer=counter if world > 1 else None)
     else:
         compress = method != "fsdp-dense"
-        shard_model(model, compress=compress, compressed_gather=method == "fsdp-nz-cgather", modules=_fsdp_unit)
+        cgather = method == "fsdp-nz-cgather"
+        shard_model(
+            model,
+            compress=compress,
+            compressed_gather=cgather,
+            modules=fsdp_units(units),
+            backward_prefetch=backward_prefetch,
+        )
         opt = sharded_fused_optimizer(model, "sgd", lr)
         counter = model
 
@@ -204,6 +240,13 @@ def _reset_comm(method: str, counter: Any) -> None:
     WIRE.reset()
 
 
+def _fsdp_modules(model: torch.nn.Module) -> list[str]:
+    """The names of the modules ``fully_shard`` made FSDP units (the root is ``""``); empty for data parallel."""
+    from torch.distributed.fsdp import FSDPModule
+
+    return [name for name, module in model.named_modules() if isinstance(module, FSDPModule)]
+
+
 def _held_bytes(method: str, model: torch.nn.Module) -> dict[str, int]:
     from nz_lightning.distributed import shard_bytes
     from nz_lightning.tensor.sizes import weight_sizes
@@ -224,10 +267,11 @@ def run(cfg: dict[str, Any]) -> dict[str, Any]:
     torch.set_num_threads(cfg["threads"])
     gemm = contextlib.nullcontext() if cfg["native_bf16_gemm"] else Bf16MatmulInFp32()
     weights, source = trained_weights() if cfg["trained"] else trained_weights(Path("/nonexistent"))
-    method, lr = cfg["method"], cfg["lr"]
+    method, lr, units = cfg["method"], cfg["lr"], cfg.get("units", "layer")
+    prefetch = bool(cfg.get("backward_prefetch", True))
     with gemm:  # fixed costs: imports, numba JIT, process group, FSDP/codec initialisation, on a tiny model
         warm = build(method, TINY, weights)
-        warm_step, _ = make_step(warm, method, lr)
+        warm_step, _ = make_step(warm, method, lr, units, prefetch)
         warm_step(torch.randint(0, TINY["vocab"], (1, 16)))
     del warm, warm_step
     gc.collect()
@@ -237,7 +281,7 @@ def run(cfg: dict[str, Any]) -> dict[str, Any]:
     t0 = time.perf_counter()
     model = build(method, dims, weights)
     params = sum(p.numel() for p in model.parameters())
-    step, counter = make_step(model, method, lr)
+    step, counter = make_step(model, method, lr, units, prefetch)
     setup_s = time.perf_counter() - t0
     gen = torch.Generator().manual_seed(1000 + rank)  # each rank its own micro-batch; same on every method
     n = cfg["steps"] + 1
@@ -272,6 +316,7 @@ def run(cfg: dict[str, Any]) -> dict[str, Any]:
         "peak_mib": peak_kib / 1024,
         "peak_over_baseline_mib": (peak_kib - base_kib) / 1024,
         "weights_bytes": _held_bytes(method, model),
+        "fsdp_modules": _fsdp_modules(model),
         "comm_per_step": comm,
     }
 
@@ -284,6 +329,8 @@ def main(argv: list[str] | None = None) -> None:
     cfg = json.loads(args[0])
     if cfg.get("method") not in METHODS:
         raise SystemExit(f"unknown method {cfg.get('method')!r}; choose one of {', '.join(METHODS)}")
+    if cfg.get("units", "layer") not in UNITS:
+        raise SystemExit(f"unknown FSDP units {cfg.get('units')!r}; choose one of {', '.join(UNITS)}")
     for var in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         if var not in os.environ:
             raise SystemExit(f"{var} is not set: run this through benchmarks/distributed.py")
@@ -295,7 +342,9 @@ def main(argv: list[str] | None = None) -> None:
         out.write_text(json.dumps(result, indent=1))
         dist.barrier()
     finally:
-        dist.destroy_process_group()
+        from nz_lightning.distributed.process_group import leave_process_group
+
+        leave_process_group()
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import fnmatch
 import math
+import weakref
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -30,6 +31,7 @@ from torch.distributed.tensor import DTensor
 
 from nz_lightning.distributed.fsdp_payload import encoded_size
 from nz_lightning.distributed.fsdp_tensor import CommStats, GatherSpec, NZShard, PendingShard
+from nz_lightning.distributed.fsdp_units import ModuleSelector, select_units, shard_unit
 from nz_lightning.distributed.row_split import UnitSplitter
 from nz_lightning.tensor.convert import default_should_compress
 from nz_lightning.tensor.parameter import NZParameter, read_dense
@@ -45,10 +47,6 @@ __all__ = [
     "shard_model",
     "shard_rows",
 ]
-
-ModuleSelector = Callable[[str, nn.Module], bool] | Iterable[type[nn.Module] | str]
-"""Which submodules get their own ``fully_shard``: a predicate ``fn(name, module)``, module classes, or fnmatch
-patterns of module names."""
 
 Materializer = Callable[[str, nn.Module], None]
 """``fn(name, module)``: give a unit's ``meta`` tensors values just before it is sharded (see :func:`shard_model`)."""
@@ -69,61 +67,6 @@ def _matches(name: str, patterns: Iterable[str] | None) -> bool:
     return patterns is not None and any(fnmatch.fnmatchcase(name, p) for p in patterns)
 
 
-def _default_blocks(model: nn.Module, per_weight: bool = False) -> list[str]:
-    """The default FSDP2 units: every element of every ``nn.ModuleList`` (transformer blocks) that holds parameters,
-    and every ``nn.Embedding`` / ``nn.Linear`` outside them (embeddings, the output head) whose weight is not tied to
-    another module's. FSDP2 keeps the root's own parameters unsharded from forward to backward, so an embedding or
-    head left in the root would be held whole on every rank for the whole step. ``per_weight``: also every
-    ``nn.Linear`` / ``nn.Embedding`` inside the blocks (each projection a unit; the block keeps its norms)."""
-    names = []
-    for name, module in model.named_modules():
-        if isinstance(module, nn.ModuleList):
-            for child_name, child in module.named_children():
-                if any(True for _ in child.parameters()):
-                    names.append(f"{name}.{child_name}" if name else child_name)
-    if per_weight:
-        blocks = list(names)
-        names += [
-            n
-            for n, m in model.named_modules()
-            if isinstance(m, (nn.Linear, nn.Embedding)) and any(n.startswith(f"{b}.") for b in blocks)
-        ]
-    uses: dict[int, int] = {}
-    for _, module in model.named_modules(remove_duplicate=False):
-        for p in module.parameters(recurse=False):
-            uses[id(p)] = uses.get(id(p), 0) + 1
-    for name, module in model.named_modules():
-        inside = any(name == b or name.startswith(f"{b}.") for b in names)
-        if name and not inside and isinstance(module, (nn.Embedding, nn.Linear)):
-            if all(uses[id(p)] == 1 for p in module.parameters(recurse=False)):
-                names.append(name)
-    return names
-
-
-def _selected(model: nn.Module, modules: ModuleSelector | str | None) -> list[nn.Module]:
-    """The submodules to shard on their own, children before parents (the root excluded)."""
-    if modules in (None, "layers", "weights"):
-        wanted = set(_default_blocks(model, per_weight=modules == "weights"))
-        picked = [(n, m) for n, m in model.named_modules() if n in wanted]
-    elif isinstance(modules, str):
-        raise ValueError(f"modules={modules!r}: give 'layers', 'weights', a predicate, classes or a list of patterns")
-    elif callable(modules):
-        picked = [(n, m) for n, m in model.named_modules() if n and modules(n, m)]
-    else:
-        items = list(modules)
-        bad = [x for x in items if not (isinstance(x, str) or (isinstance(x, type) and issubclass(x, nn.Module)))]
-        if bad:
-            raise TypeError(f"modules must be a predicate, module classes or name patterns; got {bad[:3]}")
-        classes = tuple(x for x in items if isinstance(x, type))
-        patterns = [x for x in items if isinstance(x, str)]
-        picked = [
-            (n, m)
-            for n, m in model.named_modules()
-            if n and (isinstance(m, classes) or any(fnmatch.fnmatchcase(n, p) for p in patterns))
-        ]
-    return [m for _, m in reversed(picked)]  # named_modules is pre-order: reversed, children come first
-
-
 def shard_rows(rows: int, world: int, rank: int) -> tuple[int, int]:
     """``(start, stop)`` rows of dim 0 that FSDP2 gives ``rank`` of ``world`` (``torch.chunk``'s split)."""
     chunk = math.ceil(rows / world) if rows else 0
@@ -141,21 +84,24 @@ def _swap_for_pending(
     stats: CommStats,
     *,
     prefix: str = "",
-    done: dict[int, nn.Parameter] | None = None,
+    done: dict[int, tuple[weakref.ref[nn.Parameter], nn.Parameter]] | None = None,
     skip_sharded: bool = False,
 ) -> None:
     """Replace eligible parameters by :class:`PendingShard` (compress) and compressed others by dense ones.
 
     ``prefix``: ``model``'s name in the whole model (for ``include``/``exclude``); ``done``: replacements made by
-    earlier calls (tied parameters); ``skip_sharded``: leave DTensors (units sharded before) alone instead of raising.
+    earlier calls (tied parameters), by ``id`` with a weak reference to the original (a freed original's ``id`` can
+    come back for a new parameter a materializer installs); ``skip_sharded``: leave DTensors (units sharded before)
+    alone instead of raising.
     """
     include, exclude = list(include or []), list(exclude or [])
     done = {} if done is None else done
     for module_name, module in list(model.named_modules(remove_duplicate=False)):
         for pname, param in list(module.named_parameters(recurse=False)):
             full = ".".join(x for x in (prefix, module_name, pname) if x)
-            if id(param) in done:
-                setattr(module, pname, done[id(param)])
+            seen = done.get(id(param))
+            if seen is not None and seen[0]() is param:
+                setattr(module, pname, seen[1])
                 continue
             if isinstance(param, DTensor):
                 if skip_sharded:
@@ -183,9 +129,9 @@ def _swap_for_pending(
             elif isinstance(param, NZParameter):
                 new = nn.Parameter(param.dense(), requires_grad=param.requires_grad)
             else:
-                done[id(param)] = param
+                done[id(param)] = (weakref.ref(param), param)
                 continue
-            done[id(param)] = new
+            done[id(param)] = (weakref.ref(param), new)
             setattr(module, pname, new)
 
 
@@ -224,15 +170,6 @@ def refresh_gather_capacities(model: nn.Module) -> bool:
     return _agree_capacities(nz, info.group, info.headroom)
 
 
-def _shard_unit(module: nn.Module, mesh: DeviceMesh, reshard_after_forward: bool) -> None:
-    """``fully_shard`` one unit; an embedding's weight is not gathered again for backward (its gradient does not read
-    it), so a large embedding is never dense on a rank after its forward."""
-    embedding = type(module) is nn.Embedding  # fully_shard changes the class (FSDPEmbedding)
-    fully_shard(module, mesh=mesh, reshard_after_forward=reshard_after_forward)
-    if embedding:
-        module.set_unshard_in_backward(False)  # type: ignore[operator]
-
-
 def shard_model(
     model: nn.Module,
     *,
@@ -248,6 +185,7 @@ def shard_model(
     device: torch.device | str | None = None,
     materialize: Materializer | None = None,
     split_bytes: int | Literal["auto"] | None = "auto",
+    backward_prefetch: bool = True,
 ) -> nn.Module:
     """Shard ``model`` with FSDP2 in place, each rank holding its dim-0 shard of each weight (compressed).
 
@@ -286,6 +224,9 @@ def shard_model(
             (:mod:`~nz_lightning.distributed.row_split`; checkpoints keep the unsplit names). ``"auto"``: no larger
             than the largest unit inside an ``nn.ModuleList`` (a decoder layer, or its largest projection when those
             are units); ``None``: never split.
+        backward_prefetch: FSDP2's implicit backward prefetch: all-gather the next unit's weight while the current
+            unit's backward runs (overlap on a GPU). ``False``: gather each unit only when its own backward starts,
+            so at most one unit's gathered weight is live in backward (a lower peak, no overlap).
 
     Returns:
         ``model``; its parameters are now DTensors (``fully_shard``). :func:`comm_stats` gives its byte counters.
@@ -299,6 +240,8 @@ def shard_model(
         raise RuntimeError("shard_model needs torch.distributed initialized (init_process_group) on every rank")
     if not isinstance(reshard_after_forward, bool):
         raise ValueError(f"reshard_after_forward must be a bool, got {reshard_after_forward!r}")
+    if not isinstance(backward_prefetch, bool):
+        raise ValueError(f"backward_prefetch must be a bool, got {backward_prefetch!r}")
     if not gather_headroom > -1.0:
         raise ValueError(f"gather_headroom must be > -1, got {gather_headroom}")
     if mesh is None:
@@ -313,16 +256,16 @@ def shard_model(
     stats = CommStats()
     world = mesh.size()
     options = (world, compress, compressed_gather, include, exclude, backend, stats)
-    units = _selected(model, modules)
+    units = select_units(model, modules)
     names = {id(m): n for n, m in model.named_modules()}
     splitter = UnitSplitter(model, units, split_bytes, world)
     if device is None and materialize is None:
         units = [part for module in units for _, part in splitter.split(names[id(module)], module)]
         _swap_for_pending(model, *options)
         for module in units:
-            _shard_unit(module, mesh, reshard_after_forward)
+            shard_unit(module, mesh, reshard_after_forward, backward_prefetch)
     else:  # one unit dense (and on the device) at a time
-        done: dict[int, nn.Parameter] = {}
+        done: dict[int, tuple[weakref.ref[nn.Parameter], nn.Parameter]] = {}
         for unit in [*units, model]:
             if materialize is not None:
                 materialize(names[id(unit)], unit)
@@ -331,8 +274,10 @@ def shard_model(
                     module.to(device)
                 _swap_for_pending(module, *options, prefix=name, done=done, skip_sharded=True)
                 if module is not model:
-                    _shard_unit(module, mesh, reshard_after_forward)
+                    shard_unit(module, mesh, reshard_after_forward, backward_prefetch)
     fully_shard(model, mesh=mesh, reshard_after_forward=reshard_after_forward)
+    if not backward_prefetch:
+        model.set_modules_to_backward_prefetch([model])  # type: ignore[operator]
     shards = [local_shard(p) for p in model.parameters()]
     nz = [s for s in shards if isinstance(s, NZShard)]
     _agree_capacities(nz, mesh.get_group(), gather_headroom)

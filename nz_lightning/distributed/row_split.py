@@ -18,14 +18,17 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, MutableMapping, Sequence
+from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from nz_lightning.tensor.parameter import read_dense
 
 __all__ = [
     "ROW_ALIGN",
+    "EmbeddingRows",
     "RowSplitEmbedding",
     "RowSplitLinear",
     "UnitSplitter",
@@ -58,21 +61,66 @@ class RowSplitLinear(nn.Module):
         return torch.cat([part(x) for part in self.parts], dim=-1)
 
 
-class RowSplitEmbedding(nn.Module):
-    """An ``nn.Embedding`` held as parts of its rows: each index is looked up in the part that holds it.
+class _RowsLookup(torch.autograd.Function):
+    """``where(id in this part's rows, part's row, prev)``; backward gives the part's weight gradient and ``prev``'s
+    in one node, so FSDP's post-backward for the part (reduce-scatter) runs before the next part's backward."""
 
-    Args:
-        parts: Embeddings of the same width, in row order (a ``padding_idx`` belongs to the part holding that row).
+    @staticmethod
+    def forward(
+        ctx: Any, prev: Tensor | None, ids: Tensor, weight: Tensor, start: int, padding_idx: int | None
+    ) -> Tensor:
+        rows = weight.shape[0]
+        local = ids - start
+        inside = ((local >= 0) & (local < rows)).unsqueeze(-1)
+        local = local.clamp(0, rows - 1)
+        ctx.save_for_backward(local, inside)
+        ctx.rows, ctx.padding_idx, ctx.has_prev = rows, padding_idx, prev is not None
+        return torch.where(inside, F.embedding(local, weight), 0.0 if prev is None else prev)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, None, Tensor, None, None]:
+        local, inside = ctx.saved_tensors
+        mine = torch.where(inside, grad, 0.0)
+        pad = -1 if ctx.padding_idx is None else ctx.padding_idx
+        grad_weight = torch.ops.aten.embedding_dense_backward(mine, local, ctx.rows, pad, False)
+        grad_prev = torch.where(inside, 0.0, grad) if ctx.has_prev else None
+        return grad_prev, None, grad_weight, None, None
+
+
+class EmbeddingRows(nn.Module):
+    """Rows ``[start, start + num_embeddings)`` of a split embedding: an FSDP unit of its own.
+
+    ``forward(ids, prev)`` returns ``prev`` with the rows of the ids this part holds filled in (``prev=None``: zeros).
+    Its weight's gradient is computed without reading the weight (an embedding's gradient never does).
     """
 
-    def __init__(self, parts: Sequence[nn.Embedding]) -> None:
+    def __init__(self, weight: Tensor, start: int, padding_idx: int | None = None) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(weight, requires_grad=weight.requires_grad)
+        self.start = start
+        self.num_embeddings, self.embedding_dim = int(weight.shape[0]), int(weight.shape[1])
+        self.padding_idx = padding_idx
+
+    def forward(self, ids: Tensor, prev: Tensor | None = None) -> Tensor:
+        """``prev`` (or zeros) where ``ids`` fall outside this part, this part's rows where inside."""
+        return _RowsLookup.apply(prev, ids, self.weight, self.start, self.padding_idx)
+
+
+class RowSplitEmbedding(nn.Module):
+    """An ``nn.Embedding`` held as parts of its rows (:class:`EmbeddingRows`), looked up part after part.
+
+    Args:
+        parts: Row parts of the same width, consecutive from row 0.
+    """
+
+    def __init__(self, parts: Sequence[EmbeddingRows]) -> None:
         super().__init__()
         if not parts or len({p.embedding_dim for p in parts}) != 1:
             raise ValueError("RowSplitEmbedding needs one or more embedding parts of the same width")
+        if [p.start for p in parts] != [sum(q.num_embeddings for q in parts[:k]) for k in range(len(parts))]:
+            raise ValueError("RowSplitEmbedding parts must hold consecutive rows from row 0")
         self.parts = nn.ModuleList(parts)
-        self.sizes = [p.num_embeddings for p in parts]
-        self.starts = [sum(self.sizes[:k]) for k in range(len(parts))]
-        self.num_embeddings = sum(self.sizes)
+        self.num_embeddings = sum(p.num_embeddings for p in parts)
         self.embedding_dim = parts[0].embedding_dim
 
     def forward(self, ids: Tensor) -> Tensor:
@@ -80,11 +128,8 @@ class RowSplitEmbedding(nn.Module):
         in_range = ((ids >= 0) & (ids < self.num_embeddings)).all()
         torch._assert_async(in_range, f"embedding index out of range [0, {self.num_embeddings})")  # no host sync
         out: Tensor | None = None
-        for start, size, part in zip(self.starts, self.sizes, self.parts, strict=True):
-            local = ids - start
-            inside = ((local >= 0) & (local < size)).unsqueeze(-1)
-            rows = part(local.clamp(0, size - 1))
-            out = torch.where(inside, rows, 0.0 if out is None else out)
+        for part in self.parts:
+            out = part(ids, out)
         assert out is not None
         return out
 
@@ -136,13 +181,12 @@ def split_rows(module: nn.Module, cap: int, world: int = 1) -> nn.Module:
         return RowSplitLinear(linears)
     if module.max_norm is not None or module.scale_grad_by_freq or module.sparse:
         raise ValueError("an embedding with max_norm, scale_grad_by_freq or sparse cannot be split into row parts")
+    pad = module.padding_idx
     embeddings = []
     for start, stop in bounds:
-        pad = module.padding_idx
         part_pad = pad - start if pad is not None and start <= pad < stop else None
-        emb = nn.Embedding(stop - start, module.embedding_dim, padding_idx=part_pad, device="meta")
-        emb.weight = nn.Parameter(dense[start:stop].clone(), requires_grad=weight.requires_grad)
-        embeddings.append(emb)
+        values = dense[start:stop].clone().requires_grad_(weight.requires_grad)
+        embeddings.append(EmbeddingRows(values, start, part_pad))
     return RowSplitEmbedding(embeddings)
 
 

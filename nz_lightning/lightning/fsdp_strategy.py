@@ -6,14 +6,16 @@ reduce-scattered and the fused optimizer updates each rank's shard inside backwa
 (:class:`~nz_lightning.distributed.ShardedFusedOptimizer`). Checkpoints are written by rank 0 alone, atomically:
 ``checkpoint_format="dense"`` gathers whole dense tensors (portable, loadable at any world size and without
 nz_lightning); ``"compressed"`` gathers every rank's compressed shards as they are held (same world size to resume).
-Both carry every rank's optimizer state, so a run resumes bit-identically at the same world size.
+Both carry every rank's optimizer state, so a run resumes bit-identically at the same world size. With
+``meta_init=True`` the model is built with its parameters on ``meta`` and each FSDP unit is filled (from ``weights``,
+a pretrained directory or a seeded init: :mod:`~nz_lightning.distributed.materialize`) just before it is sharded.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Generator, Iterable, Mapping
 from contextlib import contextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
@@ -21,9 +23,13 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 from typing_extensions import override
 
-from nz_lightning.lightning.compat import _distributed_is_initialized, _init_dist_connection
-from nz_lightning.lightning.replica import ReplicaStrategy
+from nz_lightning.lightning.compat import _distributed_is_initialized
+from nz_lightning.lightning.replica import ReplicaStrategy, join_process_group
 from nz_lightning.lightning.strategy import NeuZipStrategy
+
+if TYPE_CHECKING:
+    from nz_lightning.distributed.fsdp import Materializer
+    from nz_lightning.tensor.convert import WeightReader
 
 __all__ = ["NeuZipFSDPStrategy"]
 
@@ -38,16 +44,32 @@ class NeuZipFSDPStrategy(NeuZipStrategy):
         compressed_gather: All-gather the compressed bytes (fixed capacity per weight, dense fallback for a shard
             that outgrows it) and decode after the gather; ``False``: decode the shard, gather dense values. Both give
             bit-identical weights.
-        modules: Submodules sharded on their own (FSDP2 units) before their root: fnmatch patterns of names, module
-            classes or a predicate ``fn(name, module)`` (default: every element of every ``nn.ModuleList``).
+        modules: Submodules sharded on their own (FSDP2 units) before their root: ``"layers"`` (default: every
+            element of every ``nn.ModuleList``, plus the untied embeddings and linear layers outside them, such as the
+            output head), ``"weights"`` (those and every linear layer inside the blocks: one weight matrix gathered
+            at a time, the lowest peak), fnmatch patterns of names, module classes or a predicate ``fn(name, module)``.
         gather_headroom: Capacity margin over the largest encoded shard at setup.
+        split_bytes: Split an output head or embedding larger than this many dense bytes into row-part units
+            (``"auto"``: no larger than the largest unit inside the blocks; ``None``: never). Checkpoints keep the
+            unsplit names.
+        backward_prefetch: FSDP2's implicit backward prefetch (gather the next unit during the current unit's
+            backward: overlap on GPUs); ``False`` gathers each unit only when its backward starts (a lower peak).
+        meta_init: Build the model's parameters on ``meta`` (``configure_model`` / ``trainer.init_module()``; buffers
+            are built for real on the CPU) and give them values one FSDP unit at a time as each is sharded, so that
+            no rank ever holds the dense model whole: from ``weights=`` when given, else from the LightningModule's
+            ``meta_weight_sources()`` (e.g. :class:`~nz_lightning.lm.modules.CausalLMModule` with ``pretrained``),
+            else a seeded random init (:func:`~nz_lightning.distributed.materialize.seeded_init` with ``seed``: the
+            same on every rank and at any world size). A model built outside those contexts is unaffected.
         **kwargs: :class:`~nz_lightning.NeuZipStrategy`'s options (``compress``, ``include``/``exclude``,
             ``checkpoint_format``, ``stochastic_rounding``, ``seed``, process-group options...). ``mantissa_bits``
-            (lossy) and ``blocked_head`` are not supported on shards.
+            (lossy) and ``blocked_head`` are not supported on shards. ``weights``: values of ``meta`` parameters,
+            keyed by the LightningModule's names (``model.model.layers.0...``); filled unit by unit.
 
     Raises:
-        ValueError: ``mantissa_bits`` is set. At setup: a weight whose dim 0 does not divide by the world size
-            (the message names the fix), AdaLomo, or parameters held directly by the LightningModule.
+        ValueError: ``mantissa_bits`` is set, ``meta_init``/``backward_prefetch`` is not a bool, ``split_bytes`` or
+            ``modules`` is not one of the accepted forms. At setup: a weight whose dim 0 does
+            not divide by the world size (the message names the fix), AdaLomo, parameters held directly by the
+            LightningModule, ``meta`` tensors nothing fills, or a ``weights`` key missing or of the wrong shape.
     """
 
     strategy_name = "neuzip_fsdp"
@@ -56,17 +78,31 @@ class NeuZipFSDPStrategy(NeuZipStrategy):
         self,
         *,
         compressed_gather: bool = True,
-        modules: Iterable[str] | Callable[[str, nn.Module], bool] | None = None,
+        modules: str | Iterable[str] | Callable[[str, nn.Module], bool] | None = None,
         gather_headroom: float = 0.05,
+        split_bytes: int | str | None = "auto",
+        backward_prefetch: bool = True,
+        meta_init: bool = False,
         **kwargs: Any,
     ) -> None:
+        for flag, value in (("meta_init", meta_init), ("backward_prefetch", backward_prefetch)):
+            if not isinstance(value, bool):
+                raise ValueError(f"{flag} must be a bool, got {value!r}")
+        if not (split_bytes is None or split_bytes == "auto" or (isinstance(split_bytes, int) and split_bytes > 0)):
+            raise ValueError(f"split_bytes must be 'auto', None or a positive number of bytes, got {split_bytes!r}")
         if kwargs.get("mantissa_bits") is not None:
             raise ValueError("NeuZipFSDPStrategy trains lossless shards: mantissa_bits is not supported")
         kwargs["blocked_head"] = False
         super().__init__(**kwargs)
         self.compressed_gather = compressed_gather
-        self.modules = list(modules) if modules is not None and not callable(modules) else modules
+        if isinstance(modules, str) and modules not in ("layers", "weights"):
+            raise ValueError(f"modules must be 'layers', 'weights', patterns, classes or a predicate, got {modules!r}")
+        keep = modules is None or callable(modules) or isinstance(modules, str)
+        self.modules = modules if keep else list(modules)  # type: ignore[arg-type]
         self.gather_headroom = gather_headroom
+        self.split_bytes = split_bytes
+        self.backward_prefetch = backward_prefetch
+        self.meta_init = meta_init
 
     # -- process group: FSDP2 needs one even for a single process ----------------------------------------------
 
@@ -78,7 +114,7 @@ class NeuZipFSDPStrategy(NeuZipStrategy):
             assert self.cluster_environment is not None
             self.set_world_ranks()
             backend = self._process_group_backend or ("nccl" if self.root_device.type == "cuda" else "gloo")
-            _init_dist_connection(self.cluster_environment, backend, timeout=self._timeout)
+            join_process_group(self.cluster_environment, backend, self._timeout)
 
     # -- model -------------------------------------------------------------------------------------------------
 
@@ -88,6 +124,9 @@ class NeuZipFSDPStrategy(NeuZipStrategy):
         Raises:
             ValueError: The LightningModule holds parameters itself.
         """
+        return [root for _, root in self._named_roots()]
+
+    def _named_roots(self) -> list[tuple[str, nn.Module]]:
         module = self.lightning_module
         assert module is not None
         own = [n for n, _ in module.named_parameters(recurse=False)]
@@ -96,26 +135,69 @@ class NeuZipFSDPStrategy(NeuZipStrategy):
                 f"NeuZipFSDPStrategy shards the LightningModule's submodules; it holds parameters itself "
                 f"({', '.join(own[:3])}): move them into a submodule"
             )
-        return [child for child in module.children() if any(True for _ in child.parameters())]
+        return [(name, child) for name, child in module.named_children() if any(True for _ in child.parameters())]
 
     @contextmanager
     @override
     def tensor_init_context(self, empty_init: bool | None = None) -> Generator[None, None, None]:
-        """Build modules on the CPU (compressed or not): each FSDP unit moves to the device when it is sharded."""
+        """Build modules on the CPU (compressed or not): each FSDP unit moves to the device when it is sharded.
+
+        With ``meta_init`` parameters are built on ``meta`` (no memory) and buffers on the CPU.
+        """
+        from nz_lightning.distributed.materialize import parameters_on_meta
+
         with ReplicaStrategy.tensor_init_context(self, empty_init=empty_init), torch.device("cpu"):
-            yield
+            if self.meta_init:
+                with parameters_on_meta():
+                    yield
+            else:
+                yield
+
+    def materializer(self, name: str, root: nn.Module, reader: WeightReader | None) -> Materializer | None:
+        """What gives the ``meta`` tensors of the LightningModule's child ``name`` (``root``) values, unit by unit.
+
+        Args:
+            name: The child's attribute name in the LightningModule.
+            root: The child (the model given to ``shard_model``).
+            reader: ``weights`` opened once for all children (``None``: no ``weights``).
+
+        Returns:
+            From ``weights`` (keys: ``name + "." +`` unit-relative names), else from the LightningModule's
+            ``meta_weight_sources()[name]`` (keys relative to the child), else with ``meta_init`` a seeded init
+            (``seed``), else ``None`` (``meta`` tensors then fail at setup with a message naming the fix).
+        """
+        from nz_lightning.distributed.materialize import META_WEIGHT_SOURCES, from_weights, seeded_init
+
+        if reader is not None:
+            return from_weights(reader, prefix=f"{name}.")
+        sources = getattr(self.lightning_module, META_WEIGHT_SOURCES, None)
+        source = sources().get(name) if callable(sources) else None
+        if source is not None:
+            return from_weights(source)
+        if self.meta_init:
+            return seeded_init(root, seed=self.seed, prefix=f"{name}.")
+        return None
 
     @override
     def model_to_device(self) -> None:
-        """Copy rank 0's weights everywhere, then shard each root (each rank keeps its rows, compressed)."""
+        """Copy rank 0's weights everywhere (``meta`` tensors are not copied: every rank fills them identically), then
+        shard each root unit by unit: fill the unit's ``meta`` tensors (:meth:`materializer`), move it to the device,
+        keep this rank's rows (compressed).
+
+        Raises:
+            ValueError: ``meta`` tensors that nothing fills (the message names them and the fix), a ``weights`` key
+                that is missing or of the wrong shape.
+        """
         from nz_lightning.distributed import shard_model
-        from nz_lightning.tensor.convert import compress_model
+        from nz_lightning.tensor.convert import WeightReader
 
         assert self.model is not None
-        self.broadcast_module_(self.model)
-        if self.weights is not None:
-            compress_model(self.model, exclude=["*"], weights=self.weights, device=self.root_device)
-        for root in self.sharded_roots():  # each unit moves to the device just before it is sharded
+        self.broadcast_module_(self.model)  # skips meta tensors
+        reader = WeightReader(self.weights) if self.weights is not None else None
+        for name, root in self._named_roots():
+            materialize = self.materializer(name, root, reader)
+            if materialize is None:
+                _refuse_meta(root, name)
             shard_model(
                 root,
                 compress=self.compress,
@@ -126,7 +208,11 @@ class NeuZipFSDPStrategy(NeuZipStrategy):
                 gather_headroom=self.gather_headroom,
                 backend=self.backend,
                 device=self.root_device,
+                materialize=materialize,
+                split_bytes=self.split_bytes,  # type: ignore[arg-type]
+                backward_prefetch=self.backward_prefetch,
             )
+        _refuse_meta(self.model, "")
         self.model.to(self.root_device)  # what no root holds (buffers of the LightningModule itself)
 
     @override
@@ -233,6 +319,20 @@ class NeuZipFSDPStrategy(NeuZipStrategy):
             strategy_registry.register(
                 "lomo_fsdp", cls, description="FSDP2 with the fused in-backward update (dense shards)", compress=False
             )
+
+
+def _refuse_meta(module: nn.Module, name: str) -> None:
+    on_meta = [_join(name, n) for n, t in [*module.named_parameters(), *module.named_buffers()] if t.is_meta]
+    if on_meta:
+        raise ValueError(
+            f"tensors on the meta device: {', '.join(on_meta[:5])}; give their values with "
+            "NeuZipFSDPStrategy(weights=...), or meta_init=True (a seeded random init of parameters; buffers must be "
+            "built on a real device)"
+        )
+
+
+def _join(*parts: str) -> str:
+    return ".".join(p for p in parts if p)
 
 
 def register_fsdp_strategies() -> None:

@@ -10,6 +10,7 @@ optimizer applies to each gradient inside backward. Checkpoints are written atom
 
 from __future__ import annotations
 
+import atexit
 from datetime import timedelta
 from typing import Any, Literal
 
@@ -43,6 +44,21 @@ from nz_lightning.lightning.compat import (
 __all__ = ["ReplicaStrategy", "StartMethod"]
 
 StartMethod = Literal["popen", "spawn", "fork"]
+
+
+def join_process_group(environment: Any, backend: str, timeout: Any) -> None:
+    """Join the default process group; when the interpreter exits, leave it cleanly
+    (:func:`~nz_lightning.distributed.process_group.leave_process_group`)."""
+    from nz_lightning.distributed.process_group import leave_process_group
+
+    _init_dist_connection(environment, backend, timeout=timeout)
+    global _LEAVE_REGISTERED
+    if not _LEAVE_REGISTERED:
+        atexit.register(leave_process_group)
+        _LEAVE_REGISTERED = True
+
+
+_LEAVE_REGISTERED = False
 
 
 class ReplicaStrategy(ParallelStrategy):
@@ -162,7 +178,7 @@ class ReplicaStrategy(ParallelStrategy):
             assert self.cluster_environment is not None
             backend = self._process_group_backend or _get_default_process_group_backend_for_device(self.root_device)
             self._process_group_backend = backend
-            _init_dist_connection(self.cluster_environment, backend, timeout=self._timeout)
+            join_process_group(self.cluster_environment, backend, self._timeout)
 
     # -- collectives -----------------------------------------------------------------------------------------
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any, ClassVar
 
 import lightning.pytorch as pl
@@ -67,7 +68,10 @@ class _HFLMModule(pl.LightningModule):
         optimizer: ``{"name": "sgd"|"adamw", "lr": ..., **options}`` (see :func:`build_optimizer`).
         scheduler: Optional per-step LR schedule (see :func:`build_scheduler`); ``None``: constant LR.
         pretrained: Load weights with ``from_pretrained`` from this local path (or hub name) into ``config``'s
-            architecture (its own without ``config``) instead of initialising at random.
+            architecture (its own without ``config``) instead of initialising at random. When the model is built
+            with its parameters on ``meta`` (``NeuZipFSDPStrategy(meta_init=True)``), it is built from the config
+            only and the strategy reads each FSDP unit's weights from the directory's safetensors file(s) as it
+            shards it (:meth:`meta_weight_sources`): ``pretrained`` must then be a local directory.
         dtype: Parameter dtype (``"float32"``, ``"bfloat16"``, ...); ``None`` keeps the ambient default (which
             Lightning's ``bf16-true``/``16-true`` precision sets while ``configure_model`` runs).
         gradient_checkpointing: Recompute activations in backward (HF ``gradient_checkpointing_enable``).
@@ -97,6 +101,7 @@ class _HFLMModule(pl.LightningModule):
         self.lora_config = dict(lora) if lora else None
         _dtype(dtype)  # fail early on a bad name
         self.model: nn.Module | None = None
+        self._meta_weights: list[Path] | None = None
         self.val_loss = MeanMetric()
         self.test_loss = MeanMetric()
 
@@ -117,10 +122,18 @@ class _HFLMModule(pl.LightningModule):
         return AutoConfig.from_pretrained(self.pretrained)
 
     def configure_model(self) -> None:
-        """Build the model (once) in the ambient device/dtype context, then enable checkpointing and LoRA."""
+        """Build the model (once) in the ambient device/dtype context, then enable checkpointing and LoRA.
+
+        Raises:
+            FileNotFoundError: Building on ``meta`` with ``pretrained`` that is not a local directory with
+                safetensors weights.
+            ValueError: Building on ``meta`` with ``lora`` (adapters need peft's own init, e.g. ``B = 0``).
+        """
         if self.model is not None:
             return
         import transformers
+
+        from nz_lightning.distributed.materialize import building_on_meta, hf_weight_files
 
         auto = getattr(transformers, self.auto_class)
         config = self.build_hf_config()
@@ -128,7 +141,13 @@ class _HFLMModule(pl.LightningModule):
         dtype = _dtype(self.dtype_name)
         if dtype is not None:
             kwargs["dtype"] = dtype
-        if self.pretrained:
+        on_meta = building_on_meta()
+        if on_meta and self.lora_config is not None:
+            raise ValueError("lora adapters cannot be built on meta (peft's init, e.g. B = 0): build without meta_init")
+        if self.pretrained and on_meta:  # the strategy fills each unit from the files as it shards it
+            self._meta_weights = hf_weight_files(self.pretrained)
+            model = auto.from_config(config, **kwargs)
+        elif self.pretrained:
             model = auto.from_pretrained(self.pretrained, config=config, **kwargs).train()  # loads in eval mode
         else:
             model = auto.from_config(config, **kwargs)
@@ -137,6 +156,11 @@ class _HFLMModule(pl.LightningModule):
         if self.lora_config is not None:
             model = apply_lora(model, self.lora_config, self.peft_task)
         self.model = model
+
+    def meta_weight_sources(self) -> dict[str, list[Path]]:
+        """Where the strategy reads the ``meta`` weights of ``self.model`` (``{"model": files}``, keys relative to the
+        Hugging Face model), when ``pretrained`` was built on ``meta``; else ``{}``."""
+        return {"model": self._meta_weights} if self._meta_weights is not None else {}
 
     def _require_model(self) -> nn.Module:
         if self.model is None:

@@ -41,8 +41,18 @@ def default_should_compress(param: torch.Tensor) -> bool:
     return param.dim() >= 2 and param.dtype in (torch.bfloat16, torch.float16, torch.float32)
 
 
-class _Source:
-    """Uniform access to a :data:`WeightSource`."""
+class WeightReader:
+    """Uniform, lazy access to a :data:`WeightSource`: safetensors files are opened (memory-mapped) here and each
+    tensor is read only when :meth:`get` asks for it.
+
+    Args:
+        source: A state_dict, safetensors path(s), ``fn(name, shape, dtype)``, or ``None`` (nothing: every
+            :meth:`get` returns ``None``).
+
+    Raises:
+        FileNotFoundError: A safetensors path does not exist.
+        ValueError: A file is not a readable safetensors file.
+    """
 
     def __init__(self, source: WeightSource | None) -> None:
         self.fn: Callable[[str, torch.Size, torch.dtype], torch.Tensor] | None = None
@@ -73,6 +83,7 @@ class _Source:
                     self.files[key] = handle
 
     def get(self, name: str, shape: torch.Size, dtype: torch.dtype) -> torch.Tensor | None:
+        """The source's tensor for ``name`` (``shape``/``dtype``: what the model expects), or ``None``."""
         if self.fn is not None:
             return self.fn(name, shape, dtype)
         if self.mapping is not None:
@@ -81,7 +92,12 @@ class _Source:
         return None if handle is None else handle.get_tensor(name)
 
 
-def _check_value(name: str, value: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+def check_value(name: str, value: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """``value`` in ``like``'s dtype.
+
+    Raises:
+        ValueError: ``value``'s shape is not ``like``'s (the message names ``name``).
+    """
     if value.shape != like.shape:
         raise ValueError(f"weight {name!r}: source has shape {tuple(value.shape)}, model expects {tuple(like.shape)}")
     return value.to(like.dtype)
@@ -124,7 +140,7 @@ def compress_model(
     Raises:
         ValueError: A meta parameter has no value in ``weights``, or a value has the wrong shape.
     """
-    source = _Source(weights)
+    source = WeightReader(weights)
     done: dict[int, torch.Tensor] = {}
     for module_name, module in list(model.named_modules(remove_duplicate=False)):
         for pname, param in list(module.named_parameters(recurse=False)):
@@ -143,7 +159,7 @@ def compress_model(
                 loaded = source.get(full, param.shape, param.dtype)
                 if loaded is None:
                     raise ValueError(f"parameter {full!r} is on the meta device and has no value in `weights`")
-                value = _check_value(full, loaded, param)
+                value = check_value(full, loaded, param)
             target = (
                 torch.device(device)
                 if device is not None

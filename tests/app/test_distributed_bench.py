@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks import distributed, distributed_model
+from benchmarks import distributed, distributed_model, distributed_worker
 
 
 def test_distributed_benchmark_dry_run(tmp_path: Path) -> None:
@@ -42,6 +42,26 @@ def test_distributed_benchmark_dry_run(tmp_path: Path) -> None:
     assert gather["ratio"] == pytest.approx(c["all_gather_bytes"] / c["all_gather_dense_bytes"])
     md = (tmp_path / "distributed.md").read_text()
     assert "| NeuZip-FSDP, compressed all-gather | 16 | 2 |" in md and "Targets (issue 13)" in md
+    assert result["units"] == "layer" and all(r["units"] == "layer" for r in rows.values())
+    # finer FSDP units (each projection of a layer on its own, for every FSDP method): more, smaller gathers, and
+    # dense and NeuZip-FSDP still train identically (the unsplit reference may differ in rounding if shard_model
+    # splits the head into row parts)
+    assert rows["fsdp-nz-cgather"]["fsdp_units"] == 4 and rows["dp-neuzip"]["fsdp_units"] == 0  # root, emb, layer, head
+    fine = distributed.main(
+        ["--dry-run", "--worlds", "2", "--methods", "fsdp-dense", "fsdp-nz-cgather", "--units", "weight",
+         "--no-backward-prefetch", "--timeout", "100", "--out-dir", str(tmp_path), "--name", "fine"]
+    )  # fmt: skip
+    frows = {r["method"]: r for r in fine["rows"]}
+    assert all("error" not in r for r in frows.values()), frows
+    assert fine["units"] == "weight" and all(r["units"] == "weight" for r in frows.values())
+    assert frows["fsdp-dense"]["losses"] == frows["fsdp-nz-cgather"]["losses"]
+    f = frows["fsdp-nz-cgather"]
+    assert f["fsdp_units"] >= 4 + 7 and f["comm_per_step"]["all_gathers"] > c["all_gathers"]
+    assert f["ranks"][0]["fsdp_modules"].count("model.layers.0.mlp.down_proj") == 1
+    assert "seven linear projections" in (tmp_path / "fine.md").read_text()
+    assert fine["shape"]["backward_prefetch"] is False and "No backward prefetch" in (tmp_path / "fine.md").read_text()
+    with pytest.raises(ValueError, match="unknown FSDP units 'block'"):
+        distributed_worker.fsdp_units("block")
 
 
 def test_distributed_memory_model(tmp_path: Path) -> None:

@@ -66,6 +66,11 @@ def test_bytes_on_the_wire_and_held(trained: tuple[list[dict[str, Any]], Path]) 
         assert comp["overflows"] == dense["overflows"] == 0
         assert overflow["overflows"] > 0  # every shard outgrew its capacity: gathered dense, same bits (above)
         assert comp["reduce_scatter_bytes"] == rank["sgd-1-dense"]["reduce_scatter_bytes"] > 0
+        # per-weight units under activation checkpointing: each projection is freed after its recompute and gathered
+        # again for its own backward (3 gathers instead of 2), never all of a block's weights at once
+        per_weight = rank["sgd-1-nz-weights"]
+        assert per_weight["gather_dense_bytes"] > comp["gather_dense_bytes"]
+        assert per_weight["reduce_scatter_bytes"] == comp["reduce_scatter_bytes"]
         held = comp["held"]
         assert held["total"] < 0.75 * held["dense_equivalent"]
         assert rank["sgd-1-dense"]["held"]["total"] == held["dense_equivalent"]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from nz_lightning.distributed.fsdp import _default_blocks, _selected
+from nz_lightning.distributed.fsdp_units import _default_blocks, select_units
 from tests.helpers.models import llama
 
 
@@ -23,11 +23,11 @@ def test_per_weight_units_add_every_projection_inside_the_blocks() -> None:
     assert set(layers) <= set(weights)
     assert len(projections) == 2 * 7  # q, k, v, o, gate, up, down in each of 2 layers
     assert all(n.startswith("model.layers.") and n.endswith("_proj") for n in projections)
-    chosen = _selected(model, "weights")
+    chosen = select_units(model, "weights")
     names = {id(m): n for n, m in model.named_modules()}
     order = [names[id(m)] for m in chosen]
     assert set(order) == set(weights)
     assert order.index("model.layers.0.mlp.up_proj") < order.index("model.layers.0")  # children before parents
-    assert [names[id(m)] for m in _selected(model, "layers")] == [names[id(m)] for m in _selected(model, None)]
+    assert [names[id(m)] for m in select_units(model, "layers")] == [names[id(m)] for m in select_units(model, None)]
     with pytest.raises(ValueError, match="'weights'"):
-        _selected(model, "projections")
+        select_units(model, "projections")

@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from nz_lightning.distributed.fsdp import _selected
+from nz_lightning.distributed.fsdp_units import select_units
 from nz_lightning.distributed.row_split import (
     ROW_ALIGN,
     RowSplitEmbedding,
@@ -119,7 +119,7 @@ def test_auto_cap_is_the_largest_unit_in_the_blocks(units: str) -> None:
         inner = per_weight and name.endswith("_proj")
         return name in ("model.embed_tokens", "lm_head") or name.count(".") == 2 and "layers" in name or inner
 
-    chosen = _selected(model, pick)
+    chosen = select_units(model, pick)
     splitter = UnitSplitter(model, chosen, "auto", world=2)
     assert splitter.candidates == {id(model.model.embed_tokens), id(model.lm_head)}
     layer_own = sum(p.numel() * 4 for p in model.model.layers[0].parameters())

@@ -14,11 +14,14 @@ import torch
 from tests.helpers.distributed import ROOT
 
 
-@pytest.mark.parametrize(("strategy", "devices"), [("neuzip", 2), ("neuzip_fsdp", 1)])
-def test_train_py_data_parallel_and_fsdp(tmp_path: Path, strategy: str, devices: int) -> None:
+@pytest.mark.parametrize(
+    ("strategy", "devices", "options"),
+    [("neuzip", 2, []), ("neuzip_fsdp", 1, ["strategy.modules=weights", "strategy.backward_prefetch=false"])],
+)
+def test_train_py_data_parallel_and_fsdp(tmp_path: Path, strategy: str, devices: int, options: list[str]) -> None:
     """Lightning's launcher starts the second rank from the Hydra command line; rank 0 alone reports and saves."""
     out = tmp_path / "run"
-    command = [sys.executable, "train.py", f"+strategy={strategy}", f"trainer.devices={devices}"]
+    command = [sys.executable, "train.py", f"+strategy={strategy}", f"trainer.devices={devices}", *options]
     command += ["trainer.max_steps=6", "trainer.val_check_interval=3", "trainer.limit_val_batches=2"]
     command += [f"hydra.run.dir={out}"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}

@@ -25,6 +25,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from nz_lightning.distributed import (
     comm_stats,
@@ -39,6 +40,7 @@ from nz_lightning.distributed import (
 )
 from nz_lightning.distributed.fsdp import local_shard
 from nz_lightning.distributed.fsdp_tensor import NZShard
+from nz_lightning.distributed.process_group import leave_process_group
 from nz_lightning.tensor.convert import compress_model
 
 VOCAB, DIM, HEAD = 64, 64, 10
@@ -47,6 +49,8 @@ MODES: dict[str, dict[str, Any]] = {
     "nz-dense": {"compress": True, "compressed_gather": False},
     "nz-comp": {"compress": True, "compressed_gather": True},
     "nz-overflow": {"compress": True, "compressed_gather": True, "gather_headroom": -0.9},
+    # every Linear its own unit, no backward prefetch, blocks recomputed in backward (activation checkpointing)
+    "nz-weights": {"compress": True, "modules": "weights", "backward_prefetch": False, "checkpoint": True},
 }
 
 
@@ -71,11 +75,12 @@ class TinyLM(nn.Module):
         self.emb = nn.Embedding(VOCAB, DIM)
         self.layers = nn.ModuleList([Block() for _ in range(2)])
         self.head = nn.Linear(DIM, head)
+        self.checkpoint = False
 
     def forward(self, ids: Tensor, labels: Tensor) -> Tensor:
         x = self.emb(ids)
         for layer in self.layers:
-            x = layer(x)
+            x = checkpoint(layer, x, use_reentrant=False) if self.checkpoint else layer(x)
         return F.cross_entropy(self.head(x).float().flatten(0, 1), labels.flatten())
 
 
@@ -118,7 +123,10 @@ def capture_unsharded(model: nn.Module) -> Callable[[], dict[str, str]]:
 
 def train(mode: str, rule: str, clip: float | None, accumulate: int, steps: int = 3) -> dict[str, Any]:
     rank = dist.get_rank()
-    model = shard_model(build(), **MODES[mode])
+    options = dict(MODES[mode])
+    recompute = options.pop("checkpoint", False)
+    model = shard_model(build(), **options)
+    model.checkpoint = recompute
     seen = capture_unsharded(model)
     lr = {"sgd": 0.05, "adamw": 1e-2}[rule]
     options: dict[str, Any] = {"max_grad_norm": clip, "accumulate_grad_batches": accumulate}
@@ -261,7 +269,7 @@ def main() -> None:
         result = {"train": job_train, "state": job_state, "errors": job_errors}[args.job](args.out)
         (args.out / f"rank{dist.get_rank()}.json").write_text(json.dumps(result))
     finally:
-        dist.destroy_process_group()
+        leave_process_group()
 
 
 if __name__ == "__main__":

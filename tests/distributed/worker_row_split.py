@@ -20,7 +20,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from nz_lightning.distributed import full_state_dict, load_full_state_dict, shard_model, sharded_fused_optimizer
-from nz_lightning.distributed.row_split import RowSplitEmbedding, RowSplitLinear
+from nz_lightning.distributed.process_group import leave_process_group
+from nz_lightning.distributed.row_split import EmbeddingRows, RowSplitEmbedding, RowSplitLinear
 
 VOCAB, DIM = 1024, 32
 
@@ -78,11 +79,11 @@ def train(compress: bool, split: bool) -> tuple[dict[str, Any], dict[str, Tensor
     widest: dict[str, int] = {}  # rows of the largest weight each Linear / Embedding computed with (unsharded)
 
     def record(module: nn.Module, args: Any) -> None:
-        kind = "embedding" if isinstance(module, nn.Embedding) else "linear"
+        kind = "embedding" if isinstance(module, (nn.Embedding, EmbeddingRows)) else "linear"
         widest[kind] = max(widest.get(kind, 0), int(module.weight.shape[0]))
 
     for module in model.modules():
-        if isinstance(module, (nn.Embedding, nn.Linear)):
+        if isinstance(module, (nn.Embedding, EmbeddingRows, nn.Linear)):
             module.register_forward_pre_hook(record)
     opt = sharded_fused_optimizer(model, "sgd", 0.5)
     losses = []
@@ -141,7 +142,7 @@ def main() -> None:
         result["reloaded"] = digest(reloaded) if dist.get_rank() == 0 else None
         (args.out / f"rank{dist.get_rank()}.json").write_text(json.dumps(result))
     finally:
-        dist.destroy_process_group()
+        leave_process_group()
 
 
 if __name__ == "__main__":

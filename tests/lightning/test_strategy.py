@@ -287,6 +287,9 @@ def test_neuzip_stats_logged(tmp_path: Any) -> None:
         (lambda: NeuZipStrategy(mantissa_bits=3, block_size=100), "block_size=100"),
         (lambda: NeuZipStrategy(start_method="thread"), "start_method"),  # type: ignore[arg-type]
         (lambda: NeuZipFSDPStrategy(mantissa_bits=3), "lossless shards"),
+        (lambda: NeuZipFSDPStrategy(modules="blocks"), "'layers', 'weights'"),
+        (lambda: NeuZipFSDPStrategy(split_bytes=0), "split_bytes"),
+        (lambda: NeuZipFSDPStrategy(backward_prefetch="no"), "backward_prefetch must be a bool"),  # type: ignore[arg-type]
     ],
     ids=[
         "optimizer",
@@ -298,6 +301,9 @@ def test_neuzip_stats_logged(tmp_path: Any) -> None:
         "block-size",
         "start-method",
         "fsdp-lossy",
+        "fsdp-modules",
+        "fsdp-split-bytes",
+        "fsdp-prefetch",
     ],  # fmt: skip
 )
 def test_errors(make: Callable[[], Any], match: str) -> None:
