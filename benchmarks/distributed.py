@@ -4,7 +4,8 @@ Run: ``python benchmarks/distributed.py [--dry-run] [--worlds 1 2] [--methods ..
 [--no-backward-prefetch] [--out-dir benchmarks/out] [--name distributed]``. Writes ``<out-dir>/<name>.json`` and the
 markdown block ``<out-dir>/<name>.md``. ``--units`` sets the FSDP units of every FSDP method: ``layer`` (default) =
 each decoder layer, the embedding and the head; ``weight`` = those and each linear projection of a decoder layer on
-its own. ``--no-backward-prefetch``: every FSDP method gathers a unit only when its own backward starts.
+its own. ``--no-backward-prefetch``: every FSDP method gathers a unit only when its own backward starts;
+``--split-bytes N``: every FSDP method splits a unit larger than N dense bytes into row parts.
 
 Every (method, world size) runs as a fresh gloo job on the CPU: ``world_size`` processes started with a
 torchrun-style environment (``benchmarks/distributed_worker.py``), one torch and one numba thread per rank
@@ -22,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -227,14 +229,16 @@ def loss_checks(rows: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
-def _split_text(rows: list[dict[str, Any]]) -> str:
-    """Which units ``shard_model`` split into row parts (``<name>.parts.<k>``), per method, if any."""
+def _split_text(rows: list[dict[str, Any]], split_bytes: int | str = "auto") -> str:
+    """Which units ``shard_model`` split into row parts (``<name>.parts.<k>``; layer indices folded to ``*``)."""
     seen: dict[str, set[str]] = {}
     for r in rows:
         for name in r["ranks"][0].get("fsdp_modules", []) if "ranks" in r else []:
             if ".parts." in name:
-                seen.setdefault(name.split(".parts.")[0], set()).add(f"{r['method']}/{r['world_size']}")
-    return "".join(f" `{n}` split into row-part units ({', '.join(sorted(w))})." for n, w in sorted(seen.items()))
+                pattern = re.sub(r"\.\d+\.", ".*.", name.split(".parts.")[0])
+                seen.setdefault(pattern, set()).add(f"{r['method']}/{r['world_size']}")
+    cap = "" if split_bytes == "auto" else f" Row-part cap {int(split_bytes) / 2**20:.2f} MiB (dense bytes)."
+    return cap + "".join(f" `{n}` split into row-part units ({', '.join(sorted(w))})." for n, w in sorted(seen.items()))
 
 
 def _mib(b: float) -> str:
@@ -266,7 +270,7 @@ def render(result: dict[str, Any]) -> str:
             if shape.get("backward_prefetch", True)
             else " No backward prefetch (each unit gathered when its backward starts)."
         )
-        + _split_text(rows)
+        + _split_text(rows, shape.get("split_bytes", "auto"))
         + " One fresh gloo job per row; peak over baseline ="
         " VmHWM of the measured steps - RSS after the same method ran on a tiny model (largest rank). Bytes per step:"
         " data parallel = gradient bytes passed to all-reduce (a ring moves 2(n-1)/n of that per rank); FSDP ="
@@ -330,6 +334,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument(
         "--no-backward-prefetch", action="store_true", help="FSDP: gather a unit only when its own backward starts"
     )
+    ap.add_argument(
+        "--split-bytes", type=int, default=None, help="FSDP: row-part cap in bytes (default: shard_model's 'auto')"
+    )
     ap.add_argument("--timeout", type=float, default=900.0, help="seconds per configuration")
     ap.add_argument("--out-dir", type=Path, default=ROOT / "benchmarks" / "out")
     ap.add_argument("--name", default="distributed")
@@ -351,6 +358,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "trained": not args.random_init,
         "units": args.units,
         "backward_prefetch": not args.no_backward_prefetch,
+        "split_bytes": "auto" if args.split_bytes is None else args.split_bytes,
     }
     args.out_dir.mkdir(parents=True, exist_ok=True)
     machine = machine_info()  # date, commit and load when the run starts

@@ -176,12 +176,17 @@ def fsdp_units(units: str) -> Callable[[str, torch.nn.Module], bool]:
 
 
 def make_step(
-    model: torch.nn.Module, method: str, lr: float, units: str = "layer", backward_prefetch: bool = True
+    model: torch.nn.Module,
+    method: str,
+    lr: float,
+    units: str = "layer",
+    backward_prefetch: bool = True,
+    split_bytes: int | str | None = "auto",
 ) -> tuple[Callable[[torch.Tensor], float], Any]:
     """Prepare ``model`` for ``method`` and return ``(step, counter)``; ``counter`` is the reducer or the model.
 
-    ``units`` picks the FSDP units (:func:`fsdp_units`) and ``backward_prefetch`` FSDP2's implicit backward prefetch
-    (both ignored by the data-parallel methods).
+    ``units`` picks the FSDP units (:func:`fsdp_units`), ``backward_prefetch`` FSDP2's implicit backward prefetch and
+    ``split_bytes`` the row-part cap of ``shard_model`` (all ignored by the data-parallel methods).
     """
     from nz_lightning import fused_optimizer
     from nz_lightning.distributed import shard_model, sharded_fused_optimizer
@@ -200,6 +205,7 @@ def make_step(
             compressed_gather=cgather,
             modules=fsdp_units(units),
             backward_prefetch=backward_prefetch,
+            split_bytes=split_bytes,  # type: ignore[arg-type]
         )
         opt = sharded_fused_optimizer(model, "sgd", lr)
         counter = model
@@ -269,9 +275,10 @@ def run(cfg: dict[str, Any]) -> dict[str, Any]:
     weights, source = trained_weights() if cfg["trained"] else trained_weights(Path("/nonexistent"))
     method, lr, units = cfg["method"], cfg["lr"], cfg.get("units", "layer")
     prefetch = bool(cfg.get("backward_prefetch", True))
+    split = cfg.get("split_bytes", "auto")
     with gemm:  # fixed costs: imports, numba JIT, process group, FSDP/codec initialisation, on a tiny model
         warm = build(method, TINY, weights)
-        warm_step, _ = make_step(warm, method, lr, units, prefetch)
+        warm_step, _ = make_step(warm, method, lr, units, prefetch, split)
         warm_step(torch.randint(0, TINY["vocab"], (1, 16)))
     del warm, warm_step
     gc.collect()
@@ -281,7 +288,7 @@ def run(cfg: dict[str, Any]) -> dict[str, Any]:
     t0 = time.perf_counter()
     model = build(method, dims, weights)
     params = sum(p.numel() for p in model.parameters())
-    step, counter = make_step(model, method, lr, units, prefetch)
+    step, counter = make_step(model, method, lr, units, prefetch, split)
     setup_s = time.perf_counter() - t0
     gen = torch.Generator().manual_seed(1000 + rank)  # each rank its own micro-batch; same on every method
     n = cfg["steps"] + 1

@@ -219,8 +219,9 @@ def shard_model(
             name ``""``) just before it is moved to ``device`` and sharded: it must replace the ``meta`` parameters
             and buffers the unit holds outside units already sharded (e.g. from a checkpoint file, or a seeded
             init), so that a model built on ``meta`` is never dense as a whole on any rank.
-        split_bytes: Split a unit that is a plain ``nn.Linear`` or ``nn.Embedding`` outside the repeated blocks (the
-            output head, embeddings) and larger than this many dense bytes into row parts, each a unit of its own
+        split_bytes: Split a unit that is a plain, untied ``nn.Linear`` or ``nn.Embedding`` (the output head,
+            embeddings; with ``modules="weights"`` also each projection) larger than this many dense bytes into row
+            parts, each a unit of its own
             (:mod:`~nz_lightning.distributed.row_split`; checkpoints keep the unsplit names). ``"auto"``: no larger
             than the largest unit inside an ``nn.ModuleList`` (a decoder layer, or its largest projection when those
             are units); ``None``: never split.

@@ -193,8 +193,9 @@ def split_rows(module: nn.Module, cap: int, world: int = 1) -> nn.Module:
 class UnitSplitter:
     """Which FSDP units to split into row parts, and the split itself (used by ``shard_model``).
 
-    Candidates are units that are a plain ``nn.Linear`` / ``nn.Embedding`` outside every ``nn.ModuleList`` (the
-    output head, embeddings) whose weight is not tied to another module.
+    Candidates are units that are a plain ``nn.Linear`` / ``nn.Embedding`` whose weight is not tied to another module:
+    the output head and embeddings, and with per-weight units the projections inside the blocks (which ``"auto"``
+    never splits: the cap is the largest of them).
 
     Args:
         model: The model being sharded.
@@ -219,9 +220,7 @@ class UnitSplitter:
         self.candidates = {
             id(m)
             for m in units
-            if type(m) in (nn.Linear, nn.Embedding)
-            and id(m) not in in_blocks
-            and all(uses[id(p)] == 1 for p in m.parameters(recurse=False))
+            if type(m) in (nn.Linear, nn.Embedding) and all(uses[id(p)] == 1 for p in m.parameters(recurse=False))
         }
         self.cap = 0
         if split_bytes == "auto":

@@ -49,9 +49,9 @@ class NeuZipFSDPStrategy(NeuZipStrategy):
             output head), ``"weights"`` (those and every linear layer inside the blocks: one weight matrix gathered
             at a time, the lowest peak), fnmatch patterns of names, module classes or a predicate ``fn(name, module)``.
         gather_headroom: Capacity margin over the largest encoded shard at setup.
-        split_bytes: Split an output head or embedding larger than this many dense bytes into row-part units
-            (``"auto"``: no larger than the largest unit inside the blocks; ``None``: never). Checkpoints keep the
-            unsplit names.
+        split_bytes: Split an output head or embedding (with ``modules="weights"``, also a projection) larger than
+            this many dense bytes into row-part units (``"auto"``: the largest unit inside the blocks, so only heads
+            and embeddings; a number of bytes; ``None``: never). Checkpoints keep the unsplit names.
         backward_prefetch: FSDP2's implicit backward prefetch (gather the next unit during the current unit's
             backward: overlap on GPUs); ``False`` gathers each unit only when its backward starts (a lower peak).
         meta_init: Build the model's parameters on ``meta`` (``configure_model`` / ``trainer.init_module()``; buffers

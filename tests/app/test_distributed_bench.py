@@ -49,7 +49,8 @@ def test_distributed_benchmark_dry_run(tmp_path: Path) -> None:
     assert rows["fsdp-nz-cgather"]["fsdp_units"] == 4 and rows["dp-neuzip"]["fsdp_units"] == 0  # root, emb, layer, head
     fine = distributed.main(
         ["--dry-run", "--worlds", "2", "--methods", "fsdp-dense", "fsdp-nz-cgather", "--units", "weight",
-         "--no-backward-prefetch", "--timeout", "100", "--out-dir", str(tmp_path), "--name", "fine"]
+         "--no-backward-prefetch", "--split-bytes", "4096", "--timeout", "100", "--out-dir", str(tmp_path),
+         "--name", "fine"]
     )  # fmt: skip
     frows = {r["method"]: r for r in fine["rows"]}
     assert all("error" not in r for r in frows.values()), frows
@@ -59,7 +60,10 @@ def test_distributed_benchmark_dry_run(tmp_path: Path) -> None:
     assert f["fsdp_units"] >= 4 + 7 and f["comm_per_step"]["all_gathers"] > c["all_gathers"]
     assert f["ranks"][0]["fsdp_modules"].count("model.layers.0.mlp.down_proj") == 1
     assert "seven linear projections" in (tmp_path / "fine.md").read_text()
-    assert fine["shape"]["backward_prefetch"] is False and "No backward prefetch" in (tmp_path / "fine.md").read_text()
+    fine_md = (tmp_path / "fine.md").read_text()
+    assert fine["shape"]["backward_prefetch"] is False and "No backward prefetch" in fine_md
+    # a 4 KiB cap splits the tiny model's MLP projections into row parts too (same split for both methods)
+    assert fine["shape"]["split_bytes"] == 4096 and "`model.layers.*.mlp.up_proj` split into row-part units" in fine_md
     with pytest.raises(ValueError, match="unknown FSDP units 'block'"):
         distributed_worker.fsdp_units("block")
 

@@ -121,13 +121,33 @@ def test_auto_cap_is_the_largest_unit_in_the_blocks(units: str) -> None:
 
     chosen = select_units(model, pick)
     splitter = UnitSplitter(model, chosen, "auto", world=2)
-    assert splitter.candidates == {id(model.model.embed_tokens), id(model.lm_head)}
+    projections = [m for n, m in model.named_modules() if n.endswith("_proj")]
+    expected = {id(model.model.embed_tokens), id(model.lm_head)} | (
+        {id(m) for m in projections} if per_weight else set()
+    )
+    assert splitter.candidates == expected
     layer_own = sum(p.numel() * 4 for p in model.model.layers[0].parameters())
     largest_proj = 64 * 128 * 4  # gate/up/down
     assert splitter.cap == (largest_proj if per_weight else layer_own)
+    for m in projections:  # "auto" never splits a projection: the cap is the largest of them
+        assert splitter.split("x", m) == [("x", m)]
     with pytest.raises(ValueError, match="split_bytes"):
         UnitSplitter(model, chosen, -1, world=2)
     assert UnitSplitter(model, chosen, None, world=2).cap == 0
+
+
+def test_an_explicit_cap_splits_projections_that_are_units() -> None:
+    model = llama()
+    pick = [n for n, _ in model.named_modules() if n.endswith("mlp.up_proj")]
+    chosen = select_units(model, pick)
+    splitter = UnitSplitter(model, chosen, 64 * 64 * 4, world=2)  # 64 rows of 64 fp32: up_proj has 128 rows
+    ids = torch.randint(0, 128, (2, 5))
+    before = model(ids).logits
+    name = "model.layers.0.mlp.up_proj"
+    parts = splitter.split(name, model.get_submodule(name))
+    assert [n for n, _ in parts] == [f"{name}.parts.0", f"{name}.parts.1"]
+    assert isinstance(model.get_submodule(name), RowSplitLinear)
+    torch.testing.assert_close(model(ids).logits, before, rtol=0, atol=0)
 
 
 def test_tied_weights_are_never_split() -> None:
