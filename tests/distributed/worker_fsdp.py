@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import hashlib
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -42,6 +41,7 @@ from nz_lightning.distributed.fsdp import local_shard
 from nz_lightning.distributed.fsdp_tensor import NZShard
 from nz_lightning.distributed.process_group import leave_process_group
 from nz_lightning.tensor.convert import compress_model
+from tests.helpers.shard_models import MlpBlock, digest
 
 VOCAB, DIM, HEAD = 64, 64, 10
 MODES: dict[str, dict[str, Any]] = {
@@ -54,26 +54,13 @@ MODES: dict[str, dict[str, Any]] = {
 }
 
 
-class Block(nn.Module):
-    """Pre-norm MLP block."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.norm = nn.LayerNorm(DIM)
-        self.up = nn.Linear(DIM, 4 * DIM)
-        self.down = nn.Linear(4 * DIM, DIM, bias=False)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return x + self.down(F.gelu(self.up(self.norm(x))))
-
-
 class TinyLM(nn.Module):
     """Embedding, two blocks (an ``nn.ModuleList``: sharded one by one), a head."""
 
     def __init__(self, head: int = HEAD) -> None:
         super().__init__()
         self.emb = nn.Embedding(VOCAB, DIM)
-        self.layers = nn.ModuleList([Block() for _ in range(2)])
+        self.layers = nn.ModuleList([MlpBlock(DIM) for _ in range(2)])
         self.head = nn.Linear(DIM, head)
         self.checkpoint = False
 
@@ -93,14 +80,6 @@ def batch(step: int, rank: int) -> tuple[Tensor, Tensor]:
     gen = torch.Generator().manual_seed(1000 * step + rank)
     ids = torch.randint(0, VOCAB, (4, 8), generator=gen)
     return ids, torch.randint(0, HEAD - 1, (4, 8), generator=gen)  # valid for the 9-wide head too
-
-
-def digest(tensors: dict[str, Tensor]) -> str:
-    h = hashlib.sha256()
-    for name in sorted(tensors):
-        h.update(name.encode())
-        h.update(tensors[name].detach().contiguous().view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
 
 
 def capture_unsharded(model: nn.Module) -> Callable[[], dict[str, str]]:

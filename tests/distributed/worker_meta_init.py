@@ -18,7 +18,6 @@ the whole model before and after the call, and a digest of what the call produce
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 from datetime import timedelta
@@ -37,6 +36,7 @@ from nz_lightning.lightning.fsdp_strategy import NeuZipFSDPStrategy
 from nz_lightning.lm.modules import CausalLMModule
 from nz_lightning.tensor.convert import WeightReader
 from tests.distributed.worker_dp import Record, Tokens, checksum
+from tests.helpers.shard_models import digest
 
 CONFIG: dict[str, Any] = {
     "model_type": "llama",
@@ -54,14 +54,6 @@ def dense_params(module: nn.Module) -> dict[str, torch.Tensor]:
     return {
         n: p.detach() for n, p in module.named_parameters() if not isinstance(p, DTensor) and p.device.type != "meta"
     }
-
-
-def digest(tensors: dict[str, torch.Tensor]) -> str:
-    h = hashlib.sha256()
-    for name in sorted(tensors):
-        h.update(name.encode())
-        h.update(tensors[name].contiguous().view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
 
 
 class Recording(NeuZipFSDPStrategy):

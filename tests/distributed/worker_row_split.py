@@ -9,7 +9,6 @@ embedding and head (1024 rows) are 4x larger than a block is trained 3 SGD steps
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 from pathlib import Path
 from typing import Any
@@ -22,21 +21,9 @@ from torch import Tensor, nn
 from nz_lightning.distributed import full_state_dict, load_full_state_dict, shard_model, sharded_fused_optimizer
 from nz_lightning.distributed.process_group import leave_process_group
 from nz_lightning.distributed.row_split import EmbeddingRows, RowSplitEmbedding, RowSplitLinear
+from tests.helpers.shard_models import MlpBlock, digest
 
 VOCAB, DIM = 1024, 32
-
-
-class Block(nn.Module):
-    """Pre-norm MLP block."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.norm = nn.LayerNorm(DIM)
-        self.up = nn.Linear(DIM, 4 * DIM)
-        self.down = nn.Linear(4 * DIM, DIM, bias=False)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return x + self.down(F.gelu(self.up(self.norm(x))))
 
 
 class WideLM(nn.Module):
@@ -45,7 +32,7 @@ class WideLM(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.emb = nn.Embedding(VOCAB, DIM)
-        self.layers = nn.ModuleList([Block() for _ in range(2)])
+        self.layers = nn.ModuleList([MlpBlock(DIM) for _ in range(2)])
         self.head = nn.Linear(DIM, VOCAB, bias=False)
 
     def forward(self, ids: Tensor, labels: Tensor) -> Tensor:
@@ -63,14 +50,6 @@ def build(seed: int = 0) -> WideLM:
 def batch(step: int, rank: int) -> tuple[Tensor, Tensor]:
     gen = torch.Generator().manual_seed(1000 * step + rank)
     return torch.randint(0, VOCAB, (2, 16), generator=gen), torch.randint(0, VOCAB, (2, 16), generator=gen)
-
-
-def digest(tensors: dict[str, Tensor]) -> str:
-    h = hashlib.sha256()
-    for name in sorted(tensors):
-        h.update(name.encode())
-        h.update(tensors[name].detach().contiguous().view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
 
 
 def train(compress: bool, split: bool) -> tuple[dict[str, Any], dict[str, Tensor], nn.Module]:
