@@ -10,7 +10,9 @@ its own. ``--no-backward-prefetch``: every FSDP method gathers a unit only when 
 Every (method, world size) runs as a fresh gloo job on the CPU: ``world_size`` processes started with a
 torchrun-style environment (``benchmarks/distributed_worker.py``), one torch and one numba thread per rank
 (``NUMBA_NUM_THREADS=1``, ``OMP_NUM_THREADS=1``), ``MALLOC_MMAP_THRESHOLD_=65536`` (freed large blocks go back to the
-OS, so RSS tracks live memory). Each rank first runs the same method on a tiny model (imports, numba JIT, process
+OS, so RSS tracks live memory). Before the jobs, one process encodes and decodes a full-size trained weight, so
+that numba's on-disk cache holds every codec path the jobs take (compiled inside a measured job, LLVM's memory
+inflated its peak by 20-45 MiB). Each rank first runs the same method on a tiny model (imports, numba JIT, process
 group, FSDP set-up); its RSS then is the baseline. After building the measured model and one warm-up step, VmHWM is
 reset and ``--steps`` steps run; "peak over baseline" = VmHWM - baseline, per rank (the table shows the largest rank).
 Step time = mean over the measured steps (largest rank); tokens/s = world x batch x seq / step time (each rank
@@ -362,6 +364,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     }
     args.out_dir.mkdir(parents=True, exist_ok=True)
     machine = machine_info()  # date, commit and load when the run starts
+    prime = subprocess.run(
+        [sys.executable, "-m", "benchmarks.distributed_worker", "--prime"],
+        cwd=ROOT,
+        env={**os.environ, "NUMBA_NUM_THREADS": str(args.threads), "OMP_NUM_THREADS": str(args.threads)},
+        capture_output=True,
+        text=True,
+        timeout=args.timeout,
+    )
+    if prime.returncode != 0:
+        raise SystemExit(
+            f"priming the codec's compiled-code cache failed:\n{prime.stdout[-2000:]}{prime.stderr[-2000:]}"
+        )
     rows = []
     for seq in args.seq:
         for world in args.worlds:

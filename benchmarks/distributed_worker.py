@@ -264,6 +264,24 @@ def _held_bytes(method: str, model: torch.nn.Module) -> dict[str, int]:
     return {"held": b["total"], "dense_equivalent": b["dense_equivalent"]}
 
 
+def prime_codec(path: Path = TRAINED) -> None:
+    """Encode and decode one full-size trained weight (up_proj of the wide model) at several table sizes.
+
+    Large trained weights take codec paths the tiny warm-up model never does (e.g. the scalar decoder, for tables
+    of more than 2^12 slots or whose symbols span 256 values or more). numba compiles each on first use and caches
+    it on disk; compiled inside a measured process, LLVM's memory inflated that process's peak by 20-45 MiB. Run
+    once, in its own process, before the measured jobs (``python -m benchmarks.distributed_worker --prime``), it
+    leaves every later job loading machine code from the cache.
+    """
+    from nz_lightning.kernels import compress
+
+    weights, _ = trained_weights(path)
+    value = weights("model.layers.0.mlp.up_proj.weight", torch.Size([2816, 1024]), torch.bfloat16)
+    for prob_bits in (8, 11, 13, 15):  # scalar and vectorized encoders and decoders (chosen by table size and span)
+        for rows in (2816, 704):  # a whole weight, a row part
+            compress(value[:rows].contiguous(), prob_bits=prob_bits).decompress()
+
+
 def run(cfg: dict[str, Any]) -> dict[str, Any]:
     """Run one configuration on this rank (process group already initialized) and return its measurements."""
     from transformers.utils import logging as hf_logging
@@ -331,8 +349,11 @@ def run(cfg: dict[str, Any]) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> None:
     """Entry point of one rank: ``python -m benchmarks.distributed_worker '<json config>'``."""
     args = sys.argv[1:] if argv is None else argv
+    if args == ["--prime"]:
+        prime_codec()
+        return
     if len(args) != 1:
-        raise SystemExit("usage: python -m benchmarks.distributed_worker '<json config>'")
+        raise SystemExit("usage: python -m benchmarks.distributed_worker '<json config>' | --prime")
     cfg = json.loads(args[0])
     if cfg.get("method") not in METHODS:
         raise SystemExit(f"unknown method {cfg.get('method')!r}; choose one of {', '.join(METHODS)}")
