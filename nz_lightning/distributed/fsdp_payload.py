@@ -17,6 +17,7 @@ raise instead of being decoded from the wrong offsets.
 
 from __future__ import annotations
 
+import ctypes
 import struct
 
 import numpy as np
@@ -141,10 +142,22 @@ def unpack_payload(part: memoryview, capacity: int, out: Tensor) -> None:
 
 
 def _decode_into(ct: CompressedTensor, out: Tensor) -> None:
-    """Decode ``ct`` into ``out``; on CPU through a pooled buffer, since the CPU decoder writes through a numpy view,
-    which would make ``out``'s storage unresizable (FSDP frees unsharded weights by resizing their storage to 0)."""
+    """Decode ``ct`` into ``out`` in place.
+
+    On the CPU the decoder writes through a numpy view of its output, and a numpy export of ``out``'s own storage
+    would make it unresizable (FSDP frees unsharded weights by resizing their storage to 0). So a contiguous ``out``
+    is decoded through a second tensor over the same memory (built from its address, sharing no storage object with
+    it); anything else through a pooled buffer and a copy.
+    """
     if out.device.type != "cpu":
         ct.decompress(out=out)
+        return
+    if out.numel() == 0:
+        return
+    if out.is_contiguous():
+        memory = (ctypes.c_ubyte * (out.numel() * out.element_size())).from_address(out.data_ptr())
+        alias = torch.frombuffer(memory, dtype=torch.uint8).view(out.dtype).view(out.shape)
+        ct.decompress(out=alias)
         return
     view, base = DECODE_POOL.acquire(out.shape, out.dtype, out.device)
     try:
