@@ -33,6 +33,7 @@ __all__ = [
     "HEADER_BYTES",
     "MAGIC",
     "encoded_size",
+    "memory_alias",
     "pack_payload",
     "payload_overflowed",
     "unpack_payload",
@@ -141,6 +142,14 @@ def unpack_payload(part: memoryview, capacity: int, out: Tensor) -> None:
         raise RuntimeError(f"payload holds {row} rows, the shard has {out.shape[0]}")
 
 
+def memory_alias(t: Tensor) -> Tensor:
+    """The bytes of the contiguous, non-empty CPU tensor ``t`` as a uint8 tensor built from its address: same memory,
+    another storage object, so a numpy export of the alias (the CPU codec writes and reads through numpy) leaves
+    ``t``'s storage resizable (FSDP frees its buffers by resizing them to 0). Valid only while ``t``'s memory is."""
+    memory = (ctypes.c_ubyte * (t.numel() * t.element_size())).from_address(t.data_ptr())
+    return torch.frombuffer(memory, dtype=torch.uint8)
+
+
 def _decode_into(ct: CompressedTensor, out: Tensor) -> None:
     """Decode ``ct`` into ``out`` in place.
 
@@ -155,9 +164,7 @@ def _decode_into(ct: CompressedTensor, out: Tensor) -> None:
     if out.numel() == 0:
         return
     if out.is_contiguous():
-        memory = (ctypes.c_ubyte * (out.numel() * out.element_size())).from_address(out.data_ptr())
-        alias = torch.frombuffer(memory, dtype=torch.uint8).view(out.dtype).view(out.shape)
-        ct.decompress(out=alias)
+        ct.decompress(out=memory_alias(out).view(out.dtype).view(out.shape))
         return
     view, base = DECODE_POOL.acquire(out.shape, out.dtype, out.device)
     try:

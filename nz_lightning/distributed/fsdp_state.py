@@ -24,23 +24,17 @@ from nz_lightning.tensor.parameter import NZParameter, read_dense, write_dense
 __all__ = ["full_state_dict", "load_full_state_dict", "load_shard_state_dict", "shard_state_dict"]
 
 
-def _unshared(out: Tensor, source: Tensor) -> Tensor:
-    """``out``, copied if it shares memory with the (plain) live tensor ``source``: a state dict must not alias."""
-    if isinstance(source, NZParameter) or type(source).__torch_dispatch__ is not Tensor.__torch_dispatch__:
-        return out  # decoded: a fresh tensor
-    return out.clone() if out.untyped_storage().data_ptr() == source.untyped_storage().data_ptr() else out
-
-
 def _full_value(value: Tensor) -> Tensor:
-    """The whole dense tensor of a (possibly sharded, possibly compressed) value; a collective for DTensors."""
+    """The whole dense tensor of a (possibly sharded, possibly compressed) value, never memory of a live tensor (a
+    state dict must not alias the model); a collective for DTensors."""
     if not isinstance(value, DTensor):
-        return _unshared(read_dense(value), value)
+        return read_dense(value) if isinstance(value, NZParameter) else value.detach().clone()
     local = value._local_tensor
     dense = read_dense(local) if isinstance(local, NZParameter) else local.detach()
     full = DTensor.from_local(
         dense, value.device_mesh, value.placements, run_check=False, shape=value.shape, stride=value.stride()
     ).full_tensor()
-    return _unshared(full, local)  # world size 1: full_tensor() may be the live shard itself
+    return full.clone() if full.data_ptr() == dense.data_ptr() else full  # world size 1: may be the live shard
 
 
 def full_state_dict(model: nn.Module, *, rank0_only: bool = True, cpu: bool = True) -> dict[str, Tensor]:

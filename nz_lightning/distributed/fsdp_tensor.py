@@ -18,7 +18,6 @@ and ``fully_shard``: it holds the dense full value and makes ``fully_shard``'s `
 
 from __future__ import annotations
 
-import ctypes
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,7 +26,7 @@ import torch.distributed as dist
 from torch import Tensor
 from torch.utils._pytree import tree_map
 
-from nz_lightning.distributed.fsdp_payload import pack_payload, payload_overflowed, unpack_payload
+from nz_lightning.distributed.fsdp_payload import memory_alias, pack_payload, payload_overflowed, unpack_payload
 from nz_lightning.tensor.parameter import NZParameter, WeightStore
 
 __all__ = ["CommStats", "GatherSpec", "NZShard", "PendingShard"]
@@ -217,17 +216,17 @@ class NZShard(NZParameter):
 def _host_bytes(gathered: Tensor) -> memoryview:
     """The gathered payload bytes as a host memoryview: read in place on the CPU, copied from another device.
 
-    On the CPU no copy is made and no numpy array is exported (``.numpy()`` would make FSDP's buffer unresizable):
-    the view addresses the buffer's memory directly and is used only before the buffer is freed. Blobs parsed from
-    it copy their arrays (:meth:`~nz_lightning.kernels.CompressedTensor.from_bytes`), so nothing keeps pointing into
-    it afterwards.
+    On the CPU no copy is made and FSDP's buffer is not exported to numpy (that would make it unresizable): the view
+    is of a :func:`~nz_lightning.distributed.fsdp_payload.memory_alias` of it, used only before the buffer is freed.
+    Blobs parsed from it copy their arrays (:meth:`~nz_lightning.kernels.CompressedTensor.from_bytes`), so nothing
+    keeps pointing into it afterwards.
     """
     flat = gathered.detach().reshape(-1)
     if flat.device.type != "cpu":
         return memoryview(flat.to("cpu").numpy().data)
     if flat.dtype != torch.uint8 or not flat.is_contiguous():
         raise RuntimeError(f"all-gather payloads must be contiguous uint8, got {flat.dtype}")
-    return memoryview((ctypes.c_ubyte * flat.numel()).from_address(flat.data_ptr())).cast("B")
+    return memoryview(memory_alias(flat).numpy().data)
 
 
 class PendingShard(torch.Tensor):
