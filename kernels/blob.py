@@ -93,43 +93,76 @@ def raw_serialized_size(shape: torch.Size, dtype: torch.dtype) -> int:
     return header_size(len(shape), 0) + math.prod(shape) * spec_for(dtype).itemsize
 
 
-def _le(t: torch.Tensor, np_dtype: str) -> bytes:
-    return t.detach().cpu().numpy().astype(np_dtype, copy=False).tobytes()
+def _le(t: torch.Tensor, np_dtype: str) -> memoryview:
+    """``t``'s values as little-endian ``np_dtype`` bytes, without a copy where they already are."""
+    arr = np.ascontiguousarray(t.detach().cpu().numpy().astype(np_dtype, copy=False))
+    return arr.data.cast("B")
+
+
+def _parts(ct: CompressedTensor) -> list[bytes | memoryview]:
+    """The sections of ``ct``'s blob before its checksum, in order (see docs/FORMAT.md)."""
+    version = VERSION_COMPACT if ct.mode == 1 else VERSION
+    parts: list[bytes | memoryview] = [_HEAD.pack(MAGIC, version, ct.spec.code, ct.mode, len(ct.shape))]
+    parts.append(struct.pack(f"<{len(ct.shape)}Q", *ct.shape))
+    if ct.mode in (0, 3):  # raw bytes, or the one value of a constant tensor
+        assert ct.raw is not None
+        parts.append(_le(ct.raw, "u1"))
+        return parts
+    assert ct.streams is not None and ct.table is not None
+    st, tb = ct.streams.settle(), ct.table
+    parts.append(_RANS.pack(tb.prob_bits, ct.fold_bits, len(tb.symbols), ct.steps_per_lane, st.words.numel()))
+    if ct.mode == 2:
+        assert ct.mantissa_bits is not None and ct.nan_index is not None
+        log2 = NO_BLOCK if ct.block_size is None else ct.block_size.bit_length() - 1
+        parts.append(_LOSSY.pack(ct.mantissa_bits, log2, 0, ct.nan_index.numel()))
+    if ct.mode == 1:
+        parts.append(encode_table(tb))
+    else:
+        parts.append(bytes(tb.symbols))
+        parts.append(struct.pack(f"<{len(tb.freqs)}H", *tb.freqs))
+    parts.append(_le(st.states.view(torch.int32), "<i4"))
+    cw = count_bytes(ct.numel(), ct.steps_per_lane) if ct.mode == 1 else 2
+    parts.append(_le(st.counts.to(torch.int32), "<u1" if cw == 1 else "<u2"))
+    parts.append(_le(st.words.view(torch.int16), "<i2"))
+    parts.append(_le(st.sm, "u1"))
+    if ct.mode == 2:
+        assert ct.nan_index is not None
+        if ct.scales is not None:
+            parts.append(_le(ct.scales, "u1"))
+        parts.append(_le(ct.nan_index, "<i8"))
+    return parts
+
+
+def _with_crc(parts: list[bytes | memoryview]) -> list[bytes | memoryview]:
+    crc = 0
+    for part in parts:
+        crc = zlib.crc32(part, crc)
+    return [*parts, _CRC.pack(crc)]
 
 
 def dumps(ct: CompressedTensor) -> bytes:
     """Serialize ``ct`` (see docs/FORMAT.md)."""
-    version = VERSION_COMPACT if ct.mode == 1 else VERSION
-    parts = [_HEAD.pack(MAGIC, version, ct.spec.code, ct.mode, len(ct.shape))]
-    parts.append(struct.pack(f"<{len(ct.shape)}Q", *ct.shape))
-    if ct.mode in (0, 3):  # raw bytes, or the one value of a constant tensor
-        assert ct.raw is not None
-        parts.append(ct.raw.cpu().numpy().tobytes())
-    else:
-        assert ct.streams is not None and ct.table is not None
-        st, tb = ct.streams.settle(), ct.table
-        parts.append(_RANS.pack(tb.prob_bits, ct.fold_bits, len(tb.symbols), ct.steps_per_lane, st.words.numel()))
-        if ct.mode == 2:
-            assert ct.mantissa_bits is not None and ct.nan_index is not None
-            log2 = NO_BLOCK if ct.block_size is None else ct.block_size.bit_length() - 1
-            parts.append(_LOSSY.pack(ct.mantissa_bits, log2, 0, ct.nan_index.numel()))
-        if ct.mode == 1:
-            parts.append(encode_table(tb))
-        else:
-            parts.append(bytes(tb.symbols))
-            parts.append(struct.pack(f"<{len(tb.freqs)}H", *tb.freqs))
-        parts.append(_le(st.states.view(torch.int32), "<i4"))
-        cw = count_bytes(ct.numel(), ct.steps_per_lane) if ct.mode == 1 else 2
-        parts.append(_le(st.counts.to(torch.int32), "<u1" if cw == 1 else "<u2"))
-        parts.append(_le(st.words.view(torch.int16), "<i2"))
-        parts.append(st.sm.cpu().numpy().tobytes())
-        if ct.mode == 2:
-            assert ct.nan_index is not None
-            if ct.scales is not None:
-                parts.append(ct.scales.cpu().numpy().tobytes())
-            parts.append(_le(ct.nan_index, "<i8"))
-    body = b"".join(parts)
-    return body + _CRC.pack(zlib.crc32(body))
+    return b"".join(_with_crc(_parts(ct)))
+
+
+def dumps_into(ct: CompressedTensor, out: memoryview) -> int:
+    """Write :func:`dumps` of ``ct`` into the start of the writable byte buffer ``out`` (no intermediate blob).
+
+    Returns:
+        The blob's length.
+
+    Raises:
+        ValueError: ``out`` is shorter than the blob (nothing is written then).
+    """
+    parts = _with_crc(_parts(ct))
+    total = sum(len(p) for p in parts)
+    if total > len(out):
+        raise ValueError(f"a {total}-byte blob does not fit a {len(out)}-byte buffer")
+    pos = 0
+    for part in parts:
+        out[pos : pos + len(part)] = part
+        pos += len(part)
+    return total
 
 
 def _shape(view: memoryview, ndim: int) -> torch.Size:
@@ -192,9 +225,10 @@ def peek(head: bytes | bytearray | memoryview, blob_len: int) -> tuple[torch.Siz
 class _Reader:
     """Bounds-checked cursor over a blob body."""
 
-    def __init__(self, data: memoryview) -> None:
+    def __init__(self, data: memoryview, copy: bool = True) -> None:
         self.data = data
         self.pos = 0
+        self.copy = copy
 
     def take(self, nbytes: int, what: str) -> memoryview:
         if nbytes < 0 or self.pos + nbytes > len(self.data):
@@ -210,7 +244,8 @@ class _Reader:
 
     def array(self, count: int, np_dtype: str, what: str) -> np.ndarray:
         itemsize = np.dtype(np_dtype).itemsize
-        return np.frombuffer(self.take(count * itemsize, what), dtype=np_dtype).copy()
+        arr = np.frombuffer(self.take(count * itemsize, what), dtype=np_dtype)
+        return arr.copy() if self.copy else arr
 
 
 def loads(
@@ -218,6 +253,7 @@ def loads(
     data: bytes | bytearray | memoryview,
     device: torch.device,
     max_const_bytes: int | None = MAX_CONST_BYTES,
+    copy: bool = True,
 ) -> CompressedTensor:
     """Parse and validate a blob; allocates O(len(data)), never the declared output.
 
@@ -226,6 +262,8 @@ def loads(
         data: The blob.
         device: Where its arrays go.
         max_const_bytes: Largest decoded size accepted from a constant-mode blob (``None``: no cap).
+        copy: ``False``: on the CPU, the large arrays (raw bytes, words, sign+mantissa) view ``data`` instead of
+            copying it, so ``data`` must be writable and outlive the result.
 
     Raises:
         ValueError: On any inconsistency, or a constant blob declaring more than ``max_const_bytes``.
@@ -238,7 +276,7 @@ def loads(
         raise ValueError("corrupt blob: checksum mismatch")
     spec = spec_for_code(code)
     shape = _shape(body, ndim)
-    rd = _Reader(body)
+    rd = _Reader(body, copy or device.type != "cpu")
     rd.take(_HEAD.size + 8 * ndim, "header")
     n = math.prod(shape)
     if n * spec.itemsize >= 1 << 63:

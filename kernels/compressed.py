@@ -233,6 +233,15 @@ class CompressedTensor:
         """Portable serialization (docs/FORMAT.md): header, arrays, CRC32; no pickle."""
         return blob.dumps(self)
 
+    def to_bytes_into(self, out: memoryview) -> int:
+        """Write :meth:`to_bytes` into the start of the writable byte buffer ``out`` and return its length (no
+        intermediate ``bytes``).
+
+        Raises:
+            ValueError: ``out`` is too short.
+        """
+        return blob.dumps_into(self, out)
+
     @classmethod
     def from_bytes(
         cls,
@@ -240,6 +249,7 @@ class CompressedTensor:
         device: torch.device | str = "cpu",
         *,
         max_const_bytes: int | None = blob.MAX_CONST_BYTES,
+        copy: bool = True,
     ) -> CompressedTensor:
         """Parse and validate a blob written by :meth:`to_bytes` (allocating O(``len(data)``), not its output).
 
@@ -249,12 +259,14 @@ class CompressedTensor:
             max_const_bytes: Largest decoded size accepted from a constant-mode blob, whose few bytes could
                 otherwise declare any size (default :data:`~nz_lightning.kernels.blob.MAX_CONST_BYTES`, 64 MiB;
                 ``None``: no cap). Coded blobs need no cap: they decode to at most ``8 * itemsize`` bytes per byte.
+            copy: ``False`` (CPU only; ignored elsewhere): the coded arrays view ``data`` instead of copies of it, for
+                a blob decoded at once from a buffer that outlives the result. ``data`` must then be writable.
 
         Raises:
             ValueError: Bad magic or version, truncated or corrupt data (checksum or structure mismatch), or a
                 constant blob over ``max_const_bytes``.
         """
-        return blob.loads(cls, data, torch.device(device), max_const_bytes)
+        return blob.loads(cls, data, torch.device(device), max_const_bytes, copy)
 
     def __repr__(self) -> str:
         lossy_kind = f"lossy k={self.mantissa_bits} B={self.block_size}"

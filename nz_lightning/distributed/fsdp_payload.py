@@ -25,6 +25,8 @@ import torch
 from torch import Tensor
 
 from nz_lightning.kernels import CompressedTensor
+from nz_lightning.kernels.blob import serialized_size
+from nz_lightning.kernels.streams import settle_streams
 from nz_lightning.tensor.parameter import WeightStore
 from nz_lightning.tensor.workspace import DECODE_POOL
 
@@ -70,19 +72,25 @@ def pack_payload(store: WeightStore, capacity: int, device: torch.device) -> tup
     """
     if capacity < HEADER_BYTES:
         raise ValueError(f"a gather capacity of {capacity} bytes cannot hold the {HEADER_BYTES}-byte header")
-    blobs = store.to_blobs()
-    length = HEADER_BYTES + 8 * len(blobs) + sum(len(b) for b in blobs)
+    CompressedTensor.check_deferred()  # never ship a value whose deferred decode check failed
+    blocks = store.blocks
+    settle_streams(ct.streams for ct in blocks)
+    sizes = [serialized_size(ct) for ct in blocks]
+    length = HEADER_BYTES + 8 * len(blocks) + sum(sizes)
     buf = np.zeros(capacity, dtype=np.uint8)
     if length > capacity:
         buf[:HEADER_BYTES] = np.frombuffer(_HEADER.pack(MAGIC, FLAG_OVERFLOW, 0, 0, 0, capacity), dtype=np.uint8)
         return torch.from_numpy(buf).to(device), False
-    buf[:HEADER_BYTES] = np.frombuffer(_HEADER.pack(MAGIC, 0, len(blobs), 0, length, capacity), dtype=np.uint8)
-    table = np.array([len(b) for b in blobs], dtype="<u8").view(np.uint8)
+    buf[:HEADER_BYTES] = np.frombuffer(_HEADER.pack(MAGIC, 0, len(blocks), 0, length, capacity), dtype=np.uint8)
+    table = np.array(sizes, dtype="<u8").view(np.uint8)
     offset = HEADER_BYTES + table.size
     buf[HEADER_BYTES:offset] = table
-    for blob in blobs:
-        buf[offset : offset + len(blob)] = np.frombuffer(blob, dtype=np.uint8)
-        offset += len(blob)
+    out = buf.data
+    for ct, size in zip(blocks, sizes, strict=True):  # each blob serialized in place (no intermediate bytes)
+        written = ct.to_bytes_into(out[offset : offset + size])
+        if written != size:
+            raise RuntimeError(f"a block serialized to {written} bytes, {size} expected")
+        offset += size
     return torch.from_numpy(buf).to(device), True
 
 
@@ -128,7 +136,8 @@ def unpack_payload(part: memoryview, capacity: int, out: Tensor) -> None:
     if offset + int(lengths.sum()) != length:
         raise RuntimeError(f"all-gather payload block table does not add up to its length {length}")
     for n in lengths.tolist():
-        ct = CompressedTensor.from_bytes(part[offset : offset + n], device=out.device)
+        # parsed in place on the CPU (the arrays view the gathered bytes, which outlive this decode)
+        ct = CompressedTensor.from_bytes(part[offset : offset + n], device=out.device, copy=False)
         offset += n
         rows = int(ct.shape[0]) if len(ct.shape) else 1
         if ct.dtype != out.dtype or tuple(ct.shape[1:]) != tuple(out.shape[1:]) or row + rows > out.shape[0]:

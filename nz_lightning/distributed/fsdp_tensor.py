@@ -218,8 +218,8 @@ def _host_bytes(gathered: Tensor) -> memoryview:
 
     On the CPU no copy is made and FSDP's buffer is not exported to numpy (that would make it unresizable): the view
     is of a :func:`~nz_lightning.distributed.fsdp_payload.memory_alias` of it, used only before the buffer is freed.
-    Blobs parsed from it copy their arrays (:meth:`~nz_lightning.kernels.CompressedTensor.from_bytes`), so nothing
-    keeps pointing into it afterwards.
+    Blobs parsed from it on the CPU view its bytes (``from_bytes(copy=False)``) and are decoded and dropped at once,
+    so nothing points into it once the payloads are decoded.
     """
     flat = gathered.detach().reshape(-1)
     if flat.device.type != "cpu":

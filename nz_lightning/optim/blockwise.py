@@ -22,7 +22,8 @@ from torch import Tensor
 
 from nz_lightning.optim.rules import AdaLomo, UpdateRule, stochastic_round_to_bf16
 from nz_lightning.tensor.parameter import NZParameter, read_dense, write_dense
-from nz_lightning.tensor.workspace import decoded_block, row_block, row_bounds
+from nz_lightning.tensor.reuse import REUSE
+from nz_lightning.tensor.workspace import DECODE_POOL, decoded_block, row_block, row_bounds
 
 __all__ = [
     "SR_CHUNK",
@@ -127,10 +128,16 @@ def apply_update(
                 new = _rule(rule, value, g, st, lr, step, store is not None, _block_noise(noise, p, bounds, k))
                 _write_block(p, bounds, k, new)
     else:
-        value = read_dense(p)
-        new = _rule(rule, value, grad, state, lr, step, store is not None, _block_noise(noise, p, bounds, 0))
-        del value  # free the decoded copy before re-encoding
-        write_dense(p, new)
+        # the value decoded for this weight's backward op, if still held (nz_lightning.tensor.reuse), else a decode
+        reused = REUSE.take(p.store) if isinstance(p, NZParameter) and p.is_whole_store() else None
+        try:
+            value = read_dense(p) if reused is None else reused[0]
+            new = _rule(rule, value, grad, state, lr, step, store is not None, _block_noise(noise, p, bounds, 0))
+            del value  # free the decoded copy before re-encoding
+            write_dense(p, new)
+        finally:
+            if reused is not None:
+                DECODE_POOL.release(reused[1])
 
 
 def _factored_blocks(

@@ -20,6 +20,7 @@ from nz_lightning.optim.blockwise import BlockGrad, apply_blocked_update, apply_
 from nz_lightning.optim.fused_state import FusedStateMixin
 from nz_lightning.optim.rules import SGD, AdaLomo, AdamW, UpdateRule
 from nz_lightning.tensor.parameter import is_compressed
+from nz_lightning.tensor.reuse import REUSE
 
 __all__ = ["FusedOptimizer", "fused_optimizer"]
 
@@ -245,6 +246,7 @@ class FusedOptimizer(BlockGradsMixin, FusedStateMixin, torch.optim.Optimizer):
             self._flush_deferred()
         finally:
             self._deferred.clear()
+            REUSE.drop()  # a backward decode no update took
 
     def _on_grad(self, p: Tensor) -> None:
         grad = p.grad

@@ -21,6 +21,7 @@ from torch.utils._pytree import tree_map
 
 from nz_lightning.kernels import DEFAULT_BLOCK_SIZE, CompressedTensor, compress, serialized_size, settle_streams
 from nz_lightning.tensor.prefetch import PREFETCH
+from nz_lightning.tensor.reuse import REUSE
 from nz_lightning.tensor.workspace import CODEC_STATS, DECODE_POOL, gather_rows, row_block, row_bounds
 
 
@@ -272,9 +273,9 @@ class NZParameter(torch.Tensor):
             return full
         return full.as_strided(*self._view).clone()
 
-    def _materialize(self, pool_keys: list[torch.Tensor]) -> torch.Tensor:
+    def _materialize(self, decoded: list[tuple[WeightStore, torch.Tensor, torch.Tensor]]) -> torch.Tensor:
         view, base = PREFETCH.materialize(self._store)
-        pool_keys.append(base)
+        decoded.append((self._store, view, base))
         return view.as_strided(*self._view)
 
     @classmethod
@@ -295,16 +296,16 @@ class NZParameter(torch.Tensor):
             return gather_rows(
                 first.store, args[1], DECODE_POOL
             )  # one decoded row block at a time, not the whole table
-        held: list[torch.Tensor] = []
+        decoded: list[tuple[WeightStore, torch.Tensor, torch.Tensor]] = []
 
         def unwrap(a: Any) -> Any:
-            return a._materialize(held) if isinstance(a, NZParameter) else a
+            return a._materialize(decoded) if isinstance(a, NZParameter) else a
 
         try:
             return func(*tree_map(unwrap, args), **tree_map(unwrap, kwargs))
         finally:
-            for buf in held:
-                DECODE_POOL.release(buf)
+            for store, value, base in decoded:
+                REUSE.offer(store, value, base)  # held for the weight's fused update (in backward), else released
 
 
 def _row_gather_ok(weight: NZParameter, args: tuple[Any, ...]) -> bool:
@@ -339,16 +340,16 @@ def _mutate(func: Any, target: NZParameter, rest: tuple[Any, ...], kwargs: dict[
         store.write(src.to(dtype=store.dtype, device=store.device).expand(store.shape).contiguous())
         return target
     full = store.read()
-    held: list[torch.Tensor] = []
+    decoded: list[tuple[WeightStore, torch.Tensor, torch.Tensor]] = []
 
     def unwrap(a: Any) -> Any:
-        return a._materialize(held) if isinstance(a, NZParameter) else a
+        return a._materialize(decoded) if isinstance(a, NZParameter) else a
 
     try:
         func(full.as_strided(*target._view), *tree_map(unwrap, rest), **tree_map(unwrap, kwargs))
     finally:
-        for buf in held:
-            DECODE_POOL.release(buf)
+        for _, _, base in decoded:
+            DECODE_POOL.release(base)
     store.write(full)
     return target
 

@@ -1,0 +1,119 @@
+"""The fused update reuses the decode of its weight's backward op (``nz_lightning.tensor.reuse``)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+import torch
+
+from nz_lightning.optim import fused_optimizer
+from nz_lightning.tensor.convert import compress_model
+from nz_lightning.tensor.parameter import NZParameter, WeightStore
+from nz_lightning.tensor.reuse import REUSE
+from nz_lightning.tensor.sync_count import count_host_syncs
+from nz_lightning.tensor.workspace import CODEC_STATS, DECODE_POOL
+from tests.helpers.models import assert_same_state, batches, build, llama, train
+
+
+@pytest.fixture(autouse=True)
+def _reuse_on() -> Iterator[None]:
+    was = REUSE.enabled
+    REUSE.enabled = True
+    REUSE.drop()
+    yield
+    REUSE.enabled = was
+    REUSE.drop()
+
+
+def _run(kind: str, rule: str, lr: float, reuse: bool, **options: object) -> tuple[list[float], torch.nn.Module, int]:
+    REUSE.enabled = reuse
+    model = build(kind, compressed=True)
+    opt = fused_optimizer(model, rule, lr=lr, **options)  # type: ignore[arg-type]
+    CODEC_STATS.reset()
+    losses = train(model, opt, batches(3))
+    return losses, model, CODEC_STATS.decodes
+
+
+@pytest.mark.parametrize(
+    ("kind", "rule", "lr", "options"),
+    [
+        ("llama-bf16", "sgd", 0.5, {}),
+        ("llama-tied-bf16", "adamw", 1e-2, {"max_grad_norm": 1.0}),
+        ("mlp-bf16", "adalomo", 1e-2, {}),
+    ],
+)
+def test_reuse_is_bit_identical_and_saves_decodes(kind: str, rule: str, lr: float, options: dict[str, object]) -> None:
+    off_losses, off_model, off_decodes = _run(kind, rule, lr, False, **options)
+    hits = REUSE.hits
+    on_losses, on_model, on_decodes = _run(kind, rule, lr, True, **options)
+    hits = REUSE.hits - hits
+    assert on_losses == off_losses
+    assert_same_state(on_model, off_model)
+    # each decoder projection's update is served on every step (the embedding's backward decodes nothing; a blocked
+    # head is updated block by block); the norm pass of clipping decodes in backward but takes nothing
+    names = [n for n, p in on_model.named_parameters() if isinstance(p, NZParameter) and len(p.store.blocks) == 1]
+    projections = sum(1 for n in names if ".layers." in n)
+    assert hits >= 3 * projections and hits % 3 == 0 and hits > 0, (hits, names)
+    assert on_decodes == off_decodes - hits
+    assert REUSE._held is None  # dropped at the end of every backward
+
+
+def _offer_in_backward(store: WeightStore) -> None:
+    """Decode ``store`` into a pooled buffer and offer it from inside a backward pass (as an op there would)."""
+    x = torch.ones(2, requires_grad=True)
+
+    def hook(grad: torch.Tensor) -> torch.Tensor:
+        view, base = DECODE_POOL.acquire(store.shape, store.dtype, store.device)
+        REUSE.offer(store, store.decode_into(view), base)
+        return grad
+
+    x.register_hook(hook)
+    (x * 2).sum().backward()
+
+
+def test_only_the_current_value_of_the_same_store_is_served() -> None:
+    value = torch.randn(16, 8).to(torch.bfloat16)
+    store, other = WeightStore(value), WeightStore(value.clone())
+    _offer_in_backward(store)
+    assert REUSE.take(other) is None  # another store: not served (and the held value stays)
+    got = REUSE.take(store)
+    assert got is not None and torch.equal(got[0], value)
+    DECODE_POOL.release(got[1])
+    assert REUSE.take(store) is None  # taken once
+
+    _offer_in_backward(store)
+    store.write(value * 2)  # re-encoded since the decode: stale
+    assert REUSE.take(store) is None
+
+
+def test_forward_decodes_and_multi_block_stores_are_not_held() -> None:
+    store = WeightStore(torch.randn(16, 8).to(torch.bfloat16))
+    view, base = DECODE_POOL.acquire(store.shape, store.dtype, store.device)
+    REUSE.offer(store, store.decode_into(view), base)  # not in backward
+    assert REUSE._held is None and REUSE.take(store) is None
+
+    blocked = WeightStore(torch.randn(64, 8).to(torch.bfloat16), row_block_bytes=64)
+    assert len(blocked.blocks) > 1
+    _offer_in_backward(blocked)
+    assert REUSE._held is None
+
+
+def test_disabled_holds_nothing() -> None:
+    REUSE.enabled = False
+    store = WeightStore(torch.randn(16, 8).to(torch.bfloat16))
+    _offer_in_backward(store)
+    assert REUSE._held is None
+
+
+def test_reuse_adds_no_host_sync() -> None:
+    torch.manual_seed(0)
+    model = compress_model(llama().to(torch.bfloat16), backend="torch")  # a device-like backend (not numba)
+    opt = fused_optimizer(model, "sgd", lr=0.5)
+    data = batches(2)
+    train(model, opt, data[:1])
+    hits = REUSE.hits
+    with count_host_syncs() as syncs:
+        opt.backward(model(input_ids=data[1], labels=data[1]).loss)
+    assert REUSE.hits > hits
+    assert syncs.count("decode") == syncs.count("update") == 0, syncs.summary()
