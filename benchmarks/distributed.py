@@ -5,7 +5,8 @@ Run: ``python benchmarks/distributed.py [--dry-run] [--worlds 1 2] [--methods ..
 markdown block ``<out-dir>/<name>.md``. ``--units`` sets the FSDP units of every FSDP method: ``layer`` (default) =
 each decoder layer, the embedding and the head; ``weight`` = those and each linear projection of a decoder layer on
 its own. ``--no-backward-prefetch``: every FSDP method gathers a unit only when its own backward starts;
-``--split-bytes N``: every FSDP method splits a unit larger than N dense bytes into row parts.
+``--split-bytes N``: every FSDP method splits a unit larger than N dense bytes into row parts; ``--grad-overlap N``:
+the data-parallel methods keep N gradient all-reduces in flight (default 1, as ``NeuZipStrategy``; 0: none).
 
 Every (method, world size) runs as a fresh gloo job on the CPU: ``world_size`` processes started with a
 torchrun-style environment (``benchmarks/distributed_worker.py``), one torch and one numba thread per rank
@@ -273,6 +274,8 @@ def render(result: dict[str, Any]) -> str:
             else " No backward prefetch (each unit gathered when its backward starts)."
         )
         + _split_text(rows, shape.get("split_bytes", "auto"))
+        + f" Data parallel: {shape.get('grad_overlap', 1)} gradient all-reduce(s) kept in flight while earlier weights"
+        " are updated (`GradientAverager`, as `NeuZipStrategy`; 0 = each awaited in its hook)."
         + " One fresh gloo job per row; peak over baseline ="
         " VmHWM of the measured steps - RSS after the same method ran on a tiny model (largest rank). Bytes per step:"
         " data parallel = gradient bytes passed to all-reduce (a ring moves 2(n-1)/n of that per rank); FSDP ="
@@ -339,6 +342,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument(
         "--split-bytes", type=int, default=None, help="FSDP: row-part cap in bytes (default: shard_model's 'auto')"
     )
+    ap.add_argument(
+        "--grad-overlap", type=int, default=1, help="data parallel: gradient all-reduces kept in flight (0: none)"
+    )
     ap.add_argument("--timeout", type=float, default=900.0, help="seconds per configuration")
     ap.add_argument("--out-dir", type=Path, default=ROOT / "benchmarks" / "out")
     ap.add_argument("--name", default="distributed")
@@ -360,6 +366,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "trained": not args.random_init,
         "units": args.units,
         "backward_prefetch": not args.no_backward_prefetch,
+        "grad_overlap": args.grad_overlap,
         "split_bytes": "auto" if args.split_bytes is None else args.split_bytes,
     }
     args.out_dir.mkdir(parents=True, exist_ok=True)

@@ -10,8 +10,9 @@ in the root; ``weight`` = those and, nested in each decoder layer (which keeps i
 projections, so only one projection's dense weight is gathered at a time):
 
 * ``dp-lomo`` / ``dp-neuzip``: a full dense / compressed replica per rank; at world size > 1 every gradient is
-  all-reduced (SUM, then divided by the world size) in the fused optimizer's hook (``grad_reducer``), as
-  ``ReplicaStrategy.average_gradient`` does.
+  all-reduced (SUM, then divided by the world size) by the fused optimizer's ``grad_reducer``, the
+  ``GradientAverager`` ``NeuZipStrategy`` uses, with ``grad_overlap`` (config, default 1) all-reduces kept in flight
+  while the previous weights are updated (0: each waited for in its hook).
 * ``fsdp-dense``: FSDP2 on dense weights (``shard_model(compress=False)``) + ``sharded_fused_optimizer``.
 * ``fsdp-nz-dgather`` / ``fsdp-nz-cgather``: NeuZip-FSDP (compressed shards) with dense / compressed all-gather.
 
@@ -97,22 +98,6 @@ def build(method: str, dims: dict[str, int], weights: WeightFn) -> torch.nn.Modu
     return model.train()
 
 
-class AllReduceMean:
-    """The data-parallel gradient reducer (``ReplicaStrategy.average_gradient``'s math) counting bytes reduced."""
-
-    def __init__(self) -> None:
-        self.bytes = 0
-        self.calls = 0
-
-    def __call__(self, grad: torch.Tensor) -> torch.Tensor:
-        """All-reduce ``grad`` (SUM) and divide by the world size."""
-        out = grad if grad.is_contiguous() else grad.contiguous()
-        dist.all_reduce(out)
-        self.bytes += out.numel() * out.element_size()
-        self.calls += 1
-        return out.div_(dist.get_world_size())
-
-
 class WireCounter:
     """Counts the bytes of every FSDP2 all-gather (output) and reduce-scatter (input) by wrapping the
     ``torch.distributed`` functions FSDP2 calls (``all_gather_single`` / ``reduce_scatter_single``): all parameters,
@@ -182,19 +167,22 @@ def make_step(
     units: str = "layer",
     backward_prefetch: bool = True,
     split_bytes: int | str | None = "auto",
+    overlap: int = 1,
 ) -> tuple[Callable[[torch.Tensor], float], Any]:
     """Prepare ``model`` for ``method`` and return ``(step, counter)``; ``counter`` is the reducer or the model.
 
     ``units`` picks the FSDP units (:func:`fsdp_units`), ``backward_prefetch`` FSDP2's implicit backward prefetch and
-    ``split_bytes`` the row-part cap of ``shard_model`` (all ignored by the data-parallel methods).
+    ``split_bytes`` the row-part cap of ``shard_model`` (all ignored by the data-parallel methods); ``overlap`` is the
+    data-parallel methods' number of gradient all-reduces kept in flight (``GradientAverager(depth=...)``).
     """
     from nz_lightning import fused_optimizer
     from nz_lightning.distributed import shard_model, sharded_fused_optimizer
+    from nz_lightning.distributed.grad_average import GradientAverager
 
     world = dist.get_world_size()
     counter: Any
     if method.startswith("dp-"):
-        counter = AllReduceMean()
+        counter = GradientAverager(depth=overlap)  # what NeuZipStrategy uses, counting bytes reduced
         opt: Any = fused_optimizer(model, "sgd", lr, blocked_head=False, grad_reducer=counter if world > 1 else None)
     else:
         compress = method != "fsdp-dense"
@@ -294,9 +282,10 @@ def run(cfg: dict[str, Any]) -> dict[str, Any]:
     method, lr, units = cfg["method"], cfg["lr"], cfg.get("units", "layer")
     prefetch = bool(cfg.get("backward_prefetch", True))
     split = cfg.get("split_bytes", "auto")
+    overlap = int(cfg.get("grad_overlap", 1))
     with gemm:  # fixed costs: imports, numba JIT, process group, FSDP/codec initialisation, on a tiny model
         warm = build(method, TINY, weights)
-        warm_step, _ = make_step(warm, method, lr, units, prefetch, split)
+        warm_step, _ = make_step(warm, method, lr, units, prefetch, split, overlap)
         warm_step(torch.randint(0, TINY["vocab"], (1, 16)))
     del warm, warm_step
     gc.collect()
@@ -306,7 +295,7 @@ def run(cfg: dict[str, Any]) -> dict[str, Any]:
     t0 = time.perf_counter()
     model = build(method, dims, weights)
     params = sum(p.numel() for p in model.parameters())
-    step, counter = make_step(model, method, lr, units, prefetch, split)
+    step, counter = make_step(model, method, lr, units, prefetch, split, overlap)
     setup_s = time.perf_counter() - t0
     gen = torch.Generator().manual_seed(1000 + rank)  # each rank its own micro-batch; same on every method
     n = cfg["steps"] + 1

@@ -29,6 +29,7 @@ from lightning_utilities.core.rank_zero import rank_zero_only as utils_rank_zero
 from torch import Tensor
 from typing_extensions import override
 
+from nz_lightning.distributed.grad_average import GradientAverager
 from nz_lightning.lightning.checkpoint_io import AtomicCheckpointIO
 from nz_lightning.lightning.compat import (
     _DEVICE,
@@ -204,22 +205,25 @@ class ReplicaStrategy(ParallelStrategy):
             return _sync_ddp_if_available(tensor, group, reduce_op=reduce_op)
         return tensor
 
+    grad_overlap: int = 1
+    """Gradient all-reduces a fused optimizer keeps in flight while it updates (0: each one waited for at once).
+    Set it before ``fit``; results are the same bits either way (:mod:`nz_lightning.optim.overlap`)."""
+
+    @property
+    def gradient_averager(self) -> GradientAverager:
+        """The reducer the fused optimizer applies to every gradient with several processes (one per strategy)."""
+        averager = getattr(self, "_averager", None)
+        if averager is None or averager.depth != self.grad_overlap:
+            averager = self._averager = GradientAverager(depth=self.grad_overlap)
+        return averager
+
     def average_gradient(self, grad: Tensor) -> Tensor:
         """The mean of ``grad`` over all processes (all-reduce sum, then divide): identical bits on every rank.
 
         Raises:
             RuntimeError: The all-reduce failed (another process died or timed out); the message says which rank.
         """
-        world = dist.get_world_size()
-        out = grad if grad.is_contiguous() else grad.contiguous()
-        try:
-            dist.all_reduce(out)
-        except Exception as err:  # gloo / NCCL raise several types (DistBackendError, RuntimeError)
-            raise RuntimeError(
-                f"data parallel: the gradient all-reduce failed on rank {dist.get_rank()} of {world} ({err}). "
-                "Another process has probably died or stopped answering; see its log"
-            ) from err
-        return out.div_(world)
+        return self.gradient_averager(grad)
 
     def broadcast_module_(self, module: torch.nn.Module) -> None:
         """Copy rank 0's parameters and buffers into every replica (one tensor at a time, through the device)."""

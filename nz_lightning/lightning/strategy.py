@@ -257,7 +257,7 @@ class NeuZipStrategy(StrategyCheckpointMixin):
 
     def _grad_reducer(self) -> Callable[[Tensor], Tensor] | None:
         """What the fused optimizer applies to each gradient: the all-reduce average with several processes."""
-        return self.average_gradient if self.is_distributed else None
+        return self.gradient_averager if self.is_distributed else None
 
     def _release_fused(self) -> None:
         if self._fused is not None:

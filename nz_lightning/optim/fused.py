@@ -18,6 +18,7 @@ from torch import Tensor, nn
 from nz_lightning.optim.block_grads import BlockGradsMixin, dense_rows, run_blocked, sum_producers
 from nz_lightning.optim.blockwise import BlockGrad, apply_blocked_update, apply_update, param_bounds, sr_noise
 from nz_lightning.optim.fused_state import FusedStateMixin
+from nz_lightning.optim.overlap import InflightReductions, is_async_reducer
 from nz_lightning.optim.rules import SGD, AdaLomo, AdamW, UpdateRule
 from nz_lightning.tensor.parameter import is_compressed
 from nz_lightning.tensor.reuse import REUSE
@@ -153,6 +154,7 @@ class FusedOptimizer(BlockGradsMixin, FusedStateMixin, torch.optim.Optimizer):
         self._coef: Tensor | None = None
         self._generators: dict[torch.device, torch.Generator] = {}
         self.grad_reducer = grad_reducer
+        self._inflight: InflightReductions | None = None
         self._deferred: dict[int, BlockGrad] = {}
         self._handles = [p.register_post_accumulate_grad_hook(self._on_grad) for p in params]
         from nz_lightning.optim.blocked_head import install_blocked_head  # imports this module
@@ -241,12 +243,23 @@ class FusedOptimizer(BlockGradsMixin, FusedStateMixin, torch.optim.Optimizer):
         self._mode = mode
         self._seen.clear()
         self._deferred.clear()
+        reducer = self.grad_reducer
+        self._inflight = InflightReductions(reducer, self._use) if is_async_reducer(reducer) else None  # type: ignore[arg-type]
+        capacity = REUSE.capacity
+        if self._inflight is not None:  # an update now follows its backward op a few decodes later
+            REUSE.capacity = max(capacity, self._inflight.depth + 1)
         try:
             loss.backward(retain_graph=retain_graph)
+            if self._inflight is not None:
+                self._inflight.drain()
             self._flush_deferred()
         finally:
+            if self._inflight is not None:
+                self._inflight.discard()
+            self._inflight = None
+            REUSE.capacity = capacity
             self._deferred.clear()
-            REUSE.drop()  # a backward decode no update took
+            REUSE.drop()  # backward decodes no update took
 
     def _on_grad(self, p: Tensor) -> None:
         grad = p.grad
@@ -260,8 +273,15 @@ class FusedOptimizer(BlockGradsMixin, FusedStateMixin, torch.optim.Optimizer):
         if head is not None:  # the rest of a deferred gradient: go block-wise
             run_blocked(self, p, i, sum_producers(head, dense_rows(grad, param_bounds(p))))
             return
+        if self._inflight is not None:  # reduced asynchronously: used once its reduction is finished
+            self._inflight.push(i, grad)
+            return
         if self.grad_reducer is not None:
             grad = self.grad_reducer(grad)
+        self._use(i, grad)
+
+    def _use(self, i: int, grad: Tensor) -> None:
+        """Use parameter ``i``'s (reduced) gradient in the current pass: its norm, accumulation or update."""
         if self._mode == "norm":
             self._norms[i] = self._norm(grad)
         elif self._mode == "accumulate":
@@ -270,7 +290,7 @@ class FusedOptimizer(BlockGradsMixin, FusedStateMixin, torch.optim.Optimizer):
             buf = self._accum.pop(i, None)
             if buf is not None:
                 grad = buf.add_(grad)
-            self._apply(p, i, grad, self._coef)
+            self._apply(self._params[i], i, grad, self._coef)
 
     def _accumulate(self, i: int, grad: Tensor) -> None:
         buf = self._accum.get(i)

@@ -8,9 +8,10 @@ current value (the very blocks it was decoded from), else decodes as before. So 
 update share one decode.
 
 Only a weight held as one block and no larger than the buffers :data:`~nz_lightning.tensor.workspace.DECODE_POOL`
-keeps is held back (a larger weight is updated block by block, to keep one block of dense scratch). At most one
-buffer is held, for the time between the op and the hook; :class:`~nz_lightning.optim.fused.FusedOptimizer` drops
-it at the end of every backward. Forward decodes are never held.
+keeps is held back (a larger weight is updated block by block, to keep one block of dense scratch). At most
+``capacity`` buffers are held (one by default), for the time between the op and the update;
+:class:`~nz_lightning.optim.fused.FusedOptimizer` drops them at the end of every backward. Forward decodes are never
+held.
 """
 
 from __future__ import annotations
@@ -40,43 +41,50 @@ class _Held:
 
 
 class DecodeReuse:
-    """Holds the last dense value decoded in backward until the fused update of that weight takes it.
+    """Holds the last dense values decoded in backward until the fused updates of those weights take them.
 
     Attributes:
         enabled: Whether backward decodes are held back (on by default).
+        capacity: How many decodes are held at most (the oldest is released first). 1 by default: a weight's update
+            follows its backward op directly. A fused optimizer that finishes each update only after the next
+            gradient's all-reduce has started raises it for its backward pass (:mod:`~nz_lightning.optim.overlap`).
         hits: Updates served by a held decode.
     """
 
     def __init__(self) -> None:
         self.enabled = True
+        self.capacity = 1
         self.hits = 0
-        self._held: _Held | None = None
+        self._held: list[_Held] = []
         self._lock = threading.Lock()
 
     def offer(self, store: WeightStore, view: Tensor, base: Tensor) -> None:
         """Keep ``store``'s decoded value ``view`` (in the pooled buffer ``base``) if it may serve its update, else
-        release ``base``; a value held before is released either way."""
+        release ``base``; the oldest held value is released when more than :attr:`capacity` are held."""
         keep = (
             self.enabled
             and torch._C._current_graph_task_id() != -1  # in backward
             and len(store.blocks) == 1
             and base.numel() * base.element_size() <= DECODE_POOL.limit
         )
-        with self._lock:
-            old, self._held = self._held, (_Held(weakref.ref(store), store.blocks, view, base) if keep else None)
-        if old is not None:
-            DECODE_POOL.release(old.base)
         if not keep:
             DECODE_POOL.release(base)
+            return
+        with self._lock:
+            self._held.append(_Held(weakref.ref(store), store.blocks, view, base))
+            old = self._held[: max(0, len(self._held) - max(1, self.capacity))]
+            del self._held[: len(old)]
+        for held in old:
+            DECODE_POOL.release(held.base)
 
     def take(self, store: WeightStore) -> tuple[Tensor, Tensor] | None:
         """``(view, base)`` holding ``store``'s current value if a held decode has it (the caller then owns ``base``
         and releases it to ``DECODE_POOL``), else ``None``."""
         with self._lock:
-            held = self._held
-            if held is None or held.store() is not store:
+            found = next((k for k in range(len(self._held) - 1, -1, -1) if self._held[k].store() is store), None)
+            if found is None:
                 return None
-            self._held = None
+            held = self._held.pop(found)
         current = store.blocks
         if len(held.blocks) != len(current) or any(a is not b for a, b in zip(held.blocks, current, strict=True)):
             DECODE_POOL.release(held.base)  # re-encoded since: stale
@@ -84,12 +92,17 @@ class DecodeReuse:
         self.hits += 1
         return held.view, held.base
 
+    @property
+    def held(self) -> int:
+        """Number of decodes held now."""
+        return len(self._held)
+
     def drop(self) -> None:
-        """Release the held decode, if any."""
+        """Release every held decode."""
         with self._lock:
-            old, self._held = self._held, None
-        if old is not None:
-            DECODE_POOL.release(old.base)
+            old, self._held = self._held, []
+        for held in old:
+            DECODE_POOL.release(held.base)
 
 
 REUSE = DecodeReuse()

@@ -37,7 +37,8 @@ def assert_close(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], atol: f
 
 
 def test_replicas_identical_equal_lomo_and_single_process(tmp_path: Path) -> None:
-    """2 ranks: replicas bit-identical, NeuZip == LOMO bit for bit, and == 1 process on the same global batch.
+    """2 ranks: replicas bit-identical, NeuZip == LOMO bit for bit (and with or without overlapping the gradient
+    all-reduces with the updates), and == 1 process on the same global batch.
 
     AdamW with global-norm clipping and 2 accumulated micro-batches: every gradient path goes through the all-reduce
     (SGD runs data parallel in tests/distributed/test_train_py.py and the resume test).
@@ -45,8 +46,10 @@ def test_replicas_identical_equal_lomo_and_single_process(tmp_path: Path) -> Non
     options = ["--own-sampler", "1", "--opt", "adamw", "--clip", "0.5", "--accum", "2"]
     neuzip = job(tmp_path / "neuzip", 2, *options)
     lomo = job(tmp_path / "lomo", 2, "--compress", "0", *options)
+    waited = job(tmp_path / "waited", 2, "--grad-overlap", "0", *options)  # each all-reduce awaited in its hook
     single = job(tmp_path / "single", 1, *options)
     assert neuzip[0]["checksum"] == neuzip[1]["checksum"]  # every rank holds the same weights
+    assert waited[0]["checksum"] == waited[1]["checksum"] == neuzip[0]["checksum"]  # overlap changes no bit
     assert neuzip[0]["losses"] != neuzip[1]["losses"]  # ... trained on different halves of each batch
     assert lomo[0]["checksum"] == lomo[1]["checksum"] == neuzip[0]["checksum"]
     assert neuzip[0]["global_step"] == single[0]["global_step"] == 4

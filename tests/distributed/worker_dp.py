@@ -111,6 +111,7 @@ def main() -> None:
     parser.add_argument("--fsdp", type=int, default=0, help="1: NeuZipFSDPStrategy (else NeuZipStrategy)")
     parser.add_argument("--gather", default="compressed", choices=["dense", "compressed"])
     parser.add_argument("--format", default="dense", choices=["dense", "compressed"])
+    parser.add_argument("--grad-overlap", type=int, default=1, help="data parallel: all-reduces kept in flight")
     args = parser.parse_args()
     world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
     args.out.mkdir(parents=True, exist_ok=True)
@@ -131,6 +132,7 @@ def main() -> None:
         )
     else:
         strategy = NeuZipStrategy(timeout=timedelta(seconds=60), **options)
+        strategy.grad_overlap = args.grad_overlap
     trainer = pl.Trainer(
         strategy=strategy,
         accelerator=args.accelerator,

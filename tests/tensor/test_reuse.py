@@ -56,7 +56,7 @@ def test_reuse_is_bit_identical_and_saves_decodes(kind: str, rule: str, lr: floa
     projections = sum(1 for n in names if ".layers." in n)
     assert hits >= 3 * projections and hits % 3 == 0 and hits > 0, (hits, names)
     assert on_decodes == off_decodes - hits
-    assert REUSE._held is None  # dropped at the end of every backward
+    assert REUSE.held == 0  # dropped at the end of every backward
 
 
 def _offer_in_backward(store: WeightStore) -> None:
@@ -91,19 +91,19 @@ def test_forward_decodes_and_multi_block_stores_are_not_held() -> None:
     store = WeightStore(torch.randn(16, 8).to(torch.bfloat16))
     view, base = DECODE_POOL.acquire(store.shape, store.dtype, store.device)
     REUSE.offer(store, store.decode_into(view), base)  # not in backward
-    assert REUSE._held is None and REUSE.take(store) is None
+    assert REUSE.held == 0 and REUSE.take(store) is None
 
     blocked = WeightStore(torch.randn(64, 8).to(torch.bfloat16), row_block_bytes=64)
     assert len(blocked.blocks) > 1
     _offer_in_backward(blocked)
-    assert REUSE._held is None
+    assert REUSE.held == 0
 
 
 def test_disabled_holds_nothing() -> None:
     REUSE.enabled = False
     store = WeightStore(torch.randn(16, 8).to(torch.bfloat16))
     _offer_in_backward(store)
-    assert REUSE._held is None
+    assert REUSE.held == 0
 
 
 def test_reuse_adds_no_host_sync() -> None:
