@@ -86,6 +86,8 @@ class NeuZipStrategy(StrategyCheckpointMixin):
         process_group_backend: With several processes: ``"gloo"``, ``"nccl"``... (default: by device).
         timeout: With several processes: timeout of each collective (a dead rank fails the job after it).
         start_method: With several processes: ``"popen"`` (as ``ddp``), ``"spawn"`` or ``"fork"``.
+        grad_overlap: With several processes: gradient all-reduces kept in flight while the previous weights are
+            updated (0: each one awaited in its parameter's hook; the same bits either way).
 
     Raises:
         ValueError: A negative ``mantissa_bits``, lossy without ``compress``, a bad ``block_size`` or an unknown
@@ -116,7 +118,10 @@ class NeuZipStrategy(StrategyCheckpointMixin):
         process_group_backend: str | None = None,
         timeout: timedelta | None = default_pg_timeout,
         start_method: StartMethod = "popen",
+        grad_overlap: int = 1,
     ) -> None:
+        if type(grad_overlap) is not int or grad_overlap < 0:
+            raise ValueError(f"NeuZipStrategy(grad_overlap={grad_overlap!r}): must be an int >= 0")
         if mantissa_bits is not None and (type(mantissa_bits) is not int or mantissa_bits < 0 or not compress):
             why = "needs compress=True" if type(mantissa_bits) is int and mantissa_bits >= 0 else "must be an int >= 0"
             raise ValueError(f"NeuZipStrategy(mantissa_bits={mantissa_bits!r}): {why}")
@@ -134,6 +139,7 @@ class NeuZipStrategy(StrategyCheckpointMixin):
             timeout=timeout,
             start_method=start_method,
         )
+        self.grad_overlap = grad_overlap
         self.compress = compress
         self.include = list(include) if include is not None else None
         self.exclude = list(exclude) if exclude is not None else None

@@ -131,8 +131,7 @@ def main() -> None:
             compressed_gather=args.gather == "compressed", timeout=timedelta(seconds=60), **options
         )
     else:
-        strategy = NeuZipStrategy(timeout=timedelta(seconds=60), **options)
-        strategy.grad_overlap = args.grad_overlap
+        strategy = NeuZipStrategy(timeout=timedelta(seconds=60), grad_overlap=args.grad_overlap, **options)
     trainer = pl.Trainer(
         strategy=strategy,
         accelerator=args.accelerator,

@@ -106,3 +106,19 @@ def test_backward_error_leaves_nothing_in_flight() -> None:
     with pytest.raises(RuntimeError, match="reduction 3 failed"):
         opt.backward(model(input_ids=ids, labels=ids).loss)
     assert not reducer.open and REUSE.held == 0 and REUSE.capacity == 1
+
+
+def test_bad_overlap_options_are_refused() -> None:
+    from nz_lightning import NeuZipStrategy
+    from nz_lightning.distributed.grad_average import GradientAverager
+
+    with pytest.raises(ValueError, match="grad_overlap"):
+        NeuZipStrategy(grad_overlap=-1)
+    with pytest.raises(ValueError, match="grad_overlap"):
+        NeuZipStrategy(grad_overlap=1.5)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="depth"):
+        GradientAverager(depth=-1)
+    strategy = NeuZipStrategy(grad_overlap=2)
+    assert strategy.gradient_averager.depth == 2 and strategy.gradient_averager is strategy.gradient_averager
+    assert is_async_reducer(strategy.gradient_averager)
+    assert not is_async_reducer(NeuZipStrategy(grad_overlap=0).gradient_averager)
