@@ -104,8 +104,9 @@ def payload_overflowed(part: memoryview, capacity: int) -> bool:
     return bool(flags & FLAG_OVERFLOW)
 
 
-def _header(part: memoryview, capacity: int) -> tuple[bytes, int, int, int, int, int]:
-    if len(part) != capacity:
+def _header(part: memoryview, capacity: int, prefix: bool = False) -> tuple[bytes, int, int, int, int, int]:
+    """The validated header of one rank's payload ``part`` (its ``capacity`` bytes, or with ``prefix`` its start)."""
+    if len(part) != capacity and not (prefix and HEADER_BYTES <= len(part) <= capacity):
         raise RuntimeError(f"payload part is {len(part)} bytes, expected the capacity {capacity}")
     magic, flags, blocks, reserved, length, cap = _HEADER.unpack_from(part, 0)
     if magic != MAGIC:

@@ -27,6 +27,7 @@ from torch import Tensor
 from torch.utils._pytree import tree_map
 
 from nz_lightning.distributed.fsdp_payload import memory_alias, pack_payload, payload_overflowed, unpack_payload
+from nz_lightning.distributed.fsdp_payload_device import unpack_payloads_in_place
 from nz_lightning.tensor.parameter import NZParameter, WeightStore
 
 __all__ = ["CommStats", "GatherSpec", "NZShard", "PendingShard"]
@@ -195,26 +196,34 @@ class NZShard(NZParameter):
                 f"agreed capacity {cap}: the capacity changed after the first all-gather or differs between ranks"
             )
         target = torch.empty(outer_size, dtype=self.dtype, device=self.device) if out is None else out
-        raw = _host_bytes(gathered)
-        parts = [raw[r * cap : (r + 1) * cap] for r in range(world)]
         with torch.no_grad(), torch.autograd._unsafe_preserve_version_counter(target):
             dense = target.detach()
-            if any(payload_overflowed(part, cap) for part in parts):
+            rows = dense.view(world, -1, *dense.shape[1:])
+            if gathered.device.type != "cpu" or PARSE_IN_PLACE_ON_CPU:  # only headers and tables go to the host
+                decoded = unpack_payloads_in_place(gathered, world, cap, len(self.store.blocks), rows)
+            else:
+                raw = _host_bytes(gathered)
+                parts = [raw[r * cap : (r + 1) * cap] for r in range(world)]
+                decoded = not any(payload_overflowed(part, cap) for part in parts)
+                for r, part in enumerate(parts if decoded else []):
+                    unpack_payload(part, cap, rows[r])
+            if not decoded:
                 spec.stats.overflows += 1
                 local = self.store.read().reshape(-1)
                 spec.stats.all_gather_bytes += local.numel() * local.element_size() * world
                 dist.all_gather_single(dense.view(-1), local, group=group)
-            else:
-                rows = dense.view(world, -1, *dense.shape[1:])
-                for r, part in enumerate(parts):
-                    unpack_payload(part, cap, rows[r])
         if gathered.untyped_storage().size() > 0:  # the payloads are decoded: FSDP re-allocates them per gather
             gathered.untyped_storage().resize_(0)
         return (target, (target,)) if out is None else None
 
 
+PARSE_IN_PLACE_ON_CPU = False
+"""Decode CPU payloads through the device path (:mod:`~nz_lightning.distributed.fsdp_payload_device`) too: tests set
+it, so that the path GPUs take runs on the CPU."""
+
+
 def _host_bytes(gathered: Tensor) -> memoryview:
-    """The gathered payload bytes as a host memoryview: read in place on the CPU, copied from another device.
+    """The gathered payload bytes as a host memoryview (CPU payloads only; read in place).
 
     On the CPU no copy is made and FSDP's buffer is not exported to numpy (that would make it unresizable): the view
     is of a :func:`~nz_lightning.distributed.fsdp_payload.memory_alias` of it, used only before the buffer is freed.
@@ -222,8 +231,6 @@ def _host_bytes(gathered: Tensor) -> memoryview:
     so nothing points into it once the payloads are decoded.
     """
     flat = gathered.detach().reshape(-1)
-    if flat.device.type != "cpu":
-        return memoryview(flat.to("cpu").numpy().data)
     if flat.dtype != torch.uint8 or not flat.is_contiguous():
         raise RuntimeError(f"all-gather payloads must be contiguous uint8, got {flat.dtype}")
     return memoryview(memory_alias(flat).numpy().data)

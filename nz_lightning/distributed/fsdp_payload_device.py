@@ -1,0 +1,122 @@
+"""Decoding gathered payloads where they are (a GPU): only headers and tables travel to the host.
+
+The host path (:func:`~nz_lightning.distributed.fsdp_payload.unpack_payload`) parses a payload held in host memory,
+so on a GPU the whole gathered buffer would be copied to the host and every blob's arrays uploaded again. Here the
+host reads two short regions instead, in one device-to-host copy each: every rank's payload header and block table,
+then every blob's first bytes (its header and frequency table, :data:`~kernels.blob_layout.LAYOUT_PREFIX_BYTES` at
+most). Each blob's arrays are then taken from the gathered buffer on the device: the sign+mantissa bytes (and raw
+bytes) as views, the lane states, counts and, when misaligned, the words as device-to-device copies.
+
+Checks: the payload headers and the blobs' structure as on the host path; each blob's decode is checked
+(``decompress(check=True)``: one host sync per block, as on the host path), which catches corrupt coded streams. The
+blobs' CRC32 is not verified (it needs every byte on the host): the transport (NCCL, gloo) is trusted, as for dense
+all-gathers.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from nz_lightning.distributed.fsdp_payload import FLAG_OVERFLOW, HEADER_BYTES, _decode_into, _header, memory_alias
+from nz_lightning.kernels import CompressedTensor
+from nz_lightning.kernels.blob_layout import LAYOUT_PREFIX_BYTES, BlobLayout, layout
+from nz_lightning.kernels.streams import Streams
+
+__all__ = ["unpack_payloads_in_place"]
+
+
+def unpack_payloads_in_place(gathered: Tensor, world: int, capacity: int, blocks: int, rows: Tensor) -> bool:
+    """Decode the ``world`` gathered payloads in ``gathered`` (uint8, on any device) into ``rows[r]`` each.
+
+    Args:
+        gathered: The all-gather output: ``world`` payloads of ``capacity`` bytes, back to back.
+        world: Number of ranks.
+        capacity: The agreed payload size.
+        blocks: Row blocks per shard (the same on every rank).
+        rows: ``[world, shard rows, ...]``: where each rank's shard is decoded.
+
+    Returns:
+        False, decoding nothing, when a payload says its shard did not fit (gather dense instead); else True.
+
+    Raises:
+        RuntimeError: A payload header that does not match (magic, capacity, block count), or blobs that do not make
+            up the shard's shape and dtype.
+        ValueError: A corrupt blob structure or coded stream.
+    """
+    flat = gathered.detach().reshape(world, capacity)
+    if flat.device.type == "cpu":  # (tests) the CPU decoder exports arrays to numpy: not FSDP's resizable storage
+        flat = memory_alias(flat).view(world, capacity)
+    table_end = HEADER_BYTES + 8 * blocks
+    heads = flat[:, : min(table_end, capacity)].cpu().numpy()  # one small device-to-host copy
+    spans: list[tuple[int, int, int]] = []  # (rank, offset in its payload, length)
+    for r in range(world):
+        part = heads[r].data
+        _, flags, count, _, length, _ = _header(part, capacity, prefix=True)
+        if flags & FLAG_OVERFLOW:
+            return False
+        if count != blocks or length < table_end:
+            raise RuntimeError(f"rank {r}'s payload holds {count} blocks, this shard has {blocks}")
+        lengths = np.frombuffer(part, dtype="<u8", count=blocks, offset=HEADER_BYTES).tolist()
+        if table_end + sum(lengths) != length:
+            raise RuntimeError(f"all-gather payload block table does not add up to its length {length}")
+        offset = table_end
+        for n in lengths:
+            spans.append((r, offset, n))
+            offset += n
+    prefixes = _prefixes(flat, spans)  # a second small device-to-host copy
+    row = [0] * world
+    for (r, offset, n), prefix in zip(spans, prefixes, strict=True):
+        lay = layout(prefix, n)
+        out = rows[r]
+        count = int(lay.shape[0]) if len(lay.shape) else 1
+        if lay.dtype != out.dtype or tuple(lay.shape[1:]) != tuple(out.shape[1:]) or row[r] + count > out.shape[0]:
+            raise RuntimeError(
+                f"payload block {tuple(lay.shape)} {lay.dtype} does not fit rows {row[r]}.. of a "
+                f"{tuple(out.shape)} {out.dtype} shard"
+            )
+        blob = flat[r, offset : offset + n]
+        _decode_into(_tensor(blob, lay), out[row[r] : row[r] + count])  # checked decode
+        row[r] += count
+    for r in range(world):
+        if row[r] != rows.shape[1]:
+            raise RuntimeError(f"payload holds {row[r]} rows, the shard has {rows.shape[1]}")
+    return True
+
+
+def _prefixes(flat: Tensor, spans: list[tuple[int, int, int]]) -> list[memoryview]:
+    """The first ``min(length, LAYOUT_PREFIX_BYTES)`` bytes of every blob, copied to the host at once."""
+    sizes = [min(n, LAYOUT_PREFIX_BYTES) for _, _, n in spans]
+    if not spans:
+        return []
+    host = torch.cat([flat[r, off : off + k] for (r, off, _), k in zip(spans, sizes, strict=True)]).cpu().numpy()
+    out, pos = [], 0
+    for k in sizes:
+        out.append(host[pos : pos + k].data)
+        pos += k
+    return out
+
+
+def _section(blob: Tensor, span: tuple[int, int], align: int) -> Tensor:
+    """Bytes ``span`` of ``blob``: a view when they start ``align``-aligned in memory, else a device copy."""
+    part = blob[span[0] : span[1]]
+    if part.data_ptr() % align == 0:
+        return part
+    return part.clone()
+
+
+def _tensor(blob: Tensor, lay: BlobLayout) -> CompressedTensor:
+    """A ``CompressedTensor`` whose arrays lie in (or are copied from) ``blob`` on its device."""
+    if lay.mode in (0, 3):
+        raw = _section(blob, lay.raw, torch.empty(0, dtype=lay.dtype).element_size() if lay.mode == 3 else 1)
+        return CompressedTensor(lay.shape, lay.dtype, lay.mode, None, lay.steps_per_lane or 1, raw=raw)
+    states = _section(blob, lay.states, 4).view(torch.int32)
+    counts = _section(blob, lay.counts, lay.count_width)
+    counts = counts.to(torch.int32) if lay.count_width == 1 else counts.view(torch.int16).to(torch.int32) & 0xFFFF
+    words = _section(blob, lay.words, 2).view(torch.int16)
+    sm = blob[lay.sm[0] : lay.sm[1]]
+    streams = Streams(states=states, counts=counts, words=words, sm=sm)
+    return CompressedTensor(
+        lay.shape, lay.dtype, 1, lay.table, lay.steps_per_lane, streams, fold_bits=lay.fold_bits
+    )  # not ``verified``: its decode is checked
