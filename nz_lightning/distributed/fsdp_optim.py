@@ -21,7 +21,8 @@ from torch.distributed.tensor import DTensor
 
 from nz_lightning.distributed.fsdp import local_shard, shard_rows
 from nz_lightning.optim.blockwise import BlockGrad, apply_update, sr_noise
-from nz_lightning.optim.fused import FusedOptimizer, build_rule
+from nz_lightning.optim.factory import build_rule
+from nz_lightning.optim.fused import FusedOptimizer
 from nz_lightning.optim.rules import AdaLomo, UpdateRule
 
 __all__ = ["ShardedFusedOptimizer", "sharded_fused_optimizer"]

@@ -5,7 +5,8 @@ parameter (re-compressing compressed ones) as soon as its gradient is ready; dri
 ``opt.backward(loss)``.
 """
 
-from nz_lightning.optim.fused import RULES, FusedOptimizer, fused_optimizer
+from nz_lightning.optim.factory import RULES, fused_optimizer
+from nz_lightning.optim.fused import FusedOptimizer
 from nz_lightning.optim.linear_ce import causal_lm_loss, linear_cross_entropy
 from nz_lightning.optim.rules import SGD, AdaLomo, AdamW, UpdateRule, stochastic_round_to_bf16
 
