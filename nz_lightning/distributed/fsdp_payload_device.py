@@ -79,6 +79,10 @@ def unpack_payloads_in_place(gathered: Tensor, world: int, capacity: int, blocks
         blob = flat[r, offset : offset + n]
         _decode_into(_tensor(blob, lay), out[row[r] : row[r] + count])  # checked decode
         row[r] += count
+    if gathered.device.type == "cuda":
+        # raw and constant blocks are copied from views of the buffer without a sync: the caller frees the buffer
+        # next (FSDP allocated it on its all-gather stream), so its memory must wait for this stream's reads
+        gathered.record_stream(torch.cuda.current_stream(gathered.device))
     for r in range(world):
         if row[r] != rows.shape[1]:
             raise RuntimeError(f"payload holds {row[r]} rows, the shard has {rows.shape[1]}")
