@@ -7,10 +7,11 @@ then every blob's first bytes (its header and frequency table, :data:`~kernels.b
 most). Each blob's arrays are then taken from the gathered buffer on the device: the sign+mantissa bytes (and raw
 bytes) as views, the lane states, counts and, when misaligned, the words as device-to-device copies.
 
-Checks: the payload headers and the blobs' structure as on the host path; each blob's decode is checked
-(``decompress(check=True)``: one host sync per block, as on the host path), which catches corrupt coded streams. The
-blobs' CRC32 is not verified (it needs every byte on the host): the transport (NCCL, gloo) is trusted, as for dense
-all-gathers.
+Checks: the payload headers and the blobs' structure as on the host path; each coded blob's decode is checked
+(``decompress(check=True)``: one host sync per block, as on the host path), which catches corrupt coded streams. A
+coded blob's CRC32 is not verified (it needs every byte on the host): the transport (NCCL, gloo) is trusted, as for
+dense all-gathers. Raw and constant blobs (rare: incompressible or constant shards), which no decoder check covers,
+are copied to the host whole and parsed by ``CompressedTensor.from_bytes``, checksum included.
 """
 
 from __future__ import annotations
@@ -27,14 +28,13 @@ from nz_lightning.kernels.streams import Streams
 __all__ = ["unpack_payloads_in_place"]
 
 
-def unpack_payloads_in_place(gathered: Tensor, world: int, capacity: int, blocks: int, rows: Tensor) -> bool:
+def unpack_payloads_in_place(gathered: Tensor, world: int, capacity: int, rows: Tensor) -> bool:
     """Decode the ``world`` gathered payloads in ``gathered`` (uint8, on any device) into ``rows[r]`` each.
 
     Args:
         gathered: The all-gather output: ``world`` payloads of ``capacity`` bytes, back to back.
         world: Number of ranks.
         capacity: The agreed payload size.
-        blocks: Row blocks per shard (the same on every rank).
         rows: ``[world, shard rows, ...]``: where each rank's shard is decoded.
 
     Returns:
@@ -48,17 +48,18 @@ def unpack_payloads_in_place(gathered: Tensor, world: int, capacity: int, blocks
     flat = gathered.detach().reshape(world, capacity)
     if flat.device.type == "cpu":  # (tests) the CPU decoder exports arrays to numpy: not FSDP's resizable storage
         flat = memory_alias(flat).view(world, capacity)
-    table_end = HEADER_BYTES + 8 * blocks
-    heads = flat[:, : min(table_end, capacity)].cpu().numpy()  # one small device-to-host copy
+    most = max(1, rows.shape[1])  # a block holds at least one row: enough for any rank's block table
+    heads = flat[:, : min(HEADER_BYTES + 8 * most, capacity)].cpu().numpy()  # one small device-to-host copy
     spans: list[tuple[int, int, int]] = []  # (rank, offset in its payload, length)
     for r in range(world):
         part = heads[r].data
         _, flags, count, _, length, _ = _header(part, capacity, prefix=True)
         if flags & FLAG_OVERFLOW:
             return False
-        if count != blocks or length < table_end:
-            raise RuntimeError(f"rank {r}'s payload holds {count} blocks, this shard has {blocks}")
-        lengths = np.frombuffer(part, dtype="<u8", count=blocks, offset=HEADER_BYTES).tolist()
+        table_end = HEADER_BYTES + 8 * count
+        if not 1 <= count <= most or length < table_end:
+            raise RuntimeError(f"rank {r}'s payload holds {count} blocks for a shard of {rows.shape[1]} rows")
+        lengths = np.frombuffer(part, dtype="<u8", count=count, offset=HEADER_BYTES).tolist()
         if table_end + sum(lengths) != length:
             raise RuntimeError(f"all-gather payload block table does not add up to its length {length}")
         offset = table_end
@@ -77,7 +78,11 @@ def unpack_payloads_in_place(gathered: Tensor, world: int, capacity: int, blocks
                 f"{tuple(out.shape)} {out.dtype} shard"
             )
         blob = flat[r, offset : offset + n]
-        _decode_into(_tensor(blob, lay), out[row[r] : row[r] + count])  # checked decode
+        if lay.mode == 1:
+            ct = _coded(blob, lay)  # its decode is checked
+        else:  # raw or constant bytes have no decoder check: parsed on the host in full, checksum included
+            ct = CompressedTensor.from_bytes(blob.cpu().numpy().tobytes(), device=out.device)
+        _decode_into(ct, out[row[r] : row[r] + count])
         row[r] += count
     if gathered.device.type == "cuda":
         # raw and constant blocks are copied from views of the buffer without a sync: the caller frees the buffer
@@ -103,18 +108,15 @@ def _prefixes(flat: Tensor, spans: list[tuple[int, int, int]]) -> list[memoryvie
 
 
 def _section(blob: Tensor, span: tuple[int, int], align: int) -> Tensor:
-    """Bytes ``span`` of ``blob``: a view when they start ``align``-aligned in memory, else a device copy."""
+    """Bytes ``span`` of ``blob``: a view when they start ``align``-aligned, else a device copy."""
     part = blob[span[0] : span[1]]
-    if part.data_ptr() % align == 0:
+    if part.storage_offset() % align == 0 and part.data_ptr() % align == 0:
         return part
     return part.clone()
 
 
-def _tensor(blob: Tensor, lay: BlobLayout) -> CompressedTensor:
-    """A ``CompressedTensor`` whose arrays lie in (or are copied from) ``blob`` on its device."""
-    if lay.mode in (0, 3):
-        raw = _section(blob, lay.raw, torch.empty(0, dtype=lay.dtype).element_size() if lay.mode == 3 else 1)
-        return CompressedTensor(lay.shape, lay.dtype, lay.mode, None, lay.steps_per_lane or 1, raw=raw)
+def _coded(blob: Tensor, lay: BlobLayout) -> CompressedTensor:
+    """A coded ``CompressedTensor`` whose arrays lie in (or are copied from) ``blob`` on its device."""
     states = _section(blob, lay.states, 4).view(torch.int32)
     counts = _section(blob, lay.counts, lay.count_width)
     counts = counts.to(torch.int32) if lay.count_width == 1 else counts.view(torch.int16).to(torch.int32) & 0xFFFF

@@ -200,7 +200,7 @@ class NZShard(NZParameter):
             dense = target.detach()
             rows = dense.view(world, -1, *dense.shape[1:])
             if gathered.device.type != "cpu" or PARSE_IN_PLACE_ON_CPU:  # only headers and tables go to the host
-                decoded = unpack_payloads_in_place(gathered, world, cap, len(self.store.blocks), rows)
+                decoded = unpack_payloads_in_place(gathered, world, cap, rows)
             else:
                 raw = _host_bytes(gathered)
                 parts = [raw[r * cap : (r + 1) * cap] for r in range(world)]

@@ -235,9 +235,10 @@ class FusedOptimizer(BlockGradsMixin, FusedStateMixin, torch.optim.Optimizer):
         if self._inflight is not None:  # an update now follows its backward op a few decodes later
             REUSE.capacity = max(capacity, self._inflight.depth + 1)
         try:
-            loss.backward(retain_graph=retain_graph)
-            if self._inflight is not None:
-                self._inflight.drain()
+            with REUSE.holding():
+                loss.backward(retain_graph=retain_graph)
+                if self._inflight is not None:
+                    self._inflight.drain()
             self._flush_deferred()
         finally:
             if self._inflight is not None:

@@ -304,8 +304,8 @@ class NZParameter(torch.Tensor):
         try:
             return func(*tree_map(unwrap, args), **tree_map(unwrap, kwargs))
         finally:
-            for store, value, base in decoded:
-                REUSE.offer(store, value, base)  # held for the weight's fused update (in backward), else released
+            for store, value, base in decoded:  # held for the weight's fused update (in backward), else released;
+                REUSE.offer(store, value, base, keep=not schema.is_mutable)  # a mutated buffer is not the value
 
 
 def _row_gather_ok(weight: NZParameter, args: tuple[Any, ...]) -> bool:

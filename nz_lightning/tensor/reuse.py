@@ -16,8 +16,10 @@ held.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import weakref
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -38,6 +40,7 @@ class _Held:
     blocks: list[Any]
     view: Tensor
     base: Tensor
+    stream: Any = None  # the CUDA stream the op that decoded it ran on
 
 
 class DecodeReuse:
@@ -55,14 +58,18 @@ class DecodeReuse:
         self.enabled = True
         self.capacity = 1
         self.hits = 0
+        self._active = 0
         self._held: list[_Held] = []
         self._lock = threading.Lock()
 
-    def offer(self, store: WeightStore, view: Tensor, base: Tensor) -> None:
+    def offer(self, store: WeightStore, view: Tensor, base: Tensor, keep: bool = True) -> None:
         """Keep ``store``'s decoded value ``view`` (in the pooled buffer ``base``) if it may serve its update, else
-        release ``base``; the oldest held value is released when more than :attr:`capacity` are held."""
+        release ``base``; the oldest held value is released when more than :attr:`capacity` are held. ``keep=False``
+        releases it at once (an op wrote into the buffer)."""
         keep = (
-            self.enabled
+            keep
+            and self.enabled
+            and self._active > 0  # a fused optimizer's backward (which drops what no update took)
             and torch._C._current_graph_task_id() != -1  # in backward
             and len(store.blocks) == 1
             and base.numel() * base.element_size() <= DECODE_POOL.limit
@@ -70,8 +77,9 @@ class DecodeReuse:
         if not keep:
             DECODE_POOL.release(base)
             return
+        stream = torch.cuda.current_stream(base.device) if base.device.type == "cuda" else None
         with self._lock:
-            self._held.append(_Held(weakref.ref(store), store.blocks, view, base))
+            self._held.append(_Held(weakref.ref(store), store.blocks, view, base, stream))
             old = self._held[: max(0, len(self._held) - max(1, self.capacity))]
             del self._held[: len(old)]
         for held in old:
@@ -89,8 +97,23 @@ class DecodeReuse:
         if len(held.blocks) != len(current) or any(a is not b for a, b in zip(held.blocks, current, strict=True)):
             DECODE_POOL.release(held.base)  # re-encoded since: stale
             return None
+        if held.stream is not None:  # the update may run on another stream than the op that read the buffer
+            stream = torch.cuda.current_stream(held.base.device)
+            if stream != held.stream:
+                stream.wait_stream(held.stream)
         self.hits += 1
         return held.view, held.base
+
+    @contextlib.contextmanager
+    def holding(self) -> Iterator[None]:
+        """Hold backward decodes inside the block (a fused optimizer's backward pass), dropping them after it."""
+        self._active += 1
+        try:
+            yield
+        finally:
+            self._active -= 1
+            if self._active == 0:
+                self.drop()
 
     @property
     def held(self) -> int:

@@ -59,13 +59,13 @@ def test_reuse_is_bit_identical_and_saves_decodes(kind: str, rule: str, lr: floa
     assert REUSE.held == 0  # dropped at the end of every backward
 
 
-def _offer_in_backward(store: WeightStore) -> None:
+def _offer_in_backward(store: WeightStore, keep: bool = True) -> None:
     """Decode ``store`` into a pooled buffer and offer it from inside a backward pass (as an op there would)."""
     x = torch.ones(2, requires_grad=True)
 
     def hook(grad: torch.Tensor) -> torch.Tensor:
         view, base = DECODE_POOL.acquire(store.shape, store.dtype, store.device)
-        REUSE.offer(store, store.decode_into(view), base)
+        REUSE.offer(store, store.decode_into(view), base, keep=keep)
         return grad
 
     x.register_hook(hook)
@@ -75,34 +75,40 @@ def _offer_in_backward(store: WeightStore) -> None:
 def test_only_the_current_value_of_the_same_store_is_served() -> None:
     value = torch.randn(16, 8).to(torch.bfloat16)
     store, other = WeightStore(value), WeightStore(value.clone())
-    _offer_in_backward(store)
-    assert REUSE.take(other) is None  # another store: not served (and the held value stays)
-    got = REUSE.take(store)
-    assert got is not None and torch.equal(got[0], value)
-    DECODE_POOL.release(got[1])
-    assert REUSE.take(store) is None  # taken once
+    with REUSE.holding():
+        _offer_in_backward(store)
+        assert REUSE.take(other) is None  # another store: not served (and the held value stays)
+        got = REUSE.take(store)
+        assert got is not None and torch.equal(got[0], value)
+        DECODE_POOL.release(got[1])
+        assert REUSE.take(store) is None  # taken once
 
-    _offer_in_backward(store)
-    store.write(value * 2)  # re-encoded since the decode: stale
-    assert REUSE.take(store) is None
+        _offer_in_backward(store)
+        store.write(value * 2)  # re-encoded since the decode: stale
+        assert REUSE.take(store) is None
+
+        _offer_in_backward(store)
+        assert REUSE.held == 1
+    assert REUSE.held == 0  # dropped when the holding block ends
 
 
-def test_forward_decodes_and_multi_block_stores_are_not_held() -> None:
+def test_what_is_not_held() -> None:
     store = WeightStore(torch.randn(16, 8).to(torch.bfloat16))
-    view, base = DECODE_POOL.acquire(store.shape, store.dtype, store.device)
-    REUSE.offer(store, store.decode_into(view), base)  # not in backward
-    assert REUSE.held == 0 and REUSE.take(store) is None
+    with REUSE.holding():
+        view, base = DECODE_POOL.acquire(store.shape, store.dtype, store.device)
+        REUSE.offer(store, store.decode_into(view), base)  # not in backward
+        assert REUSE.held == 0 and REUSE.take(store) is None
 
-    blocked = WeightStore(torch.randn(64, 8).to(torch.bfloat16), row_block_bytes=64)
-    assert len(blocked.blocks) > 1
-    _offer_in_backward(blocked)
-    assert REUSE.held == 0
-
-
-def test_disabled_holds_nothing() -> None:
-    REUSE.enabled = False
-    store = WeightStore(torch.randn(16, 8).to(torch.bfloat16))
-    _offer_in_backward(store)
+        blocked = WeightStore(torch.randn(64, 8).to(torch.bfloat16), row_block_bytes=64)
+        assert len(blocked.blocks) > 1
+        _offer_in_backward(blocked)  # several row blocks: updated block by block
+        _offer_in_backward(store, keep=False)  # an op wrote into the buffer
+        assert REUSE.held == 0
+        REUSE.enabled = False
+        _offer_in_backward(store)
+        assert REUSE.held == 0
+    REUSE.enabled = True
+    _offer_in_backward(store)  # a backward outside any fused optimizer's (nothing would drop it)
     assert REUSE.held == 0
 
 
