@@ -140,16 +140,25 @@ def unpack_payload(part: memoryview, capacity: int, out: Tensor) -> None:
         # parsed in place on the CPU (the arrays view the gathered bytes, which outlive this decode)
         ct = CompressedTensor.from_bytes(part[offset : offset + n], device=out.device, copy=False)
         offset += n
-        rows = int(ct.shape[0]) if len(ct.shape) else 1
-        if ct.dtype != out.dtype or tuple(ct.shape[1:]) != tuple(out.shape[1:]) or row + rows > out.shape[0]:
-            raise RuntimeError(
-                f"payload block {tuple(ct.shape)} {ct.dtype} does not fit rows {row}.. of a {tuple(out.shape)} "
-                f"{out.dtype} shard"
-            )
+        rows = block_rows(ct.shape, ct.dtype, out, row)
         _decode_into(ct, out[row : row + rows])
         row += rows
     if row != out.shape[0]:
         raise RuntimeError(f"payload holds {row} rows, the shard has {out.shape[0]}")
+
+
+def block_rows(shape: torch.Size, dtype: torch.dtype, out: Tensor, row: int) -> int:
+    """Rows of a payload block of ``shape`` / ``dtype``, checked to fit ``out`` (a rank's shard) from row ``row``.
+
+    Raises:
+        RuntimeError: Another dtype or row shape, or more rows than the shard has left.
+    """
+    rows = int(shape[0]) if len(shape) else 1
+    if dtype != out.dtype or tuple(shape[1:]) != tuple(out.shape[1:]) or row + rows > out.shape[0]:
+        raise RuntimeError(
+            f"payload block {tuple(shape)} {dtype} does not fit rows {row}.. of a {tuple(out.shape)} {out.dtype} shard"
+        )
+    return rows
 
 
 def memory_alias(t: Tensor) -> Tensor:

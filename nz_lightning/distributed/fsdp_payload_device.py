@@ -20,7 +20,14 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from nz_lightning.distributed.fsdp_payload import FLAG_OVERFLOW, HEADER_BYTES, _decode_into, _header, memory_alias
+from nz_lightning.distributed.fsdp_payload import (
+    FLAG_OVERFLOW,
+    HEADER_BYTES,
+    _decode_into,
+    _header,
+    block_rows,
+    memory_alias,
+)
 from nz_lightning.kernels import CompressedTensor
 from nz_lightning.kernels.blob_layout import LAYOUT_PREFIX_BYTES, BlobLayout, layout
 from nz_lightning.kernels.streams import Streams
@@ -71,17 +78,12 @@ def unpack_payloads_in_place(gathered: Tensor, world: int, capacity: int, rows: 
     for (r, offset, n), prefix in zip(spans, prefixes, strict=True):
         lay = layout(prefix, n)
         out = rows[r]
-        count = int(lay.shape[0]) if len(lay.shape) else 1
-        if lay.dtype != out.dtype or tuple(lay.shape[1:]) != tuple(out.shape[1:]) or row[r] + count > out.shape[0]:
-            raise RuntimeError(
-                f"payload block {tuple(lay.shape)} {lay.dtype} does not fit rows {row[r]}.. of a "
-                f"{tuple(out.shape)} {out.dtype} shard"
-            )
+        count = block_rows(lay.shape, lay.dtype, out, row[r])
         blob = flat[r, offset : offset + n]
         if lay.mode == 1:
             ct = _coded(blob, lay)  # its decode is checked
         else:  # raw or constant bytes have no decoder check: parsed on the host in full, checksum included
-            ct = CompressedTensor.from_bytes(blob.cpu().numpy().tobytes(), device=out.device)
+            ct = CompressedTensor.from_bytes(blob.cpu().numpy().data, device=out.device)
         _decode_into(ct, out[row[r] : row[r] + count])
         row[r] += count
     if gathered.device.type == "cuda":

@@ -231,11 +231,10 @@ class FusedOptimizer(BlockGradsMixin, FusedStateMixin, torch.optim.Optimizer):
         self._deferred.clear()
         reducer = self.grad_reducer
         self._inflight = InflightReductions(reducer, self._use) if is_async_reducer(reducer) else None  # type: ignore[arg-type]
-        capacity = REUSE.capacity
-        if self._inflight is not None:  # an update now follows its backward op a few decodes later
-            REUSE.capacity = max(capacity, self._inflight.depth + 1)
+        # with reductions in flight, an update follows its backward op a few decodes later
+        held = 1 if self._inflight is None else self._inflight.depth + 1
         try:
-            with REUSE.holding():
+            with REUSE.holding(held):
                 loss.backward(retain_graph=retain_graph)
                 if self._inflight is not None:
                     self._inflight.drain()
@@ -244,9 +243,7 @@ class FusedOptimizer(BlockGradsMixin, FusedStateMixin, torch.optim.Optimizer):
             if self._inflight is not None:
                 self._inflight.discard()
             self._inflight = None
-            REUSE.capacity = capacity
             self._deferred.clear()
-            REUSE.drop()  # backward decodes no update took
 
     def _on_grad(self, p: Tensor) -> None:
         grad = p.grad

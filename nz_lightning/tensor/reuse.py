@@ -105,13 +105,17 @@ class DecodeReuse:
         return held.view, held.base
 
     @contextlib.contextmanager
-    def holding(self) -> Iterator[None]:
-        """Hold backward decodes inside the block (a fused optimizer's backward pass), dropping them after it."""
+    def holding(self, capacity: int = 1) -> Iterator[None]:
+        """Hold backward decodes inside the block (a fused optimizer's backward pass), at most ``capacity`` (or the
+        current :attr:`capacity` if larger) at once, dropping them after it."""
+        was = self.capacity
+        self.capacity = max(was, capacity)
         self._active += 1
         try:
             yield
         finally:
             self._active -= 1
+            self.capacity = was
             if self._active == 0:
                 self.drop()
 
