@@ -8,6 +8,7 @@ This folder installs as ``nz_lightning.kernels`` (never as a top-level ``kernels
 from .backends import BACKENDS
 from .blob import PEEK_BYTES, serialized_size
 from .blob import peek as peek_blob
+from .compress_async import PendingCompress, compress_async
 from .compressed import MODE_CONST, MODE_LOSSY, MODE_RANS, MODE_RAW, CompressedTensor, compress
 from .freqtable import FreqTable, entropy_bits, quantize_counts
 from .lossy import DEFAULT_BLOCK_SIZE
@@ -26,7 +27,9 @@ __all__ = [
     "CompressedTensor",
     "FloatSpec",
     "FreqTable",
+    "PendingCompress",
     "compress",
+    "compress_async",
     "entropy_bits",
     "peek_blob",
     "quantize_counts",

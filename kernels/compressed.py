@@ -9,7 +9,8 @@ import torch
 
 from . import blob, blob_table, lossy
 from .backends import CodecBackend, get_backend
-from .freqtable import FreqTable, quantize_counts
+from .encode_plan import FOLD_BITS, choose_fold, exponent_counts, fold_histograms, word_bound
+from .freqtable import FreqTable
 from .layout import (
     DEFAULT_PROB_BITS,
     DEFAULT_STEPS_PER_LANE,
@@ -26,10 +27,6 @@ MODE_RAW = 0
 MODE_RANS = 1
 MODE_LOSSY = 2
 MODE_CONST = 3
-FOLD_BITS = {torch.bfloat16: 2, torch.float16: 3}
-"""Most top mantissa bits the lossless encoder tries coding together with the exponent, per dtype: it takes one
-histogram of the widest layout and keeps whichever fold (0 up to this) its size estimate prefers. bf16 symbols grow
-from 8 to at most 10 bits, fp16 from 5 to 8 (docs/FORMAT.md §1.1). fp32 is not folded (decoders accept it)."""
 CACHE_TABLES_MIN_NUMEL = 1 << 20
 """Decoder tables (up to 32 KiB) are cached only for tensors this large, where they cost < 3% of the compressed
 size; smaller tensors rebuild them per decode (tens of microseconds)."""
@@ -277,37 +274,6 @@ class CompressedTensor:
         )
 
 
-def fold_histograms(widest: list[int], bits: int) -> list[list[int]]:
-    """Histograms of every fold from 0 to ``bits``, from the histogram of the widest (``bits``-folded) layout.
-
-    Entry ``f`` counts the symbols ``s >> (bits - f)`` (the exponent and its top ``f`` mantissa bits).
-    """
-    out = [widest]
-    for _ in range(bits):
-        prev = out[0]
-        out.insert(0, [prev[i] + prev[i + 1] for i in range(0, len(prev), 2)])
-    return out
-
-
-def choose_fold(layouts: list[list[int]], spec: FloatSpec, n: int, prob_bits: int) -> tuple[float, int, FreqTable]:
-    """The fold whose blob the size estimate says is smallest: ``(estimated bytes, fold, table)``.
-
-    The estimate of a fold is its table section plus the ideal coded size of its symbols under the quantized
-    table plus its raw sign+mantissa fields (lane states and counts are the same for every fold). Folds with more
-    present symbols than ``2^prob_bits`` cannot be coded and are skipped (fold 0 always fits: at most 256 symbols).
-    """
-    best: tuple[float, int, FreqTable] | None = None
-    for bits, cnt in enumerate(layouts):
-        if sum(1 for c in cnt if c) > 1 << prob_bits:
-            continue
-        table = quantize_counts(cnt, prob_bits)
-        size = blob_table.table_nbytes(table) + table.cost_bits(cnt) / 8 + n * folded(spec, bits).sm_bits / 8
-        if best is None or size < best[0]:
-            best = (size, bits, table)
-    assert best is not None
-    return best
-
-
 def _raw(x: torch.Tensor, steps: int) -> CompressedTensor:
     raw = x.reshape(-1).view(torch.uint8).clone()
     return CompressedTensor(x.shape, x.dtype, MODE_RAW, None, steps, raw=raw)
@@ -345,19 +311,9 @@ def compress(
         TypeError: ``t`` is not a tensor or has an unsupported dtype.
         ValueError: An option is out of range or the backend cannot run on the tensor's device.
     """
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"compress expects a torch.Tensor, got {type(t).__name__}")
-    spec = spec_for(t.dtype)
-    if not MIN_PROB_BITS <= prob_bits <= MAX_PROB_BITS:
-        raise ValueError(f"prob_bits must be in [{MIN_PROB_BITS}, {MAX_PROB_BITS}], got {prob_bits}")
-    if not 1 <= steps_per_lane <= MAX_STEPS_PER_LANE:
-        raise ValueError(f"steps_per_lane must be in [1, {MAX_STEPS_PER_LANE}], got {steps_per_lane}")
-    if mantissa_bits is not None:
-        lossy.check_options(spec, mantissa_bits, block_size)
-    impl = get_backend(backend, t.device)
+    spec, impl = check_options(t, backend, prob_bits, steps_per_lane, mantissa_bits, block_size)
     x = t.detach().contiguous()
-    n = x.numel()
-    if n == 0:
+    if x.numel() == 0:
         return _raw(x, steps_per_lane)
     if mantissa_bits is not None:
         table, streams, scales, nans = lossy.encode(
@@ -369,13 +325,56 @@ def compress(
         if blob.serialized_size(coded) >= blob.raw_serialized_size(x.shape, x.dtype):
             return _raw(coded.decompress(backend=backend), steps_per_lane)  # tiny tensors: raw rounded values
         return coded
-    widest = FOLD_BITS.get(x.dtype, 0)
-    # The host chooses the table (and raw vs coded): one device-to-host read per encode (docs/DESIGN.md).
-    layouts = fold_histograms(impl.exponent_histogram(x, folded(spec, widest)).tolist(), widest)
-    counts = layouts[0]
-    if n >= 2 and sum(1 for c in counts if c) == 1:
+    # The host chooses the table (and raw vs coded): one device-to-host read per encode (docs/DESIGN.md);
+    # kernels.compress_async defers it.
+    counts = exponent_counts(x, impl, uniform_flag=False).tolist()
+    return encode_lossless(x, impl, counts, prob_bits, steps_per_lane)
+
+
+def check_options(
+    t: torch.Tensor,
+    backend: str | None,
+    prob_bits: int,
+    steps_per_lane: int,
+    mantissa_bits: int | None = None,
+    block_size: int | None = None,
+) -> tuple[FloatSpec, CodecBackend]:
+    """Validate :func:`compress`'s arguments: ``t``'s layout and the backend that will code it.
+
+    Raises:
+        TypeError: ``t`` is not a tensor or has an unsupported dtype.
+        ValueError: An option is out of range or the backend cannot run on the tensor's device.
+    """
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"compress expects a torch.Tensor, got {type(t).__name__}")
+    spec = spec_for(t.dtype)
+    if not MIN_PROB_BITS <= prob_bits <= MAX_PROB_BITS:
+        raise ValueError(f"prob_bits must be in [{MIN_PROB_BITS}, {MAX_PROB_BITS}], got {prob_bits}")
+    if not 1 <= steps_per_lane <= MAX_STEPS_PER_LANE:
+        raise ValueError(f"steps_per_lane must be in [1, {MAX_STEPS_PER_LANE}], got {steps_per_lane}")
+    if mantissa_bits is not None:
+        lossy.check_options(spec, mantissa_bits, block_size)
+    return spec, get_backend(backend, t.device)
+
+
+def encode_lossless(
+    x: torch.Tensor,
+    impl: CodecBackend,
+    counts: list[int],
+    prob_bits: int,
+    steps_per_lane: int,
+    uniform: bool | None = None,
+) -> CompressedTensor:
+    """Encode the non-empty contiguous ``x`` losslessly, given its widest-fold histogram ``counts`` (read on the host).
+
+    ``uniform`` tells whether all of ``x``'s elements share one bit pattern when known; ``None``: checked here (a
+    host read) if the histogram has a single symbol.
+    """
+    spec, n = spec_for(x.dtype), x.numel()
+    layouts = fold_histograms(counts, FOLD_BITS.get(x.dtype, 0))
+    if n >= 2 and sum(1 for c in layouts[0] if c) == 1:
         ints = x.reshape(-1).view(spec.int_dtype)
-        if bool((ints == ints[0]).all()):
+        if bool((ints == ints[0]).all()) if uniform is None else uniform:
             value = ints[:1].view(torch.uint8).clone()
             return CompressedTensor(x.shape, x.dtype, MODE_CONST, None, steps_per_lane, raw=value)
     _, fold, table = choose_fold(layouts, spec, n, prob_bits)
@@ -390,16 +389,3 @@ def compress(
         return _raw(x, steps_per_lane)
     streams = impl.encode_bounded(x, coding, table, steps_per_lane, max_words)
     return CompressedTensor(x.shape, x.dtype, MODE_RANS, table, steps_per_lane, streams, fold_bits=fold, verified=True)
-
-
-def word_bound(table: FreqTable, counts: list[int], n: int) -> int:
-    """An upper bound on the rANS words of ``n`` symbols with these counts under ``table`` (every lane layout).
-
-    A lane starts in state ``L = 2^16`` and ends in a state ``>= L``; each word it emits takes 16 bits off
-    ``log2(state)``, and coding a symbol of frequency ``f`` adds at most ``p - log2(f) + log2(1 + 2^(p-16))`` (the
-    state is at least ``f * 2^(16-p)`` when it is coded). So the words number less than the table's ideal cost
-    plus ``n * log2(1 + 2^(p-16))`` bits, over 16 (about 0.5% above the ideal at ``p = 12``); a relative 1e-9 and
-    one word of margin cover float rounding.
-    """
-    slack = n * math.log2(1 + 2.0 ** (table.prob_bits - 16))
-    return min(n, int((table.cost_bits(counts) + slack) * (1 + 1e-9) / 16) + 1)

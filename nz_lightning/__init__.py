@@ -26,10 +26,11 @@ if TYPE_CHECKING:
     from nz_lightning.lightning.strategy import NeuZipStrategy
     from nz_lightning.optim import FusedOptimizer, fused_optimizer
     from nz_lightning.tensor.convert import compress_model, compressed_parameters, decompress_model
-    from nz_lightning.tensor.parameter import CODEC_STATS, NZParameter, is_compressed
+    from nz_lightning.tensor.parameter import NZParameter, is_compressed
+    from nz_lightning.tensor.workspace import CODEC_STATS
 
 _EXPORTS: dict[str, str] = {
-    "CODEC_STATS": "nz_lightning.tensor.parameter",
+    "CODEC_STATS": "nz_lightning.tensor.workspace",
     "CompressedTensor": "nz_lightning.kernels",
     "FusedOptimizer": "nz_lightning.optim",
     "ModelFileReport": "nz_lightning.formats.model_file",

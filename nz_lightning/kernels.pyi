@@ -14,7 +14,9 @@ from kernels import SPECS as SPECS
 from kernels import CompressedTensor as CompressedTensor
 from kernels import FloatSpec as FloatSpec
 from kernels import FreqTable as FreqTable
+from kernels import PendingCompress as PendingCompress
 from kernels import compress as compress
+from kernels import compress_async as compress_async
 from kernels import entropy_bits as entropy_bits
 from kernels import peek_blob as peek_blob
 from kernels import quantize_counts as quantize_counts

@@ -2,7 +2,7 @@
 
 FSDP2 (``fully_shard``) keeps each parameter as a DTensor whose local tensor is this rank's dim-0 shard. Here that
 local tensor is an :class:`NZShard`: an :class:`~nz_lightning.tensor.parameter.NZParameter` (a lazily decoded view
-of a :class:`~nz_lightning.tensor.parameter.WeightStore`) with ``fsdp_pre_all_gather`` / ``fsdp_post_all_gather``:
+of a :class:`~nz_lightning.tensor.store.WeightStore`) with ``fsdp_pre_all_gather`` / ``fsdp_post_all_gather``:
 
 * compressed gather: each rank hands FSDP a fixed-capacity uint8 payload of its shard's blobs
   (:mod:`~nz_lightning.distributed.fsdp_payload`); after the all-gather every rank decodes every rank's part into the

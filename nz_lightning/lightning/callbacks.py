@@ -11,8 +11,8 @@ from torch import nn
 from typing_extensions import override
 
 from nz_lightning.tensor.convert import compressed_parameters
-from nz_lightning.tensor.parameter import CODEC_STATS
 from nz_lightning.tensor.sizes import weight_sizes
+from nz_lightning.tensor.workspace import CODEC_STATS
 
 __all__ = ["NeuZipStats"]
 

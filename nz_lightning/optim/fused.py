@@ -19,6 +19,7 @@ from nz_lightning.optim.blockwise import BlockGrad, apply_blocked_update, apply_
 from nz_lightning.optim.fused_state import FusedStateMixin
 from nz_lightning.optim.overlap import InflightReductions, is_async_reducer
 from nz_lightning.optim.rules import UpdateRule
+from nz_lightning.tensor.deferred_encode import ENCODES
 from nz_lightning.tensor.parameter import is_compressed
 from nz_lightning.tensor.reuse import REUSE
 
@@ -180,23 +181,28 @@ class FusedOptimizer(BlockGradsMixin, FusedStateMixin, torch.optim.Optimizer):
             raise RuntimeError("FusedOptimizer.backward is not re-entrant")
         final = self._micro + 1 >= self.accumulate_grad_batches
         try:
-            if not final:
-                self._run(loss, "accumulate")
-            elif self.max_grad_norm is None:
-                self._run(loss, "update")
-                self._flush(None)
-            elif self.accumulate_grad_batches > 1:
-                self._run(loss, "accumulate")
-                self._flush(self._clip_coef({i: self._norm(b) for i, b in self._accum.items()}))
-            else:
-                self._run(loss, "norm", retain_graph=True)
-                self._coef = self._clip_coef(self._norms)
-                self._run(loss, "update")
+            with ENCODES.deferring():  # re-encodes finish an update later, all before this returns
+                self._passes(loss, final)
         finally:
             self._mode = None
             self._coef = None
             self._norms.clear()
         self._micro = 0 if final else self._micro + 1
+
+    def _passes(self, loss: Tensor, final: bool) -> None:
+        """The backward passes of one :meth:`backward` call (and the updates of accumulated gradients)."""
+        if not final:
+            self._run(loss, "accumulate")
+        elif self.max_grad_norm is None:
+            self._run(loss, "update")
+            self._flush(None)
+        elif self.accumulate_grad_batches > 1:
+            self._run(loss, "accumulate")
+            self._flush(self._clip_coef({i: self._norm(b) for i, b in self._accum.items()}))
+        else:
+            self._run(loss, "norm", retain_graph=True)
+            self._coef = self._clip_coef(self._norms)
+            self._run(loss, "update")
 
     def step(self, closure: Callable[[], float] | None = None) -> None:  # type: ignore[override]
         """No-op: the updates happen in :meth:`backward`. Call it anyway if an LR scheduler drives ``lr``.

@@ -29,7 +29,7 @@ from torch import Tensor
 from nz_lightning.tensor.workspace import DECODE_POOL
 
 if TYPE_CHECKING:
-    from nz_lightning.tensor.parameter import WeightStore
+    from nz_lightning.tensor.store import WeightStore
 
 __all__ = ["REUSE", "DecodeReuse"]
 

@@ -8,10 +8,13 @@ device tensor counts them faithfully, without a GPU. Python-level reads that nev
 tensor (``tolist``, ``numpy``, ``cpu``) are counted by wrapping those methods while counting.
 
 Each sync is attributed to a phase by the innermost codec entry point on the Python stack: ``"decode"``
-(``WeightStore.decode_block``, row gathers), ``"encode"`` (``WeightStore._encode``), ``"update"`` (a fused update,
-outside its decodes and encodes) or ``"other"`` (the model, the loss, clipping...). Tensors built from Python data
-(``torch.tensor(list)``, ``aten.lift_fresh``) are counted apart as ``uploads``: on CUDA the codec uploads them pinned
-and ``non_blocking`` (``kernels/transfer.py``), which does not block the host, a difference this CPU proxy cannot see.
+(``WeightStore.decode_block``, row gathers), ``"encode"`` (``WeightStore._encode`` and the deferred re-encode's start
+and finish), ``"deferred"`` (a deferred re-encode's read of its histogram: on CUDA a read of pinned host memory that
+an asynchronous copy filled, after its event, see ``nz_lightning/tensor/deferred_encode.py``), ``"update"`` (a fused
+update, outside its decodes and encodes) or ``"other"`` (the model, the loss, clipping...). Tensors built from Python
+data (``torch.tensor(list)``, ``aten.lift_fresh``) are counted apart as ``uploads``: on CUDA the codec uploads them
+pinned and ``non_blocking`` (``kernels/transfer.py``), which does not block the host, a difference this CPU proxy
+cannot see.
 """
 
 from __future__ import annotations
@@ -63,7 +66,7 @@ class SyncEvent:
 
     Attributes:
         op: The aten op (``"aten.nonzero"``) or tensor method (``"Tensor.tolist"``) that synchronised.
-        phase: ``"decode"``, ``"encode"``, ``"update"`` or ``"other"`` (see the module docstring).
+        phase: ``"decode"``, ``"encode"``, ``"deferred"``, ``"update"`` or ``"other"`` (see the module docstring).
         where: ``file:line (function)`` of the innermost caller outside torch.
     """
 
@@ -116,12 +119,16 @@ class HostSyncs:
 
 def _phases() -> dict[CodeType, str]:
     """Code objects of the codec entry points, mapped to the phase they open (imported late: no cycles)."""
+    from nz_lightning.kernels.compress_async import read_counts
     from nz_lightning.optim.blockwise import apply_update
     from nz_lightning.tensor import parameter, workspace
 
     return {
         parameter.WeightStore.decode_block.__code__: "decode",
         parameter.WeightStore._encode.__code__: "encode",
+        parameter.WeightStore._set_block.__code__: "encode",
+        parameter.WeightStore.finish_encode.__code__: "encode",
+        read_counts.__code__: "deferred",
         parameter._row_gather_ok.__code__: "decode",
         workspace.gather_rows.__code__: "decode",
         apply_update.__code__: "update",

@@ -67,3 +67,25 @@ def test_compressed_training_with_options_bit_identical_on_cuda() -> None:
     losses = [train(m, fused_optimizer(m, "adamw", lr=1e-2, seed=3, **options), data) for m in (dense, comp)]
     assert losses[0] == losses[1]
     assert_same_state(dense, comp)
+
+
+def test_deferred_reencodes_on_cuda_write_the_same_bytes() -> None:
+    """On CUDA the fused update's re-encode is deferred by default (pinned histogram copy, event): same bytes as
+    encoding at once."""
+    from nz_lightning.tensor.deferred_encode import ENCODES
+    from tests.helpers.models import batches, train
+
+    assert ENCODES.depth is None and ENCODES.depth_for(DEVICE) == 1
+    data = [b.to(DEVICE) for b in batches(3)]
+    blobs, deferred = [], ENCODES.deferred
+    try:
+        for depth in (0, None):
+            ENCODES.depth = depth
+            comp = build_on_device("llama-bf16", compressed=True)
+            train(comp, fused_optimizer(comp, "adamw", lr=1e-2, max_grad_norm=1.0), data)
+            assert ENCODES.pending == 0
+            blobs.append([p.store.to_blobs() for p in comp.parameters() if is_compressed(p)])
+    finally:
+        ENCODES.depth = None
+    assert blobs[0] == blobs[1]
+    assert ENCODES.deferred > deferred

@@ -13,7 +13,8 @@ import nz_lightning.tensor.workspace as workspace
 from nz_lightning.kernels import compress
 from nz_lightning.lightning.checkpoint_io import compressed_state_dict, load_state_dict, pack_blobs, unpack_blobs
 from nz_lightning.optim import blockwise, fused_optimizer
-from nz_lightning.tensor.parameter import CODEC_STATS, WeightStore, is_compressed, make_parameter
+from nz_lightning.tensor.parameter import WeightStore, is_compressed, make_parameter
+from nz_lightning.tensor.workspace import CODEC_STATS
 from tests.helpers.models import RULE_LR, assert_same_state, batches, build, check_resume, train
 
 BLOCK_BYTES = 3000  # 23 rows of a 64-wide bf16 matrix: uneven blocks with a short last one
