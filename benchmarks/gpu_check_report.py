@@ -214,6 +214,14 @@ def _train_md(r: dict[str, Any]) -> list[str]:
             f"{_f(row.get('peak_gib'))} | {_f(row.get('reserved_gib'))} | {row['step_s']:.3f} | "
             f"{row['tokens_per_s']:.0f} | {row['loss']:.4f} |"
         )
+    for row in r.get("rows", []):
+        if "step_s_sync_encode" in row:
+            out += [
+                "",
+                f"NeuZip step with deferred re-encodes (the default on CUDA) {row['step_s']:.3f} s, with synchronous "
+                f"ones {row['step_s_sync_encode']:.3f} s (same model, next steps); deferred encodes that made the host "
+                f"wait: {row['encodes_waited']} of {row['encodes_deferred']}.",
+            ]
     return out
 
 

@@ -212,11 +212,31 @@ def measure_method(
     row["tokens_per_s"] = seq / row["step_s"]
     if method == "neuzip":
         row["codec"] = _codec_stats()
+        row.update(_sync_encode_steps(step, data[1:3], probe))
     del model, step, data
     gc.collect()
     if probe.cuda:
         torch.cuda.empty_cache()
     return row
+
+
+def _sync_encode_steps(step: Callable[[Any], float], data: list[Any], probe: Probe) -> dict[str, Any]:
+    """More NeuZip steps with every re-encode synchronous (``ENCODES.depth = 0``), for a side-by-side step time with
+    the deferred re-encodes of the measured steps; also how many deferred encodes made the host wait."""
+    from nz_lightning.tensor.deferred_encode import ENCODES
+
+    out: dict[str, Any] = {"encodes_deferred": ENCODES.deferred, "encodes_waited": ENCODES.waited}
+    was, ENCODES.depth = ENCODES.depth, 0
+    times = []
+    try:
+        for batch in data:
+            t0 = probe.sync()
+            step(batch)
+            times.append(probe.sync() - t0)
+    finally:
+        ENCODES.depth = was
+    out["step_s_sync_encode"] = statistics.median(times)
+    return out
 
 
 def run_train(result_path: Path, dry_run: bool) -> dict[str, Any]:
@@ -248,7 +268,13 @@ def _row_line(row: dict[str, Any]) -> str:
     if "error" in row:
         return f"{row['method']}: FAILED {row['error']}"
     peak = "n/a (CPU)" if row.get("peak_gib") is None else f"{row['peak_gib']:.2f} GiB"
-    return f"{row['method']}: peak {peak}, step {row['step_s']:.3f} s, {row['tokens_per_s']:.0f} tokens/s"
+    line = f"{row['method']}: peak {peak}, step {row['step_s']:.3f} s, {row['tokens_per_s']:.0f} tokens/s"
+    if "step_s_sync_encode" in row:
+        line += (
+            f"; with synchronous re-encodes {row['step_s_sync_encode']:.3f} s (deferred encodes so far "
+            f"{row['encodes_deferred']}, waited {row['encodes_waited']})"
+        )
+    return line
 
 
 def run_llama3_8b(result_path: Path, dry_run: bool) -> dict[str, Any]:
