@@ -107,12 +107,12 @@ class NZParameter(torch.Tensor):
 
 
 def _row_gather_ok(weight: NZParameter, args: tuple[Any, ...]) -> bool:
-    """Whether an ``embedding`` lookup can gather block by block (several blocks, valid integer indices)."""
+    """Whether an ``embedding`` lookup can gather block by block (several blocks, integer indices, which
+    :func:`~nz_lightning.tensor.workspace.gather_rows` checks)."""
     idx = args[1] if len(args) > 1 else None
     if len(weight.store.bounds) < 2 or not weight.is_whole_store() or type(idx) is not torch.Tensor:
         return False
-    valid = idx.numel() == 0 or (int(idx.min()) >= 0 and int(idx.max()) < weight.shape[0])
-    return idx.dtype in (torch.int64, torch.int32) and valid
+    return idx.dtype in (torch.int64, torch.int32)
 
 
 def _lazy_view(func: Any, base: NZParameter, rest: tuple[Any, ...], kwargs: dict[str, Any]) -> NZParameter | None:

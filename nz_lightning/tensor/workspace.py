@@ -177,17 +177,38 @@ def gather_rows(store: _RowBlocks, indices: Tensor, pool: WorkspacePool) -> Tens
     """``store``'s rows at ``indices`` (``embedding``'s forward), decoding one row block at a time.
 
     Only the blocks that hold a wanted row are decoded, each into a pooled buffer of one block. The result is the
-    exact rows (a copy), shaped ``indices.shape + store.shape[1:]``. Indices must be valid (checked by the caller).
+    exact rows (a copy), shaped ``indices.shape + store.shape[1:]``. One host read per lookup (on a GPU, a sync): the
+    number of wanted rows in each block, with the indices' minimum and maximum; the positions of each block's rows
+    come from one device sort.
+
+    Raises:
+        IndexError: An index is negative or not below the number of rows.
     """
-    flat = indices.reshape(-1)
+    flat = indices.reshape(-1).to(torch.int64)
+    rows, bounds = store.shape[0], store.bounds
     out = torch.empty((flat.numel(), *store.shape[1:]), dtype=store.dtype, device=store.device)
-    for k, (start, stop) in enumerate(store.bounds):
-        hit = ((flat >= start) & (flat < stop)).nonzero().squeeze(1)
-        if hit.numel() == 0:
+    if flat.numel() == 0:
+        return out.view(*indices.shape, *store.shape[1:])
+    stops = torch.tensor([stop for _, stop in bounds], dtype=torch.int64)
+    stops = stops.pin_memory().to(flat.device, non_blocking=True) if flat.is_cuda else stops.to(flat.device)
+    block_of = torch.searchsorted(stops, flat, right=True)  # rows [start_k, stop_k) -> k; rows >= all stops -> len
+    order = torch.argsort(block_of, stable=True)
+    counts = torch.zeros(len(bounds) + 1, dtype=torch.int64, device=flat.device)
+    counts.index_add_(0, block_of, torch.ones_like(flat))
+    *per_block, _, low, high = torch.cat([counts, flat.min().reshape(1), flat.max().reshape(1)]).tolist()
+    if low < 0 or high >= rows:
+        raise IndexError(
+            f"index out of range in self: embedding indices span [{low}, {high}], the table has {rows} rows"
+        )
+    taken = 0
+    for k, ((start, stop), count) in enumerate(zip(bounds, per_block, strict=True)):
+        if count == 0:
             continue
+        where = order[taken : taken + count]
+        taken += count
         view, base = pool.acquire((stop - start, *store.shape[1:]), store.dtype, store.device)
         try:
-            out[hit] = store.decode_block(k, view)[flat[hit] - start]
+            out[where] = store.decode_block(k, view)[flat[where] - start]
         finally:
             pool.release(base)
     return out.view(*indices.shape, *store.shape[1:])

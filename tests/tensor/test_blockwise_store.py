@@ -14,6 +14,7 @@ from nz_lightning.kernels import compress
 from nz_lightning.lightning.checkpoint_io import compressed_state_dict, load_state_dict, pack_blobs, unpack_blobs
 from nz_lightning.optim import blockwise, fused_optimizer
 from nz_lightning.tensor.parameter import WeightStore, is_compressed, make_parameter
+from nz_lightning.tensor.sync_count import count_host_syncs
 from nz_lightning.tensor.workspace import CODEC_STATS
 from tests.helpers.models import RULE_LR, assert_same_state, batches, build, check_resume, train
 
@@ -109,8 +110,22 @@ def test_embedding_gathers_only_the_blocks_it_needs() -> None:
     assert torch.equal(out, nn.functional.embedding(ids, table)) and CODEC_STATS.decodes == 1
     ids = torch.tensor([69, 0, 35, 12])
     assert torch.equal(nn.functional.embedding(ids, weight), table[ids])
-    with pytest.raises(IndexError):
-        nn.functional.embedding(torch.tensor([70]), weight)
+    for bad in ([70], [3, -1]):
+        with pytest.raises(IndexError, match="out of range"):
+            nn.functional.embedding(torch.tensor(bad), weight)
+    assert nn.functional.embedding(torch.zeros(2, 0, dtype=torch.int64), weight).shape == (2, 0, 8)
+
+
+def test_embedding_lookup_reads_back_once_whatever_the_blocks() -> None:
+    table = torch.randn(70, 8).to(torch.bfloat16)
+    weight = make_parameter(table)
+    weight.store.set_blocks(WeightStore(table, row_block_bytes=5 * 16).blocks)  # 14 blocks of 5 rows
+    ids = torch.randint(0, 70, (3, 40), generator=torch.Generator().manual_seed(0), dtype=torch.int64)
+    for idx in (ids, ids.to(torch.int32), ids.flip(-1)[:, ::3]):
+        with count_host_syncs() as syncs:
+            out = nn.functional.embedding(idx, weight)
+        assert syncs.total == 1 and syncs.by_op() == {"Tensor.tolist": 1}, syncs.summary()
+        assert torch.equal(out.view(torch.int16), table[idx.long()].view(torch.int16))
 
 
 # -- fused training ---------------------------------------------------------------------------------------------
