@@ -91,6 +91,65 @@ def measure_point(x: Any, repeats: int, steps: int, cuda: bool) -> dict[str, Any
     return row
 
 
+def measure_training_decodes(device: Any, dry_run: bool) -> list[dict[str, Any]]:
+    """Decode throughput as training sees it: a bf16 weight held as a ``WeightStore`` (4 MiB row blocks by
+    default, each block one ``decode_block``, the unchecked hot path) against the same weight as one block, and
+    against shorter lanes (more parallel lanes per block). Per row: GB/s of the whole weight (device time, best of
+    a few) and the host time to issue one block decode (wall clock of the issuing loop, no sync inside, over blocks).
+
+    On a GPU a 4 MiB bf16 block has about 1K rANS lanes at 2048 steps per lane (one thread each), far fewer than the
+    device's threads, and every block decode costs Python and launch time on the host (docs/DESIGN.md).
+    """
+    import time
+
+    import torch
+
+    from benchmarks.codec_measure import gbps
+    from nz_lightning.tensor import workspace
+    from nz_lightning.tensor.store import WeightStore
+
+    cuda = device.type == "cuda"
+    numel = (64 << 20) // 2 if not dry_run else 8 << 10
+    block = workspace.ROW_BLOCK_BYTES if not dry_run else 4 << 10
+    rows = numel // 1024
+    x = (torch.randn(rows, 1024, device=device) * 0.02).to(torch.bfloat16)
+    out = torch.empty_like(x)
+    short = 256 if not dry_run else 8
+    cases = [(f"{_size_label(block)} blocks, default lanes", block, None), ("one block, default lanes", None, None)]
+    cases.append((f"{_size_label(block)} blocks, {short} steps/lane", block, short))
+    result = []
+    for label, block_bytes, steps in cases:
+        store = WeightStore(x, "triton", row_block_bytes=block_bytes or 2 * x.numel() * 2)
+        if steps is not None:  # the same row blocks, re-encoded with shorter lanes
+            from nz_lightning.kernels import compress
+
+            store.set_blocks([compress(ct.decompress(), backend="triton", steps_per_lane=steps) for ct in store.blocks])
+        store.decode_into(out)  # warm-up (first decodes are checked)
+        lossless = bool(torch.equal(out.view(torch.int16), x.view(torch.int16)))
+        seconds = best_of(lambda store=store: store.decode_into(out), 1 if dry_run else 5, cuda)
+        if cuda:
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        store.decode_into(out)
+        issue = time.perf_counter() - t0
+        if cuda:
+            torch.cuda.synchronize()
+        blocks = len(store.blocks)
+        result.append(
+            {
+                "case": label,
+                "bytes": x.numel() * 2,
+                "blocks": blocks,
+                "lanes_per_block": store.blocks[0].streams.states.numel() if store.blocks[0].streams is not None else 0,
+                "bpw": 8 * store.serialized_nbytes / x.numel(),
+                "lossless": lossless,
+                "decode_gbps": gbps(x.numel() * 2, seconds),
+                "issue_us_per_block": 1e6 * issue / blocks,
+            }
+        )
+    return result
+
+
 def run(result_path: Path, dry_run: bool) -> dict[str, Any]:
     """Measure every dtype and size; the result file is rewritten after each point (a timeout keeps the rows)."""
     ensure_importable()
@@ -133,7 +192,21 @@ def run(result_path: Path, dry_run: bool) -> dict[str, Any]:
             if cuda:
                 torch.cuda.empty_cache()
             write_result(result_path, result)
-    result["ok"] = bool(result["rows"]) and not result["failures"] and all(r["lossless"] for r in result["rows"])
+    try:
+        result["training"] = measure_training_decodes(device, dry_run)
+        for row in result["training"]:
+            progress(
+                "codec",
+                f"training decode, {row['case']}: {row['decode_gbps']:.1f} GB/s over {row['blocks']} blocks of "
+                f"{row['lanes_per_block']} lanes, {row['issue_us_per_block']:.0f} us host time per block decode, "
+                f"{row['bpw']:.2f} bit/weight, lossless {row['lossless']}",
+            )
+    except Exception as err:  # noqa: BLE001 - recorded like a point
+        result["failures"].append({"point": "training decodes", "error": f"{type(err).__name__}: {err}"})
+        progress("codec", f"training decodes: FAILED {type(err).__name__}: {err}")
+    write_result(result_path, result)
+    lossless = all(r["lossless"] for r in result["rows"] + result.get("training", []))
+    result["ok"] = bool(result["rows"]) and not result["failures"] and lossless
     write_result(result_path, result)
     return result
 

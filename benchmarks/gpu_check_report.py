@@ -191,6 +191,19 @@ def _codec_md(r: dict[str, Any]) -> list[str]:
         )
     out.append("")
     out.append("GB/s count the tensor's bytes once (a copy's memory traffic, read plus write, is twice its figure).")
+    if r.get("training"):
+        out += [
+            "",
+            "Decodes as training makes them (a bf16 weight in a `WeightStore`, `decode_block` per row block):",
+            "",
+            "| case | weight | blocks | lanes per block | bit/weight | lossless | decode GB/s | host us per decode |",
+            "|---|--:|--:|--:|--:|---|--:|--:|",
+        ]
+        out += [
+            f"| {t['case']} | {_size(t['bytes'])} | {t['blocks']} | {t['lanes_per_block']} | {t['bpw']:.2f} | "
+            f"{t['lossless']} | {_gb(t['decode_gbps'])} | {t['issue_us_per_block']:.0f} |"
+            for t in r["training"]
+        ]
     out += [f"- skipped {s['point']}: {s['why']}" for s in r.get("skipped", [])]
     out += [f"- FAILED {f['point']}: {f['error']}" for f in r.get("failures", [])]
     return out

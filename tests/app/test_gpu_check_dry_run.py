@@ -48,6 +48,10 @@ def test_dry_run_every_stage_ok(tmp_path: Path) -> None:
     assert [r["dtype"] for r in codec["rows"]] == ["bfloat16", "float16", "float32"]
     for row in codec["rows"]:
         assert row["lossless"] and row["encode_gbps"] > 0 and row["decode_gbps"] > 0 and row["copy_gbps"] > 0
+    training = codec["training"]  # decodes as training makes them: row blocks, one block, shorter lanes
+    assert [t["blocks"] > 1 for t in training] == [True, False, True]
+    assert training[2]["lanes_per_block"] > training[0]["lanes_per_block"]
+    assert all(t["lossless"] and t["decode_gbps"] > 0 and t["issue_us_per_block"] > 0 for t in training)
 
     rows = {r["method"]: r for r in stages["train"]["result"]["rows"]}
     assert list(rows) == ["vanilla", "lomo", "neuzip"]
@@ -55,6 +59,7 @@ def test_dry_run_every_stage_ok(tmp_path: Path) -> None:
     assert len({r["warmup_loss"] for r in rows.values()}) == 1  # the same weights in all three
     assert rows["lomo"]["loss"] == rows["neuzip"]["loss"]  # compressed == uncompressed, same fused SGD
     assert rows["neuzip"]["codec"]["decodes"] > 0 and rows["neuzip"]["codec"]["encodes"] > 0
+    assert rows["neuzip"]["step_s_sync_encode"] > 0  # the side-by-side step with synchronous re-encodes
 
     big = stages["llama3_8b"]["result"]
     assert big["params"] > 0 and big["measured_s"] > 0 and math.isfinite(big["measured_loss"])
@@ -63,6 +68,7 @@ def test_dry_run_every_stage_ok(tmp_path: Path) -> None:
     assert "## GPU check (dry run on the CPU)" in markdown and "| stage | status |" in markdown
     assert all(f"| {name} | ok |" in markdown for name in STAGES)
     assert "### Codec throughput" in markdown and "### Llama-3 8B architecture" in markdown
+    assert "Decodes as training makes them" in markdown and "with synchronous ones" in markdown
     assert markdown.strip() in proc.stdout
     assert "===== codec:" in (tmp_path / "gpu_check.log").read_text()
 
