@@ -134,13 +134,24 @@ class CodecBackend(Protocol):
         ...
 
     def decode_flagged(
-        self, streams: Streams, spec: FloatSpec, tables: torch.Tensor, prob_bits: int, steps: int, out: torch.Tensor
+        self,
+        streams: Streams,
+        spec: FloatSpec,
+        tables: torch.Tensor,
+        prob_bits: int,
+        steps: int,
+        out: torch.Tensor,
+        flag: torch.Tensor | None = None,
     ) -> torch.Tensor | None:
         """:meth:`decode` without waiting for its consistency check (no host sync on a device backend).
 
+        ``flag``, if given, is an int32 device tensor of one element (a per-stream error flag) that the backend ORs
+        1 into when the lanes are inconsistent, instead of returning its own flag.
+
         Returns:
             A boolean device scalar, true when the lanes did not decode consistently (``out`` then holds garbage),
-            or ``None`` when the backend checked on the host already. Default: :meth:`decode` (which raises).
+            or ``None`` when ``flag`` was given or the backend checked on the host already. Default: :meth:`decode`
+            (which raises).
 
         Raises:
             ValueError: The array sizes do not match the layout (checked on the host), or (default) corrupt data.
@@ -171,7 +182,9 @@ class FunctionBackend(CodecBackend):
         exponent_histogram: Callable[[torch.Tensor, FloatSpec], torch.Tensor],
         encode: Callable[[torch.Tensor, FloatSpec, FreqTable, int], Streams],
         decode: Callable[[Streams, FloatSpec, torch.Tensor, int, int, torch.Tensor], None],
-        decode_flagged: Callable[[Streams, FloatSpec, torch.Tensor, int, int, torch.Tensor], torch.Tensor | None]
+        decode_flagged: Callable[
+            [Streams, FloatSpec, torch.Tensor, int, int, torch.Tensor, torch.Tensor | None], torch.Tensor | None
+        ]
         | None = None,
         encode_bounded: Callable[[torch.Tensor, FloatSpec, FreqTable, int, int], Streams] | None = None,
     ) -> None:
@@ -196,11 +209,18 @@ class FunctionBackend(CodecBackend):
         self._decode(streams, spec, tables, prob_bits, steps, out)
 
     def decode_flagged(
-        self, streams: Streams, spec: FloatSpec, tables: torch.Tensor, prob_bits: int, steps: int, out: torch.Tensor
+        self,
+        streams: Streams,
+        spec: FloatSpec,
+        tables: torch.Tensor,
+        prob_bits: int,
+        steps: int,
+        out: torch.Tensor,
+        flag: torch.Tensor | None = None,
     ) -> torch.Tensor | None:
         if self._decode_flagged is None:
-            return super().decode_flagged(streams, spec, tables, prob_bits, steps, out)
-        return self._decode_flagged(streams, spec, tables, prob_bits, steps, out)
+            return super().decode_flagged(streams, spec, tables, prob_bits, steps, out, flag)
+        return self._decode_flagged(streams, spec, tables, prob_bits, steps, out, flag)
 
 
 def _anywhere(device: torch.device) -> str | None:

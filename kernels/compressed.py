@@ -20,7 +20,7 @@ from .layout import (
     num_lanes,
 )
 from .spec import FloatSpec, folded, spec_for
-from .streams import Streams
+from .streams import Streams, word_offsets
 from .transfer import DECODE_CHECKS
 
 MODE_RAW = 0
@@ -103,8 +103,10 @@ class CompressedTensor:
     @property
     def nbytes(self) -> int:
         """Every byte this compressed form holds: header, table, lane states and counts, payload, checksum,
-        plus the decoder lookup tables that decodes have built and cached (one per backend used)."""
+        plus the decoder lookup tables (one per backend used) and word offsets that decodes have built and cached."""
         cached = sum(t.numel() * t.element_size() for t in self._tables.values())
+        offsets = None if self.streams is None else self.streams.offsets
+        cached += 0 if offsets is None else offsets.numel() * offsets.element_size()
         return blob.serialized_size(self) + cached
 
     @property
@@ -124,8 +126,10 @@ class CompressedTensor:
         return cached
 
     def drop_caches(self) -> None:
-        """Free the cached decoder tables (they are rebuilt on the next decode)."""
+        """Free the cached decoder tables and word offsets (they are rebuilt on the next decode)."""
         self._tables.clear()
+        if self.streams is not None:
+            self.streams.offsets = None
 
     def decompress(
         self, out: torch.Tensor | None = None, *, backend: str | None = None, check: bool = True
@@ -185,7 +189,9 @@ class CompressedTensor:
             impl.decode(*args)
             self.verified = True
             return out
-        bad = impl.decode_flagged(*args)
+        if impl.name == "triton" and self.numel() >= CACHE_TABLES_MIN_NUMEL and self.streams.offsets is None:
+            self.streams.offsets = word_offsets(self.streams.counts)  # the decode is then one kernel launch
+        bad = impl.decode_flagged(*args, flag=DECODE_CHECKS.flag(self.device))
         if bad is not None:
             DECODE_CHECKS.record(bad)
         return out

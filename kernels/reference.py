@@ -155,11 +155,21 @@ def decode(
 
 
 def decode_flagged(
-    streams: Streams, spec: FloatSpec, tables: torch.Tensor, prob_bits: int, steps: int, out: torch.Tensor
-) -> torch.Tensor:
+    streams: Streams,
+    spec: FloatSpec,
+    tables: torch.Tensor,
+    prob_bits: int,
+    steps: int,
+    out: torch.Tensor,
+    flag: torch.Tensor | None = None,
+) -> torch.Tensor | None:
     """:func:`decode` without the host check: returns a boolean scalar, true when the data was inconsistent (and
-    ``out`` holds garbage)."""
-    return _decode(streams, spec, tables, prob_bits, steps, out, check=False)
+    ``out`` holds garbage), or ORs it into the int32 ``flag`` and returns ``None``."""
+    bad = _decode(streams, spec, tables, prob_bits, steps, out, check=False)
+    if flag is None:
+        return bad
+    flag.bitwise_or_(bad.to(flag.dtype))
+    return None
 
 
 def _decode(

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -27,6 +27,7 @@ class Streams:
     words: torch.Tensor
     sm: torch.Tensor
     used: torch.Tensor | None = None
+    offsets: torch.Tensor | None = field(default=None, compare=False, repr=False)
 
     def settle(self, total: int | None = None) -> Streams:
         """Trim ``words`` to the stream's length if it is a larger buffer (one host read, once); returns ``self``.

@@ -59,15 +59,19 @@ class DeferredChecks:
         self._flags: dict[tuple[torch.device, int], torch.Tensor] = {}
         self._lock = threading.Lock()
 
-    def record(self, bad: torch.Tensor) -> None:
-        """OR the boolean device scalar ``bad`` (true: corrupt) into this device's and stream's flag (no sync)."""
-        key = _stream_key(bad.device)
+    def flag(self, device: torch.device) -> torch.Tensor:
+        """The int32 flag (0-d) of ``device`` and its current stream, created at 0; a decode may OR 1 into it."""
+        key = _stream_key(device)
         with self._lock:
             flag = self._flags.get(key)
             if flag is None:
                 with torch.inference_mode(False):
-                    flag = self._flags[key] = torch.zeros((), dtype=torch.int32, device=bad.device)
-        flag.bitwise_or_(bad.to(torch.int32))
+                    flag = self._flags[key] = torch.zeros((), dtype=torch.int32, device=device)
+        return flag
+
+    def record(self, bad: torch.Tensor) -> None:
+        """OR the boolean device scalar ``bad`` (true: corrupt) into this device's and stream's flag (no sync)."""
+        self.flag(bad.device).bitwise_or_(bad.to(torch.int32))
 
     def pending(self) -> int:
         """Number of flags held (each costs one sync to check)."""

@@ -201,7 +201,13 @@ def decode(
 
 
 def decode_flagged(
-    streams: Streams, spec: FloatSpec, tables: torch.Tensor, prob_bits: int, steps: int, out: torch.Tensor
+    streams: Streams,
+    spec: FloatSpec,
+    tables: torch.Tensor,
+    prob_bits: int,
+    steps: int,
+    out: torch.Tensor,
+    flag: torch.Tensor | None = None,
 ) -> torch.Tensor | None:
     """Decode into the flat contiguous float tensor ``out`` (``numel`` = n) without any host sync.
 
@@ -213,10 +219,12 @@ def decode_flagged(
         prob_bits: log2 of the frequency total.
         steps: Symbols per lane (``steps_per_lane``).
         out: Contiguous destination tensor of dtype ``spec.dtype``.
+        flag: An int32 device tensor of one element that the kernel ORs 1 into on an inconsistent lane, instead of
+            a flag of its own (then nothing is returned: the decode is one kernel launch, with ``streams.offsets``).
 
     Returns:
         A boolean device scalar, true when a lane read past its words or did not end in the initial state with all
-        words used (``out`` then holds garbage); ``None`` for an empty ``out``.
+        words used (``out`` then holds garbage); ``None`` for an empty ``out`` or when ``flag`` is given.
 
     Raises:
         ValueError: The arrays do not have the sizes the layout implies (host-side metadata only).
@@ -246,9 +254,11 @@ def decode_flagged(
     words = streams.words.to(device=device, dtype=torch.int16).contiguous()
     sm = streams.sm.to(device=device, dtype=torch.uint8).contiguous()
     tab = tables.to(device=device, dtype=torch.int32).contiguous()
-    offsets = word_offsets(counts)
+    cached = streams.offsets
+    offsets = cached if cached is not None and cached.device == device else word_offsets(counts)
     nwords = words.numel()
-    status = torch.empty(nl, dtype=torch.int32, device=device)
+    own = flag is None
+    status = torch.zeros((), dtype=torch.int32, device=device) if flag is None else flag
     lanes = _lanes_per_program(nl, device, gpu)
     tk.decode_kernel[(triton.cdiv(nl, lanes),)](
         states,
@@ -272,8 +282,8 @@ def decode_flagged(
         num_warps=max(1, lanes // 32) if gpu else 1,
     )
     # ``words`` may be a larger buffer than the stream (``Streams.used``, from ``encode_bounded``); loaded blobs have
-    # exactly ``sum(counts)`` words (``blob.loads`` checks it).
-    return status.any() | (offsets[-1] > nwords)
+    # exactly ``sum(counts)`` words (``blob.loads`` checks it). The kernel flags a lane whose stream ends past it.
+    return status != 0 if own else None
 
 
 BACKEND = FunctionBackend("triton", exponent_histogram, encode, decode, decode_flagged, encode_bounded)

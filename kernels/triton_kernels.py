@@ -181,7 +181,7 @@ def decode_kernel(
     sm_ptr,
     nbytes,
     out_ptr,
-    status_ptr,
+    flag_ptr,
     n,
     num_lanes,
     k,
@@ -195,9 +195,10 @@ def decode_kernel(
 
     At each step a lane decodes one exponent symbol (LUT gather), renormalizes from its own word stream (masked
     load, never past its ``count`` words), reads its sign+mantissa field from the packed bytes and writes the merged
-    float bits to ``out`` (the 32 lanes of a segment write 32 consecutive elements). ``status[l]`` is set to 1 when
-    the lane is inconsistent: it needed a word past its stream, or it does not end in state ``L`` having consumed
-    exactly ``count`` words.
+    float bits to ``out`` (the 32 lanes of a segment write 32 consecutive elements). ``flag`` (one int32) is ORed
+    with 1 (atomically, once per program) when a lane of the program is inconsistent: it needed a word past its
+    stream, it does not end in state ``L`` having consumed exactly ``count`` words, or its stream ends past
+    ``nwords``.
     """
     M: tl.constexpr = 1 << PB
     W: tl.constexpr = MAN_BITS + 1
@@ -243,5 +244,6 @@ def decode_kernel(
         else:
             val = merged.to(tl.int32, bitcast=True)
         tl.store(out_ptr + idx, val, mask=active)
-    bad = bad | (x != _STATE_LOWER) | (ptr != cnt)
-    tl.store(status_ptr + lane, bad.to(tl.int32), mask=lane_ok)
+    bad = lane_ok & (bad | (x != _STATE_LOWER) | (ptr != cnt) | (woff + cnt > nwords))
+    any_bad = tl.max(bad.to(tl.int32), axis=0)
+    tl.atomic_or(flag_ptr, any_bad, mask=any_bad != 0)
