@@ -5,10 +5,10 @@ This folder installs as ``nz_lightning.kernels`` (never as a top-level ``kernels
 ``nz_lightning`` uses only the names exported here (``nz_lightning/kernels.pyi`` mirrors them for mypy).
 """
 
+from .async_encode import PendingCompress, compress_async
 from .backends import BACKENDS
 from .blob import PEEK_BYTES, serialized_size
 from .blob import peek as peek_blob
-from .compress_async import PendingCompress, compress_async
 from .compressed import MODE_CONST, MODE_LOSSY, MODE_RANS, MODE_RAW, CompressedTensor, compress
 from .freqtable import FreqTable, entropy_bits, quantize_counts
 from .lossy import DEFAULT_BLOCK_SIZE

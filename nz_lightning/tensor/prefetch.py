@@ -145,6 +145,7 @@ class Prefetcher:
                 self._pending = old
                 return
             self._drop(old)
+        blocks = store.blocks  # finishes the store's deferred re-encodes here, on the main stream, before the side one
         device = store.device
         view, base = DECODE_POOL.acquire(store.shape, store.dtype, device)
         event = None
@@ -158,7 +159,7 @@ class Prefetcher:
             base.record_stream(side)
         else:
             store.decode_into(view)
-        self._pending = _Pending(store, store.blocks, view, base, event)
+        self._pending = _Pending(store, blocks, view, base, event)
 
     def _drop(self, pending: _Pending) -> None:
         if pending.event is not None:

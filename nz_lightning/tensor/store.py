@@ -122,8 +122,15 @@ class WeightStore:
     def _blocks(self) -> list[CompressedTensor]:
         """The row blocks, every deferred re-encode of this store finished first."""
         for k in sorted(self._pending):
-            self.finish_encode(k, self._pending[k])
+            self._finish_block(k)
         return self._held
+
+    def _finish_block(self, k: int) -> CompressedTensor:
+        """Row block ``k``, its deferred re-encode (if any) finished first."""
+        pending = self._pending.get(k)
+        if pending is not None:
+            self.finish_encode(k, pending)
+        return self._held[k]
 
     @property
     def blocks(self) -> list[CompressedTensor]:
@@ -176,13 +183,15 @@ class WeightStore:
 
     def finish_encode(self, k: int, pending: PendingCompress) -> None:
         """Take the result of row block ``k``'s deferred re-encode ``pending`` (ignored if it was superseded)."""
-        if not self.awaits(k, pending):
-            return
-        start = time.perf_counter()
-        self._held[k] = pending.result()
-        del self._pending[k]
-        CODEC_STATS.encodes += 1
-        CODEC_STATS.encode_seconds += time.perf_counter() - start
+        with ENCODES.lock:
+            if not self.awaits(k, pending):
+                return
+            start = time.perf_counter()
+            ENCODES.waited += not pending.ready
+            self._held[k] = pending.result()
+            del self._pending[k]
+            CODEC_STATS.encodes += 1
+            CODEC_STATS.encode_seconds += time.perf_counter() - start
 
     @property
     def shape(self) -> torch.Size:
@@ -219,7 +228,7 @@ class WeightStore:
     def decode_block(self, k: int, out: Tensor | None = None) -> Tensor:
         """Decode row block ``k`` (into the contiguous ``out`` of its shape if given; no host sync) and return it."""
         start = time.perf_counter()
-        out = self._blocks[k].decompress(out=out, backend=self.backend, check=False)
+        out = self._finish_block(k).decompress(out=out, backend=self.backend, check=False)
         CODEC_STATS.decodes += 1
         CODEC_STATS.decode_seconds += time.perf_counter() - start
         return out

@@ -119,7 +119,7 @@ class HostSyncs:
 
 def _phases() -> dict[CodeType, str]:
     """Code objects of the codec entry points, mapped to the phase they open (imported late: no cycles)."""
-    from nz_lightning.kernels.compress_async import read_counts
+    from nz_lightning.kernels.async_encode import read_counts
     from nz_lightning.optim.blockwise import apply_update
     from nz_lightning.tensor import parameter, workspace
 

@@ -13,7 +13,7 @@ from nz_lightning.tensor.convert import compress_model
 from nz_lightning.tensor.deferred_encode import ENCODES
 from nz_lightning.tensor.parameter import NZParameter, WeightStore
 from nz_lightning.tensor.sync_count import count_host_syncs
-from nz_lightning.tensor.workspace import CODEC_STATS
+from nz_lightning.tensor.workspace import CODEC_STATS, row_block
 from tests.helpers.models import MlpLM, assert_same_state, batches, build, loss_of, train
 
 
@@ -143,3 +143,51 @@ def test_triton_step_reads_the_histogram_only_through_the_deferred_copy() -> Non
     assert syncs.count("decode") == syncs.count("update") == syncs.count("other") == 0, syncs.summary()
     assert syncs.count("encode") == 0, syncs.summary()  # no blocking read while encoding
     assert syncs.by_op("deferred") == {"Tensor.tolist": syncs.encodes}, syncs.summary()  # one pinned-buffer read each
+
+
+def test_decoding_a_block_leaves_the_other_blocks_encodes_pending() -> None:
+    ENCODES.depth = 8
+    value = torch.randn(40, 8).to(torch.bfloat16)
+    store = WeightStore(value, "torch", row_block_bytes=10 * 16)  # 4 blocks of 10 rows
+    new = value * 2
+    with ENCODES.deferring():
+        for k in range(4):  # what a block-wise update does: decode block k, update it, write it back
+            store.decode_block(k)
+            store.write_block(k, row_block(new, store.bounds, k))
+            assert sorted(store._pending) == list(range(k + 1))  # earlier blocks' encodes are still pending
+        assert ENCODES.pending == 4
+    assert not store._pending and torch.equal(store.read().view(torch.int16), new.view(torch.int16))
+
+
+def test_the_oldest_encode_is_finished_first() -> None:
+    ENCODES.depth = 2
+    stores = [WeightStore(torch.randn(8, 8), "torch") for _ in range(3)]
+    with ENCODES.deferring():
+        for st in stores:
+            st.write(torch.randn(8, 8))
+        assert [bool(st._pending) for st in stores] == [False, True, True]
+
+
+def test_a_failing_encode_does_not_hide_the_backward_error_nor_stop_the_others(monkeypatch: pytest.MonkeyPatch) -> None:
+    ENCODES.depth = 8
+    good, bad = WeightStore(torch.randn(8, 8), "torch"), WeightStore(torch.randn(8, 8), "torch")
+    value = torch.randn(8, 8)
+    with ENCODES.deferring():
+        bad.write(torch.randn(8, 8))
+        good.write(value)
+        failing = bad._pending[0]
+        monkeypatch.setattr(failing, "result", lambda: (_ for _ in ()).throw(RuntimeError("encoder failed")))
+        with pytest.raises(RuntimeError, match="boom"), ENCODES.deferring():
+            raise RuntimeError("boom")  # an inner pass's own error wins over the encode's
+        assert bad._pending and not good._pending  # the others were finished anyway
+    assert torch.equal(good.read(), value)
+    with pytest.raises(RuntimeError, match="encoder failed"):  # still pending in its store: its next read retries
+        bad.read()
+
+
+def test_a_failing_encode_is_raised_when_the_backward_ends(monkeypatch: pytest.MonkeyPatch) -> None:
+    ENCODES.depth = 8
+    store = WeightStore(torch.randn(8, 8), "torch")
+    with pytest.raises(RuntimeError, match="encoder failed"), ENCODES.deferring():
+        store.write(torch.randn(8, 8))
+        monkeypatch.setattr(store._pending[0], "result", lambda: (_ for _ in ()).throw(RuntimeError("encoder failed")))

@@ -10,11 +10,13 @@ choices). For small tensors the constant-mode check (all elements one bit patter
 the only host read is that one copy; a larger tensor whose histogram has a single symbol (rare) checks it at
 ``result`` (one more read).
 
-The caller must not modify the tensor before ``result``: it is copied unless ``copy=False``.
+The caller must not modify the tensor before ``result``: it is copied unless ``copy=False``. On CUDA the encoder runs
+on the stream that was current at ``compress_async`` (see :meth:`PendingCompress.result`).
 """
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import torch
@@ -51,6 +53,7 @@ class PendingCompress:
         host: torch.Tensor | None,
         event: Any = None,
         done: CompressedTensor | None = None,
+        stream: Any = None,
     ) -> None:
         self._x: torch.Tensor | None = x
         self._impl = impl
@@ -58,6 +61,7 @@ class PendingCompress:
         self._steps = steps_per_lane
         self._host = host
         self._event = event
+        self._stream = stream  # the CUDA stream it was started on (the encoder runs there too)
         self._done = done
         self.device = x.device
         self.numel = x.numel()
@@ -75,7 +79,11 @@ class PendingCompress:
 
     def result(self) -> CompressedTensor:
         """The compressed tensor: the same as ``compress`` with these options. Waits for the histogram copy (only)
-        if it has not landed, then chooses the table and launches the encoder; later calls return the same object."""
+        if it has not landed, then chooses the table and launches the encoder; later calls return the same object.
+
+        On CUDA the encoder runs on the stream the compression was started on (where its input was written and
+        copied), and the caller's current stream then waits for it, so the result is safe to use on either.
+        """
         if self._done is None:
             assert self._x is not None and self._host is not None
             if self._event is not None:
@@ -83,8 +91,14 @@ class PendingCompress:
             counts = read_counts(self._host)
             x = self._x
             uniform = bool(counts.pop()) if x.numel() <= UNIFORM_FLAG_MAX_NUMEL else None
-            self._done = encode_lossless(x, self._impl, counts, self._prob_bits, self._steps, uniform)
-            self._x = self._host = self._event = None
+            with contextlib.nullcontext() if self._stream is None else torch.cuda.stream(self._stream):
+                done = encode_lossless(x, self._impl, counts, self._prob_bits, self._steps, uniform)
+            if self._stream is not None:
+                current = torch.cuda.current_stream(self.device)
+                if current != self._stream:
+                    current.wait_stream(self._stream)
+            self._done = done
+            self._x = self._host = self._event = self._stream = None
         return self._done
 
 
@@ -123,6 +137,7 @@ def compress_async(
         return PendingCompress(x, impl, prob_bits, steps_per_lane, counts)
     host = torch.empty(counts.shape, dtype=counts.dtype, pin_memory=True)
     host.copy_(counts, non_blocking=True)
+    stream = torch.cuda.current_stream(x.device)
     event = torch.cuda.Event()
-    event.record(torch.cuda.current_stream(x.device))
-    return PendingCompress(x, impl, prob_bits, steps_per_lane, host, event)
+    event.record(stream)
+    return PendingCompress(x, impl, prob_bits, steps_per_lane, host, event, stream=stream)

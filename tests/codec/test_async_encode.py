@@ -8,7 +8,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from nz_lightning.kernels import MODE_CONST, compress, compress_async
-from nz_lightning.kernels.compress_async import UNIFORM_FLAG_MAX_NUMEL
+from nz_lightning.kernels.async_encode import UNIFORM_FLAG_MAX_NUMEL
 from nz_lightning.tensor.sync_count import count_host_syncs
 from tests.helpers.generators import float_tensors
 
