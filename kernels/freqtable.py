@@ -38,11 +38,14 @@ class FreqTable:
 
     def decode_tables(self, alphabet: int, device: torch.device | str) -> torch.Tensor:
         """Decoder tables packed in one int32 tensor: ``[lut (2^prob_bits) | freq (alphabet) | cum (alphabet)]``."""
-        freq, cum = self.dense(alphabet)
-        sym = torch.tensor(self.symbols, dtype=torch.int32)
-        lut = torch.repeat_interleave(sym, torch.tensor(self.freqs, dtype=torch.int64))
-        packed = torch.cat([lut, torch.tensor(freq, dtype=torch.int32), torch.tensor(cum, dtype=torch.int32)])
-        return packed.to(device)
+        return torch.from_numpy(self.decode_tables_array(alphabet)).to(device)
+
+    def decode_tables_array(self, alphabet: int) -> np.ndarray:
+        """:meth:`decode_tables` as an int32 numpy array on the host (numpy's ``repeat`` builds the lookup table in
+        microseconds, where ``torch.repeat_interleave`` on a CPU took milliseconds)."""
+        freq, cum = self.dense_arrays(alphabet)
+        lut = np.repeat(np.asarray(self.symbols, dtype=np.int32), np.asarray(self.freqs, dtype=np.int64))
+        return np.concatenate([lut, freq.astype(np.int32), cum.astype(np.int32)])
 
     def cost_bits(self, counts: list[int]) -> float:
         """Ideal coded size in bits of symbols with these counts under this table."""

@@ -32,15 +32,10 @@ def upload(host: torch.Tensor, device: torch.device | str) -> torch.Tensor:
 def decoder_tables(table: FreqTable, alphabet: int, device: torch.device | str) -> torch.Tensor:
     """Decoder tables ``[lut (2^prob_bits) | freq (alphabet) | cum (alphabet)]`` (int32) uploaded to ``device``.
 
-    Equal to ``table.decode_tables(alphabet, device)``; the lookup table is expanded with its known size
-    (``output_size``), so building it reads nothing back.
+    Equal to ``table.decode_tables(alphabet, device)``: built on the host from the table alone (numpy), so building
+    it reads nothing back, then uploaded without blocking.
     """
-    freq, cum = table.dense(alphabet)
-    sym = torch.tensor(table.symbols, dtype=torch.int32)
-    reps = torch.tensor(table.freqs, dtype=torch.int64)
-    lut = torch.repeat_interleave(sym, reps, output_size=1 << table.prob_bits)
-    packed = torch.cat([lut, torch.tensor(freq, dtype=torch.int32), torch.tensor(cum, dtype=torch.int32)])
-    return upload(packed, device)
+    return upload(torch.from_numpy(table.decode_tables_array(alphabet)), device)
 
 
 def _stream_key(device: torch.device) -> tuple[torch.device, int]:

@@ -69,23 +69,33 @@ def test_compressed_training_with_options_bit_identical_on_cuda() -> None:
     assert_same_state(dense, comp)
 
 
-def test_deferred_reencodes_on_cuda_write_the_same_bytes() -> None:
-    """On CUDA the fused update's re-encode is deferred by default (pinned histogram copy, event): same bytes as
-    encoding at once."""
+@pytest.mark.parametrize("layout", ["one-block", "row-blocks+prefetch"])
+def test_deferred_reencodes_on_cuda_write_the_same_bytes(layout: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """On CUDA the fused update's re-encode is deferred by default (pinned histogram copy, event, encoder on the
+    starting stream): the same bytes as encoding at once, also for weights held as row blocks with decode-ahead on
+    its side stream."""
+    import contextlib
+
+    from nz_lightning.tensor import workspace
     from nz_lightning.tensor.deferred_encode import ENCODES
+    from nz_lightning.tensor.prefetch import prefetch_decodes
     from tests.helpers.models import batches, train
 
+    if layout != "one-block":
+        monkeypatch.setattr(workspace, "ROW_BLOCK_BYTES", 4096)  # every projection of the tiny Llama in 2+ blocks
     assert ENCODES.depth is None and ENCODES.depth_for(DEVICE) == 1
     data = [b.to(DEVICE) for b in batches(3)]
-    blobs, deferred = [], ENCODES.deferred
+    blobs, losses, deferred = [], [], ENCODES.deferred
     try:
         for depth in (0, None):
             ENCODES.depth = depth
             comp = build_on_device("llama-bf16", compressed=True)
-            train(comp, fused_optimizer(comp, "adamw", lr=1e-2, max_grad_norm=1.0), data)
+            opt = fused_optimizer(comp, "adamw", lr=1e-2, max_grad_norm=1.0)
+            with prefetch_decodes() if layout != "one-block" else contextlib.nullcontext():
+                losses.append(train(comp, opt, data))
             assert ENCODES.pending == 0
             blobs.append([p.store.to_blobs() for p in comp.parameters() if is_compressed(p)])
     finally:
         ENCODES.depth = None
-    assert blobs[0] == blobs[1]
+    assert losses[0] == losses[1] and blobs[0] == blobs[1]
     assert ENCODES.deferred > deferred
