@@ -41,8 +41,33 @@ ROW_ALIGN = 64
 """Rows per part are a multiple of this (and of the world size)."""
 
 
+class _FanOut(torch.autograd.Function):
+    """``n`` aliases of ``x`` whose gradients are summed in fp32 and rounded to ``x``'s dtype once.
+
+    Autograd would sum the parts' input gradients in ``x``'s dtype, one rounding per part (bf16: 8 mantissa bits);
+    the unsplit layer rounds its one GEMM once.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, n: int) -> tuple[Tensor, ...]:
+        return tuple(x.view_as(x) for _ in range(n))
+
+    @staticmethod
+    def backward(ctx: Any, *grads: Tensor | None) -> tuple[Tensor | None, None]:
+        present = [g for g in grads if g is not None]
+        if not present:
+            return None, None
+        total = present[0].to(torch.float32, copy=True)
+        for g in present[1:]:
+            total += g
+        return total.to(present[0].dtype), None
+
+
 class RowSplitLinear(nn.Module):
     """An ``nn.Linear`` held as parts of its output rows: ``forward`` concatenates the parts' outputs.
+
+    The input gradient, a sum of the parts' partial products, is summed in fp32 and rounded once for a 16-bit input
+    (closer to the unsplit layer's one GEMM than a sum in the input's dtype; not the same bits).
 
     Args:
         parts: Linear layers with the same input size (and all with or all without bias), in row order.
@@ -58,7 +83,10 @@ class RowSplitLinear(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """The whole layer's output: each part's rows, concatenated on the last dimension."""
-        return torch.cat([part(x) for part in self.parts], dim=-1)
+        n = len(self.parts)
+        fan = n > 1 and x.requires_grad and x.dtype in (torch.bfloat16, torch.float16)
+        inputs = _FanOut.apply(x, n) if fan else (x,) * n
+        return torch.cat([part(xi) for part, xi in zip(self.parts, inputs, strict=True)], dim=-1)
 
 
 class _RowsLookup(torch.autograd.Function):

@@ -57,6 +57,26 @@ def test_linear_parts_give_the_linear_output_and_gradients() -> None:
     assert torch.equal(torch.cat([p.bias for p in split.parts]), whole.bias)
 
 
+def test_a_split_heads_bf16_input_gradient_is_summed_in_fp32() -> None:
+    torch.manual_seed(0)
+    whole = nn.Linear(256, 4096, bias=False).to(torch.bfloat16)
+    split = split_rows(whole, cap=256 * 256 * 2)  # 16 parts
+    assert isinstance(split, RowSplitLinear) and len(split.parts) == 16
+    x = torch.randn(64, 256).to(torch.bfloat16).requires_grad_()
+    g = torch.randn(64, 4096).to(torch.bfloat16)
+    exact = g.double() @ whole.weight.double()
+    (gx_split,) = torch.autograd.grad(split(x), x, g)
+    (gx_whole,) = torch.autograd.grad(whole(x), x, g)
+    partial = sum(gi @ p.weight for gi, p in zip(g.split(256, dim=-1), split.parts, strict=True))  # bf16 sums
+    assert gx_split.dtype == torch.bfloat16 and torch.equal(split(x), whole(x))
+    err = {k: (v.double() - exact).norm().item() for k, v in {"split": gx_split, "whole": gx_whole}.items()}
+    err["bf16 sum"] = (partial.double() - exact).norm().item()
+    assert err["split"] < 0.6 * err["bf16 sum"] and err["split"] < 1.6 * err["whole"], err
+    xf = x.detach().float().requires_grad_()  # fp32 input: summed by autograd as before
+    (gx_fp32,) = torch.autograd.grad(split.float()(xf), xf, g.float())
+    torch.testing.assert_close(gx_fp32, g.float() @ whole.weight.float())
+
+
 def test_compressed_weights_are_decoded_into_the_parts() -> None:
     model = nn.Sequential(nn.Linear(8, 256, bias=False)).to(torch.bfloat16)
     dense = model[0].weight.detach().clone()
