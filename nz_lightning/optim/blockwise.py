@@ -115,29 +115,31 @@ def apply_update(
     factored = isinstance(rule, AdaLomo) and "exp_avg_sq_row" in state
     if coef is not None and not (len(bounds) > 1 and rule.elementwise):
         grad, coef = grad * coef.to(grad.device), None  # out of place: autograd may still share the gradient
-    if len(bounds) > 1 and factored:
-        assert isinstance(rule, AdaLomo)
-        _factored_blocks(p, bounds, grad, state, rule, lr, step, noise)
-    elif len(bounds) > 1 and rule.elementwise:
-        shaped = {k for k, v in state.items() if isinstance(v, Tensor) and v.shape == p.shape}
-        for k in range(len(bounds)):
-            g = row_block(grad, bounds, k)
-            g = g if coef is None else g * coef.to(g.device)
-            st = {key: row_block(v, bounds, k) if key in shaped else v for key, v in state.items()}
-            with _block(p, bounds, k) as value:
-                new = _rule(rule, value, g, st, lr, step, store is not None, _block_noise(noise, p, bounds, k))
-                _write_block(p, bounds, k, new)
-    else:
-        # the value decoded for this weight's backward op, if still held (nz_lightning.tensor.reuse), else a decode
-        reused = REUSE.take(p.store) if isinstance(p, NZParameter) and p.is_whole_store() else None
-        try:
-            value = read_dense(p) if reused is None else reused[0]
+    # the value decoded for this weight's backward op, if still held (nz_lightning.tensor.reuse), else decodes
+    reused = REUSE.take(p.store) if isinstance(p, NZParameter) and p.is_whole_store() else None
+    held = None if reused is None else reused[0]
+    try:
+        if len(bounds) > 1 and factored:
+            assert isinstance(rule, AdaLomo)
+            _factored_blocks(p, bounds, grad, state, rule, lr, step, noise, held)
+        elif len(bounds) > 1 and rule.elementwise:
+            shaped = {k for k, v in state.items() if isinstance(v, Tensor) and v.shape == p.shape}
+            for k in range(len(bounds)):
+                g = row_block(grad, bounds, k)
+                g = g if coef is None else g * coef.to(g.device)
+                st = {key: row_block(v, bounds, k) if key in shaped else v for key, v in state.items()}
+                with _block(p, bounds, k, held) as value:
+                    new = _rule(rule, value, g, st, lr, step, store is not None, _block_noise(noise, p, bounds, k))
+                    _write_block(p, bounds, k, new)
+        else:
+            value = read_dense(p) if held is None else held
             new = _rule(rule, value, grad, state, lr, step, store is not None, _block_noise(noise, p, bounds, 0))
             del value  # free the decoded copy before re-encoding
             write_dense(p, new)
-        finally:
-            if reused is not None:
-                DECODE_POOL.release(reused[1])
+    finally:
+        del held
+        if reused is not None:
+            DECODE_POOL.release(reused[1])
 
 
 def _factored_blocks(
@@ -149,15 +151,17 @@ def _factored_blocks(
     lr: float,
     step: int,
     noise: Noise | None,
+    held: Tensor | None = None,
 ) -> None:
-    """AdaLomo on a matrix: statistics over the full gradient (and parameter), then the update block by block."""
+    """AdaLomo on a matrix: statistics over the full gradient (and parameter), then the update block by block
+    (``held``: the full value already decoded, else each block is decoded)."""
     r_factor, c_factor, clip = rule.factored_stats(grad, state, step)
     param32: Tensor | None = None
     rate: Tensor | float = lr
     if rule.scale_parameter:  # RMS(param) needs the full parameter (in fp32, as the full-matrix formula)
         param32 = torch.empty(p.shape, dtype=torch.float32, device=p.device)
         for k in range(len(bounds)):
-            with _block(p, bounds, k) as value:
+            with _block(p, bounds, k, held) as value:
                 row_block(param32, bounds, k).copy_(value)
         rate = rule.rate(param32, lr)
     for k in range(len(bounds)):
@@ -166,7 +170,7 @@ def _factored_blocks(
         if param32 is not None:
             new = rule.factored_apply(row_block(param32, bounds, k), g_k, r_k, c_k, clip, rate)
         else:
-            with _block(p, bounds, k) as value:
+            with _block(p, bounds, k, held) as value:
                 new = rule.factored_apply(value.to(torch.float32, copy=True), g_k, r_k, c_k, clip, rate)
         bits = _block_noise(noise, p, bounds, k)
         _write_block(p, bounds, k, new.to(p.dtype) if bits is None else stochastic_round_to_bf16(new, noise=bits))
@@ -287,8 +291,12 @@ def block_value(p: Tensor, k: int) -> Iterator[Tensor]:
 
 
 @contextlib.contextmanager
-def _block(p: Tensor, bounds: list[tuple[int, int]], k: int) -> Iterator[Tensor]:
-    """The current value of row block ``k``: decoded into a pooled buffer (compressed ``p``) or a view of ``p``."""
+def _block(p: Tensor, bounds: list[tuple[int, int]], k: int, held: Tensor | None = None) -> Iterator[Tensor]:
+    """The current value of row block ``k``: a view of ``held`` (the full value, decoded already), else decoded into
+    a pooled buffer (compressed ``p``) or a view of ``p``."""
+    if held is not None:
+        yield row_block(held, bounds, k)
+        return
     if not isinstance(p, NZParameter):
         yield row_block(p.detach(), bounds, k)
         return

@@ -7,9 +7,10 @@ which keeps the most recent one; the update takes it (:meth:`DecodeReuse.take`) 
 current value (the very blocks it was decoded from), else decodes as before. So a weight's backward op and its
 update share one decode.
 
-Only a weight held as one block and no larger than the buffers :data:`~nz_lightning.tensor.workspace.DECODE_POOL`
-keeps is held back (a larger weight is updated block by block, to keep one block of dense scratch). At most
-``capacity`` buffers are held (one by default), for the time between the op and the update;
+A weight held as several row blocks is served too: its update, which goes block by block, then reads each block
+from the held full value instead of decoding it (the op had that full value dense anyway; its buffer, too large for
+:data:`~nz_lightning.tensor.workspace.DECODE_POOL`, is freed when the update releases it). At most ``capacity``
+buffers are held (one by default), for the time between the op and the update;
 :class:`~nz_lightning.optim.fused.FusedOptimizer` drops them at the end of every backward. Forward decodes are never
 held.
 """
@@ -71,8 +72,6 @@ class DecodeReuse:
             and self.enabled
             and self._active > 0  # a fused optimizer's backward (which drops what no update took)
             and torch._C._current_graph_task_id() != -1  # in backward
-            and len(store.blocks) == 1
-            and base.numel() * base.element_size() <= DECODE_POOL.limit
         )
         if not keep:
             DECODE_POOL.release(base)

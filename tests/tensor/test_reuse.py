@@ -59,6 +59,25 @@ def test_reuse_is_bit_identical_and_saves_decodes(kind: str, rule: str, lr: floa
     assert REUSE.held == 0  # dropped at the end of every backward
 
 
+@pytest.mark.parametrize(("rule", "options"), [("adamw", {"max_grad_norm": 1.0}), ("adalomo", {})])
+def test_weights_held_as_row_blocks_are_served_block_by_block(
+    rule: str, options: dict[str, object], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from nz_lightning.tensor import workspace
+
+    monkeypatch.setattr(workspace, "ROW_BLOCK_BYTES", 1500)  # every projection of the tiny Llama in 2-6 blocks
+    off_losses, off_model, off_decodes = _run("llama-bf16", rule, 1e-2, False, **options)
+    hits = REUSE.hits
+    on_losses, on_model, on_decodes = _run("llama-bf16", rule, 1e-2, True, **options)
+    hits = REUSE.hits - hits
+    assert on_losses == off_losses
+    assert_same_state(on_model, off_model)
+    blocks = {n: len(p.store.blocks) for n, p in on_model.named_parameters() if isinstance(p, NZParameter)}
+    assert min(blocks[n] for n in blocks if ".layers." in n) >= 2
+    assert hits > 0 and off_decodes - on_decodes > hits  # each hit saves every block's decode
+    assert REUSE.held == 0
+
+
 def _offer_in_backward(store: WeightStore, keep: bool = True) -> None:
     """Decode ``store`` into a pooled buffer and offer it from inside a backward pass (as an op there would)."""
     x = torch.ones(2, requires_grad=True)
@@ -101,7 +120,10 @@ def test_what_is_not_held() -> None:
 
         blocked = WeightStore(torch.randn(64, 8).to(torch.bfloat16), row_block_bytes=64)
         assert len(blocked.blocks) > 1
-        _offer_in_backward(blocked)  # several row blocks: updated block by block
+        _offer_in_backward(blocked)  # several row blocks: held too (the update reads it block by block)
+        taken = REUSE.take(blocked)
+        assert taken is not None and torch.equal(taken[0], blocked.read())
+        DECODE_POOL.release(taken[1])
         _offer_in_backward(store, keep=False)  # an op wrote into the buffer
         assert REUSE.held == 0
         REUSE.enabled = False
