@@ -66,7 +66,13 @@ def test_weights_held_as_row_blocks_are_served_block_by_block(
     from nz_lightning.tensor import workspace
 
     monkeypatch.setattr(workspace, "ROW_BLOCK_BYTES", 1500)  # every projection of the tiny Llama in 2-6 blocks
+    monkeypatch.setattr(REUSE, "row_blocks", False)
+    hits = REUSE.hits
+    default_losses, _, default_decodes = _run("llama-bf16", rule, 1e-2, True, **options)
+    assert REUSE.hits == hits  # off by default: no multi-block weight is held
+    monkeypatch.setattr(REUSE, "row_blocks", True)
     off_losses, off_model, off_decodes = _run("llama-bf16", rule, 1e-2, False, **options)
+    assert default_losses == off_losses and default_decodes == off_decodes
     hits = REUSE.hits
     on_losses, on_model, on_decodes = _run("llama-bf16", rule, 1e-2, True, **options)
     hits = REUSE.hits - hits
@@ -120,10 +126,16 @@ def test_what_is_not_held() -> None:
 
         blocked = WeightStore(torch.randn(64, 8).to(torch.bfloat16), row_block_bytes=64)
         assert len(blocked.blocks) > 1
-        _offer_in_backward(blocked)  # several row blocks: held too (the update reads it block by block)
-        taken = REUSE.take(blocked)
-        assert taken is not None and torch.equal(taken[0], blocked.read())
-        DECODE_POOL.release(taken[1])
+        _offer_in_backward(blocked)  # several row blocks: not held by default
+        assert REUSE.held == 0
+        REUSE.row_blocks = True
+        try:
+            _offer_in_backward(blocked)  # held when asked (the update reads it block by block)
+            taken = REUSE.take(blocked)
+            assert taken is not None and torch.equal(taken[0], blocked.read())
+            DECODE_POOL.release(taken[1])
+        finally:
+            REUSE.row_blocks = False
         _offer_in_backward(store, keep=False)  # an op wrote into the buffer
         assert REUSE.held == 0
         REUSE.enabled = False
