@@ -233,7 +233,9 @@ def _train_md(r: dict[str, Any]) -> list[str]:
                 "",
                 f"NeuZip step with deferred re-encodes (the default on CUDA) {row['step_s']:.3f} s, with synchronous "
                 f"ones {row['step_s_sync_encode']:.3f} s (same model, next steps); deferred encodes that made the host "
-                f"wait: {row['encodes_waited']} of {row['encodes_deferred']}.",
+                f"wait: {row['encodes_waited']} of {row['encodes_deferred']}. With `REUSE.row_blocks` (multi-block "
+                f"weights' updates reuse the backward decode): step {row['step_s_row_block_reuse']:.3f} s, peak "
+                f"{_f(row.get('peak_gib_row_block_reuse'))} GiB.",
             ]
     return out
 

@@ -221,21 +221,34 @@ def measure_method(
 
 
 def _sync_encode_steps(step: Callable[[Any], float], data: list[Any], probe: Probe) -> dict[str, Any]:
-    """More NeuZip steps with every re-encode synchronous (``ENCODES.depth = 0``), for a side-by-side step time with
-    the deferred re-encodes of the measured steps; also how many deferred encodes made the host wait."""
+    """More NeuZip steps, side by side with the measured ones (default settings): with every re-encode synchronous
+    (``ENCODES.depth = 0``; also how many deferred encodes made the host wait), then with the decode reuse of
+    multi-block weights on (``REUSE.row_blocks``: step time and peak)."""
     from nz_lightning.tensor.deferred_encode import ENCODES
+    from nz_lightning.tensor.reuse import REUSE
 
     out: dict[str, Any] = {"encodes_deferred": ENCODES.deferred, "encodes_waited": ENCODES.waited}
-    was, ENCODES.depth = ENCODES.depth, 0
-    times = []
-    try:
+
+    def timed() -> float:
+        times = []
         for batch in data:
             t0 = probe.sync()
             step(batch)
             times.append(probe.sync() - t0)
+        return statistics.median(times)
+
+    was, ENCODES.depth = ENCODES.depth, 0
+    try:
+        out["step_s_sync_encode"] = timed()
     finally:
         ENCODES.depth = was
-    out["step_s_sync_encode"] = statistics.median(times)
+    REUSE.row_blocks = True
+    probe.reset()
+    try:
+        out["step_s_row_block_reuse"] = timed()
+        out["peak_gib_row_block_reuse"] = probe.peaks()["peak_gib"]
+    finally:
+        REUSE.row_blocks = False
     return out
 
 
@@ -272,7 +285,8 @@ def _row_line(row: dict[str, Any]) -> str:
     if "step_s_sync_encode" in row:
         line += (
             f"; with synchronous re-encodes {row['step_s_sync_encode']:.3f} s (deferred encodes so far "
-            f"{row['encodes_deferred']}, waited {row['encodes_waited']})"
+            f"{row['encodes_deferred']}, waited {row['encodes_waited']}); with multi-block decode reuse "
+            f"{row['step_s_row_block_reuse']:.3f} s"
         )
     return line
 

@@ -60,6 +60,7 @@ def test_dry_run_every_stage_ok(tmp_path: Path) -> None:
     assert rows["lomo"]["loss"] == rows["neuzip"]["loss"]  # compressed == uncompressed, same fused SGD
     assert rows["neuzip"]["codec"]["decodes"] > 0 and rows["neuzip"]["codec"]["encodes"] > 0
     assert rows["neuzip"]["step_s_sync_encode"] > 0  # the side-by-side step with synchronous re-encodes
+    assert rows["neuzip"]["step_s_row_block_reuse"] > 0  # and with multi-block decode reuse
 
     big = stages["llama3_8b"]["result"]
     assert big["params"] > 0 and big["measured_s"] > 0 and math.isfinite(big["measured_loss"])
