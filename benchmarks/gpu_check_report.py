@@ -228,7 +228,7 @@ def _train_md(r: dict[str, Any]) -> list[str]:
             f"{row['tokens_per_s']:.0f} | {row['loss']:.4f} |"
         )
     for row in r.get("rows", []):
-        if "step_s_sync_encode" in row:
+        if "step_s_row_block_reuse" in row:
             out += [
                 "",
                 f"NeuZip step with deferred re-encodes (the default on CUDA) {row['step_s']:.3f} s, with synchronous "
