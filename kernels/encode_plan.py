@@ -69,9 +69,9 @@ def word_bound(table: FreqTable, counts: list[int], n: int) -> int:
 def exponent_counts(x: torch.Tensor, impl: CodecBackend, *, uniform_flag: bool) -> torch.Tensor:
     """The lossless encoder's input from the device: the histogram of the widest fold of contiguous ``x`` (int64, on
     ``x``'s device), followed, if ``uniform_flag``, by 1 if every element of ``x`` has the same bit pattern, else 0."""
-    widest = FOLD_BITS.get(x.dtype, 0)
-    counts = impl.exponent_histogram(x, folded(spec_for(x.dtype), widest)).to(torch.int64)
+    spec = spec_for(x.dtype)
+    counts = impl.exponent_histogram(x, folded(spec, FOLD_BITS.get(x.dtype, 0))).to(torch.int64)
     if not uniform_flag:
         return counts
-    ints = x.reshape(-1).view(spec_for(x.dtype).int_dtype)
+    ints = x.reshape(-1).view(spec.int_dtype)
     return torch.cat([counts, (ints == ints[0]).all().to(torch.int64).reshape(1)])

@@ -12,8 +12,7 @@ update, which goes block by block, then reads each block from the held full valu
 full buffer (too large for :data:`~nz_lightning.tensor.workspace.DECODE_POOL`) is freed when the update releases
 it. That keeps a full dense weight alive during its update, where one block of scratch would do: measured on the
 Llama-3 8B architecture (2 layers), 13% fewer block decodes for 0.11 GiB more peak (one MLP weight). At most
-``capacity``
-buffers are held (one by default), for the time between the op and the update;
+``capacity`` buffers are held (one by default), for the time between the op and the update;
 :class:`~nz_lightning.optim.fused.FusedOptimizer` drops them at the end of every backward. Forward decodes are never
 held.
 """

@@ -235,7 +235,7 @@ class WeightStore:
 
     def decode_into(self, out: Tensor) -> Tensor:
         """Decode the full tensor, block by block, into the contiguous ``out`` (same shape) and return it."""
-        for k in range(len(self._blocks)):
+        for k in range(len(self._held)):  # each block's decode finishes only that block's pending encode
             self.decode_block(k, row_block(out, self._bounds, k))
         return out
 
