@@ -29,6 +29,7 @@ from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor
 
+from nz_lightning.distributed import fsdp_tensor
 from nz_lightning.distributed.fsdp_payload import encoded_size
 from nz_lightning.distributed.fsdp_tensor import CommStats, GatherSpec, NZShard, PendingShard
 from nz_lightning.distributed.fsdp_units import ModuleSelector, select_units, shard_unit
@@ -82,6 +83,7 @@ def _swap_for_pending(
     exclude: Iterable[str] | None,
     backend: str | None,
     stats: CommStats,
+    exchange: Any,
     *,
     prefix: str = "",
     done: dict[int, tuple[weakref.ref[nn.Parameter], nn.Parameter]] | None = None,
@@ -123,7 +125,9 @@ def _swap_for_pending(
                     f"{world}, or keep it dense-sharded with exclude=[{full!r}]"
                 )
             if wanted:
-                spec = GatherSpec(name=full, compressed=compressed_gather, stats=stats, requested=compressed_gather)
+                spec = GatherSpec(
+                    name=full, compressed=compressed_gather, stats=stats, requested=compressed_gather, exchange=exchange
+                )
                 value = read_dense(param).contiguous()
                 new = nn.Parameter(PendingShard(value, spec, backend), requires_grad=param.requires_grad)
             elif isinstance(param, NZParameter):
@@ -186,6 +190,7 @@ def shard_model(
     materialize: Materializer | None = None,
     split_bytes: int | Literal["auto"] | None = "auto",
     backward_prefetch: bool = True,
+    gather_heads: Literal["exchange", "read"] = "exchange",
 ) -> nn.Module:
     """Shard ``model`` with FSDP2 in place, each rank holding its dim-0 shard of each weight (compressed).
 
@@ -228,6 +233,14 @@ def shard_model(
         backward_prefetch: FSDP2's implicit backward prefetch: all-gather the next unit's weight while the current
             unit's backward runs (overlap on a GPU). ``False``: gather each unit only when its own backward starts,
             so at most one unit's gathered weight is live in backward (a lower peak, no overlap).
+        gather_heads: On a GPU, compressed payloads are packed on the device
+            (:mod:`~nz_lightning.distributed.fsdp_payload_pack`) and decoded in place; how each rank learns the
+            layout of the others' payloads. ``"exchange"``: their host-side heads are all-gathered over a gloo
+            process group (created here when the default backend is not gloo) with each all-gather, so no rank reads
+            a gathered payload back to the host, and each gathered decode's consistency check is deferred to
+            ``CompressedTensor.check_deferred`` (the fused optimizer reads it at the end of each backward).
+            ``"read"``: read from the gathered buffer (two small device-to-host copies per all-gather, each decode
+            checked at once). On the CPU payloads are packed and parsed on the host, and this does not apply.
 
     Returns:
         ``model``; its parameters are now DTensors (``fully_shard``). :func:`comm_stats` gives its byte counters.
@@ -243,6 +256,8 @@ def shard_model(
         raise ValueError(f"reshard_after_forward must be a bool, got {reshard_after_forward!r}")
     if not isinstance(backward_prefetch, bool):
         raise ValueError(f"backward_prefetch must be a bool, got {backward_prefetch!r}")
+    if gather_heads not in ("exchange", "read"):
+        raise ValueError(f"gather_heads must be 'exchange' or 'read', got {gather_heads!r}")
     if not gather_headroom > -1.0:
         raise ValueError(f"gather_headroom must be > -1, got {gather_headroom}")
     if mesh is None:
@@ -256,7 +271,8 @@ def shard_model(
         raise ValueError(f"shard_model takes a 1-D device mesh, got {mesh.ndim} dimensions")
     stats = CommStats()
     world = mesh.size()
-    options = (world, compress, compressed_gather, include, exclude, backend, stats)
+    exchange = _exchange_group(mesh) if compress and compressed_gather and gather_heads == "exchange" else None
+    options = (world, compress, compressed_gather, include, exclude, backend, stats, exchange)
     units = select_units(model, modules)
     names = {id(m): n for n, m in model.named_modules()}
     splitter = UnitSplitter(model, units, split_bytes, world)
@@ -293,6 +309,19 @@ def shard_model(
     DECODE_POOL.fit(max(block_bytes, default=0))
     setattr(model, _INFO, _ShardInfo(stats, mesh.get_group(), gather_headroom))
     return model
+
+
+def _exchange_group(mesh: DeviceMesh) -> Any:
+    """A host (gloo) group over ``mesh``'s ranks for payload heads, or ``None`` where payloads are parsed on the host.
+
+    A collective over the default group when it creates one (``shard_model`` runs on every rank).
+    """
+    if mesh.device_type == "cpu" and not fsdp_tensor.DEVICE_PATH_ON_CPU:
+        return None
+    group = mesh.get_group()
+    if dist.get_backend(group) == "gloo":
+        return group
+    return dist.new_group(ranks=dist.get_process_group_ranks(group), backend="gloo")
 
 
 def _count_reduce_scatter(stats: CommStats, nbytes: int) -> Callable[[Tensor], None]:

@@ -20,6 +20,7 @@ from torch import Tensor, nn
 from torch.distributed.tensor import DTensor
 
 from nz_lightning.distributed.fsdp import local_shard, shard_rows
+from nz_lightning.kernels import CompressedTensor
 from nz_lightning.optim.blockwise import BlockGrad, apply_update, sr_noise
 from nz_lightning.optim.factory import build_rule
 from nz_lightning.optim.fused import FusedOptimizer
@@ -93,6 +94,18 @@ class ShardedFusedOptimizer(FusedOptimizer):
             grad_reducer=_local_grad,
             blocked_head=False,
         )
+
+    def backward(self, loss: Tensor) -> None:
+        """:meth:`FusedOptimizer.backward`, then the deferred decode checks (one read per device and stream).
+
+        Gathered payloads decoded without a sync (``shard_model(gather_heads="exchange")`` on a GPU) are checked
+        here, so corrupt data raises at the end of the step that decoded it.
+
+        Raises:
+            ValueError: A deferred decode check failed.
+        """
+        super().backward(loss)
+        CompressedTensor.check_deferred()
 
     def _offset(self, p: Tensor) -> int:
         """Flat position, in the full parameter, of this rank's first local element."""

@@ -32,6 +32,7 @@ from nz_lightning.tensor.workspace import DECODE_POOL
 
 __all__ = [
     "FLAG_OVERFLOW",
+    "FLAG_UNCHECKED",
     "HEADER_BYTES",
     "MAGIC",
     "encoded_size",
@@ -45,6 +46,9 @@ MAGIC = b"NZG1"
 """First bytes of every payload."""
 FLAG_OVERFLOW = 1
 """Flag bit: the shard's encoding did not fit the capacity (no blob inside; gather dense instead)."""
+FLAG_UNCHECKED = 2
+"""Flag bit: the coded blobs carry no checksum (packed on a device by
+:func:`~nz_lightning.distributed.fsdp_payload_pack.pack_payload_on_device`; decoded in place only)."""
 _HEADER = struct.Struct("<4sIIIQQ")
 HEADER_BYTES = _HEADER.size
 """Bytes of the fixed header (32)."""
@@ -132,6 +136,10 @@ def unpack_payload(part: memoryview, capacity: int, out: Tensor) -> None:
     _, flags, blocks, _, length, _ = _header(part, capacity)
     if flags & FLAG_OVERFLOW:
         raise RuntimeError("this payload overflowed its capacity and holds no data")
+    if flags & FLAG_UNCHECKED:
+        raise RuntimeError(
+            "this payload was packed on a device without checksums: decode it in place (unpack_payloads_in_place)"
+        )
     lengths = np.frombuffer(part, dtype="<u8", count=blocks, offset=HEADER_BYTES)
     offset, row = HEADER_BYTES + 8 * blocks, 0
     if offset + int(lengths.sum()) != length:
@@ -169,8 +177,8 @@ def memory_alias(t: Tensor) -> Tensor:
     return torch.frombuffer(memory, dtype=torch.uint8)
 
 
-def _decode_into(ct: CompressedTensor, out: Tensor) -> None:
-    """Decode ``ct`` into ``out`` in place.
+def _decode_into(ct: CompressedTensor, out: Tensor, check: bool = True) -> None:
+    """Decode ``ct`` into ``out`` in place (``check=False``: a verified blob's check is deferred, as in training).
 
     On the CPU the decoder writes through a numpy view of its output, and a numpy export of ``out``'s own storage
     would make it unresizable (FSDP frees unsharded weights by resizing their storage to 0). So a contiguous ``out``
@@ -178,15 +186,15 @@ def _decode_into(ct: CompressedTensor, out: Tensor) -> None:
     it); anything else through a pooled buffer and a copy.
     """
     if out.device.type != "cpu":
-        ct.decompress(out=out)
+        ct.decompress(out=out, check=check)
         return
     if out.numel() == 0:
         return
     if out.is_contiguous():
-        ct.decompress(out=memory_alias(out).view(out.dtype).view(out.shape))
+        ct.decompress(out=memory_alias(out).view(out.dtype).view(out.shape), check=check)
         return
     view, base = DECODE_POOL.acquire(out.shape, out.dtype, out.device)
     try:
-        out.copy_(ct.decompress(out=view))
+        out.copy_(ct.decompress(out=view, check=check))
     finally:
         DECODE_POOL.release(base)

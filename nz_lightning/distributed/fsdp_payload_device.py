@@ -16,6 +16,9 @@ are copied to the host whole and parsed by ``CompressedTensor.from_bytes``, chec
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
 import numpy as np
 import torch
 from torch import Tensor
@@ -32,10 +35,15 @@ from nz_lightning.kernels import CompressedTensor
 from nz_lightning.kernels.blob_layout import LAYOUT_PREFIX_BYTES, BlobLayout, layout
 from nz_lightning.kernels.streams import Streams
 
+if TYPE_CHECKING:
+    from nz_lightning.distributed.fsdp_payload_pack import PayloadHead
+
 __all__ = ["unpack_payloads_in_place"]
 
 
-def unpack_payloads_in_place(gathered: Tensor, world: int, capacity: int, rows: Tensor) -> bool:
+def unpack_payloads_in_place(
+    gathered: Tensor, world: int, capacity: int, rows: Tensor, heads: Sequence[PayloadHead] | None = None
+) -> bool:
     """Decode the ``world`` gathered payloads in ``gathered`` (uint8, on any device) into ``rows[r]`` each.
 
     Args:
@@ -43,6 +51,11 @@ def unpack_payloads_in_place(gathered: Tensor, world: int, capacity: int, rows: 
         world: Number of ranks.
         capacity: The agreed payload size.
         rows: ``[world, shard rows, ...]``: where each rank's shard is decoded.
+        heads: Every rank's :class:`~nz_lightning.distributed.fsdp_payload_pack.PayloadHead` of this all-gather
+            (exchanged over the host by the packers): then nothing is read from ``gathered`` on the host (bar raw and
+            constant blobs) and each coded blob's decode check is deferred to ``CompressedTensor.check_deferred``
+            (no sync). ``None``: headers and blob prefixes are read from ``gathered`` (two small device-to-host
+            copies) and each decode is checked at once.
 
     Returns:
         False, decoding nothing, when a payload says its shard did not fit (gather dense instead); else True.
@@ -56,24 +69,23 @@ def unpack_payloads_in_place(gathered: Tensor, world: int, capacity: int, rows: 
     if flat.device.type == "cpu":  # (tests) the CPU decoder exports arrays to numpy: not FSDP's resizable storage
         flat = memory_alias(flat).view(world, capacity)
     most = max(1, rows.shape[1])  # a block holds at least one row: enough for any rank's block table
-    heads = flat[:, : min(HEADER_BYTES + 8 * most, capacity)].cpu().numpy()  # one small device-to-host copy
-    spans: list[tuple[int, int, int]] = []  # (rank, offset in its payload, length)
-    for r in range(world):
-        part = heads[r].data
-        _, flags, count, _, length, _ = _header(part, capacity, prefix=True)
-        if flags & FLAG_OVERFLOW:
+    if heads is None:
+        layouts = _read_layouts(flat, world, capacity, most)
+        if layouts is None:
             return False
-        table_end = HEADER_BYTES + 8 * count
-        if not 1 <= count <= most or length < table_end:
-            raise RuntimeError(f"rank {r}'s payload holds {count} blocks for a shard of {rows.shape[1]} rows")
-        lengths = np.frombuffer(part, dtype="<u8", count=count, offset=HEADER_BYTES).tolist()
-        if table_end + sum(lengths) != length:
-            raise RuntimeError(f"all-gather payload block table does not add up to its length {length}")
-        offset = table_end
-        for n in lengths:
-            spans.append((r, offset, n))
-            offset += n
-    prefixes = _prefixes(flat, spans)  # a second small device-to-host copy
+        spans, prefixes = layouts
+    else:
+        if len(heads) != world:
+            raise RuntimeError(f"{len(heads)} payload heads for {world} ranks")
+        if any(h.flags & FLAG_OVERFLOW for h in heads):
+            return False
+        spans = []
+        for r, head in enumerate(heads):
+            if head.capacity != capacity or len(head.prefixes) != len(head.lengths):
+                raise RuntimeError(f"rank {r}'s payload head does not describe a payload of capacity {capacity}")
+            length = HEADER_BYTES + 8 * len(head.lengths) + sum(head.lengths)
+            _add_spans(spans, r, list(head.lengths), length, most, capacity)
+        prefixes = [memoryview(p) for h in heads for p in h.prefixes]
     row = [0] * world
     for (r, offset, n), prefix in zip(spans, prefixes, strict=True):
         lay = layout(prefix, n)
@@ -81,10 +93,10 @@ def unpack_payloads_in_place(gathered: Tensor, world: int, capacity: int, rows: 
         count = block_rows(lay.shape, lay.dtype, out, row[r])
         blob = flat[r, offset : offset + n]
         if lay.mode == 1:
-            ct = _coded(blob, lay)  # its decode is checked
+            ct = _coded(blob, lay, trusted=heads is not None)  # its decode checked now, or deferred
         else:  # raw or constant bytes have no decoder check: parsed on the host in full, checksum included
             ct = CompressedTensor.from_bytes(blob.cpu().numpy().data, device=out.device)
-        _decode_into(ct, out[row[r] : row[r] + count])
+        _decode_into(ct, out[row[r] : row[r] + count], check=heads is None)
         row[r] += count
     if gathered.device.type == "cuda":
         # raw and constant blocks are copied from views of the buffer without a sync: the caller frees the buffer
@@ -94,6 +106,42 @@ def unpack_payloads_in_place(gathered: Tensor, world: int, capacity: int, rows: 
         if row[r] != rows.shape[1]:
             raise RuntimeError(f"payload holds {row[r]} rows, the shard has {rows.shape[1]}")
     return True
+
+
+def _read_layouts(
+    flat: Tensor, world: int, capacity: int, most: int
+) -> tuple[list[tuple[int, int, int]], list[memoryview]] | None:
+    """Every blob's span and first bytes, read from the gathered payloads (two small device-to-host copies); ``None``
+    when a payload overflowed."""
+    heads = flat[:, : min(HEADER_BYTES + 8 * most, capacity)].cpu().numpy()  # one small device-to-host copy
+    spans: list[tuple[int, int, int]] = []  # (rank, offset in its payload, length)
+    for r in range(world):
+        part = heads[r].data
+        _, flags, count, _, length, _ = _header(part, capacity, prefix=True)
+        if flags & FLAG_OVERFLOW:
+            return None
+        if not 1 <= count <= most:
+            raise RuntimeError(f"rank {r}'s payload holds {count} blocks for a shard of {most} rows")
+        lengths = np.frombuffer(part, dtype="<u8", count=count, offset=HEADER_BYTES).tolist()
+        _add_spans(spans, r, lengths, length, most, capacity)
+    return spans, _prefixes(flat, spans)  # a second small device-to-host copy
+
+
+def _add_spans(
+    spans: list[tuple[int, int, int]], rank: int, lengths: list[int], length: int, most: int, capacity: int
+) -> None:
+    """Append ``(rank, offset, length)`` of each of ``rank``'s blobs, checking that they add up to ``length``."""
+    table_end = HEADER_BYTES + 8 * len(lengths)
+    if not 1 <= len(lengths) <= most or length < table_end or length > capacity:
+        raise RuntimeError(
+            f"rank {rank}'s payload holds {len(lengths)} blocks in {length} bytes for a shard of {most} rows"
+        )
+    if table_end + sum(lengths) != length:
+        raise RuntimeError(f"all-gather payload block table does not add up to its length {length}")
+    offset = table_end
+    for n in lengths:
+        spans.append((rank, offset, n))
+        offset += n
 
 
 def _prefixes(flat: Tensor, spans: list[tuple[int, int, int]]) -> list[memoryview]:
@@ -117,8 +165,9 @@ def _section(blob: Tensor, span: tuple[int, int], align: int) -> Tensor:
     return part.clone()
 
 
-def _coded(blob: Tensor, lay: BlobLayout) -> CompressedTensor:
-    """A coded ``CompressedTensor`` whose arrays lie in (or are copied from) ``blob`` on its device."""
+def _coded(blob: Tensor, lay: BlobLayout, trusted: bool) -> CompressedTensor:
+    """A coded ``CompressedTensor`` whose arrays lie in (or are copied from) ``blob`` on its device (``trusted``:
+    marked verified, so that its decode defers its check)."""
     states = _section(blob, lay.states, 4).view(torch.int32)
     counts = _section(blob, lay.counts, lay.count_width)
     counts = counts.to(torch.int32) if lay.count_width == 1 else counts.view(torch.int16).to(torch.int32) & 0xFFFF
@@ -126,5 +175,5 @@ def _coded(blob: Tensor, lay: BlobLayout) -> CompressedTensor:
     sm = blob[lay.sm[0] : lay.sm[1]]
     streams = Streams(states=states, counts=counts, words=words, sm=sm)
     return CompressedTensor(
-        lay.shape, lay.dtype, 1, lay.table, lay.steps_per_lane, streams, fold_bits=lay.fold_bits
-    )  # not ``verified``: its decode is checked
+        lay.shape, lay.dtype, 1, lay.table, lay.steps_per_lane, streams, fold_bits=lay.fold_bits, verified=trusted
+    )

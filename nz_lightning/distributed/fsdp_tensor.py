@@ -28,6 +28,7 @@ from torch.utils._pytree import tree_map
 
 from nz_lightning.distributed.fsdp_payload import memory_alias, pack_payload, payload_overflowed, unpack_payload
 from nz_lightning.distributed.fsdp_payload_device import unpack_payloads_in_place
+from nz_lightning.distributed.fsdp_payload_pack import exchange_heads, pack_payload_on_device
 from nz_lightning.tensor.parameter import NZParameter, WeightStore
 
 __all__ = ["CommStats", "GatherSpec", "NZShard", "PendingShard"]
@@ -76,6 +77,9 @@ class GatherSpec:
         stats: The model's byte counters.
         requested: Whether compressed gather was asked for (``compressed`` may be off where it would not pay).
         frozen: Set by the first all-gather: FSDP has sized its buffers, the capacity may no longer change.
+        exchange: A host (gloo) process group over the same ranks: payloads packed on a device then come with their
+            heads exchanged over it (:func:`~nz_lightning.distributed.fsdp_payload_pack.exchange_heads`), so that no
+            rank reads a gathered payload back to the host. ``None``: the heads are read from the gathered buffer.
     """
 
     name: str
@@ -84,6 +88,7 @@ class GatherSpec:
     stats: CommStats = field(default_factory=CommStats)
     requested: bool = False
     frozen: bool = False
+    exchange: Any = None
 
 
 class NZShard(NZParameter):
@@ -159,9 +164,13 @@ class NZShard(NZParameter):
             return (self.store.read(),), meta
         if spec.capacity <= 0:
             raise RuntimeError(f"{spec.name}: no gather capacity was agreed (build the model with shard_model)")
-        payload, _ = pack_payload(self.store, spec.capacity, self.device)
         spec.stats.all_gather_bytes += spec.capacity * world
-        return (payload,), meta
+        if not _on_device(self.device):
+            payload, _ = pack_payload(self.store, spec.capacity, self.device)
+            return (payload,), meta
+        payload, head = pack_payload_on_device(self.store, spec.capacity, self.device)
+        heads = None if spec.exchange is None else exchange_heads(head, spec.exchange)
+        return (payload,), (*meta, heads)
 
     def fsdp_post_all_gather(
         self,
@@ -178,7 +187,7 @@ class NZShard(NZParameter):
                 payload is malformed.
         """
         (gathered,) = all_gather_outputs
-        outer_size, group = metadata
+        outer_size, group, *heads = metadata
         spec = self._gather
         if not spec.compressed:
             full = gathered.view(outer_size)
@@ -199,8 +208,8 @@ class NZShard(NZParameter):
         with torch.no_grad(), torch.autograd._unsafe_preserve_version_counter(target):
             dense = target.detach()
             rows = dense.view(world, -1, *dense.shape[1:])
-            if gathered.device.type != "cpu" or PARSE_IN_PLACE_ON_CPU:  # only headers and tables go to the host
-                decoded = unpack_payloads_in_place(gathered, world, cap, rows)
+            if heads:  # packed on the device: headers and tables are read back, or came exchanged
+                decoded = unpack_payloads_in_place(gathered, world, cap, rows, heads[0])
             else:
                 raw = _host_bytes(gathered)
                 parts = [raw[r * cap : (r + 1) * cap] for r in range(world)]
@@ -217,9 +226,14 @@ class NZShard(NZParameter):
         return (target, (target,)) if out is None else None
 
 
-PARSE_IN_PLACE_ON_CPU = False
-"""Decode CPU payloads through the device path (:mod:`~nz_lightning.distributed.fsdp_payload_device`) too: tests set
-it, so that the path GPUs take runs on the CPU."""
+DEVICE_PATH_ON_CPU = False
+"""Pack and decode CPU payloads the way a GPU does (:mod:`~nz_lightning.distributed.fsdp_payload_pack`,
+:mod:`~nz_lightning.distributed.fsdp_payload_device`): tests set it, so that the path GPUs take runs on the CPU."""
+
+
+def _on_device(device: torch.device) -> bool:
+    """Whether payloads on ``device`` are packed where they are and decoded in place (GPUs; CPUs in tests)."""
+    return device.type != "cpu" or DEVICE_PATH_ON_CPU
 
 
 def _host_bytes(gathered: Tensor) -> memoryview:

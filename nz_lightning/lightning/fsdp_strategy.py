@@ -54,6 +54,10 @@ class NeuZipFSDPStrategy(NeuZipStrategy):
             and embeddings; a number of bytes; ``None``: never). Checkpoints keep the unsplit names.
         backward_prefetch: FSDP2's implicit backward prefetch (gather the next unit during the current unit's
             backward: overlap on GPUs); ``False`` gathers each unit only when its backward starts (a lower peak).
+        gather_heads: On GPUs, how ranks learn the layout of each other's compressed payloads: ``"exchange"``
+            (default: over a gloo group with each all-gather, no device-to-host read; decode checks deferred to the
+            end of each backward) or ``"read"`` (two small device-to-host copies per all-gather); see
+            :func:`~nz_lightning.distributed.fsdp.shard_model`.
         meta_init: Build the model's parameters on ``meta`` (``configure_model`` / ``trainer.init_module()``; buffers
             are built for real on the CPU) and give them values one FSDP unit at a time as each is sharded, so that
             no rank ever holds the dense model whole: from ``weights=`` when given, else from the LightningModule's
@@ -82,9 +86,12 @@ class NeuZipFSDPStrategy(NeuZipStrategy):
         gather_headroom: float = 0.05,
         split_bytes: int | str | None = "auto",
         backward_prefetch: bool = True,
+        gather_heads: str = "exchange",
         meta_init: bool = False,
         **kwargs: Any,
     ) -> None:
+        if gather_heads not in ("exchange", "read"):
+            raise ValueError(f"gather_heads must be 'exchange' or 'read', got {gather_heads!r}")
         for flag, value in (("meta_init", meta_init), ("backward_prefetch", backward_prefetch)):
             if not isinstance(value, bool):
                 raise ValueError(f"{flag} must be a bool, got {value!r}")
@@ -102,6 +109,7 @@ class NeuZipFSDPStrategy(NeuZipStrategy):
         self.gather_headroom = gather_headroom
         self.split_bytes = split_bytes
         self.backward_prefetch = backward_prefetch
+        self.gather_heads = gather_heads
         self.meta_init = meta_init
 
     # -- process group: FSDP2 needs one even for a single process ----------------------------------------------
@@ -211,6 +219,7 @@ class NeuZipFSDPStrategy(NeuZipStrategy):
                 materialize=materialize,
                 split_bytes=self.split_bytes,  # type: ignore[arg-type]
                 backward_prefetch=self.backward_prefetch,
+                gather_heads=self.gather_heads,  # type: ignore[arg-type]
             )
         _refuse_meta(self.model, "")
         self.model.to(self.root_device)  # what no root holds (buffers of the LightningModule itself)

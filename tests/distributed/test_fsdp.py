@@ -64,6 +64,10 @@ def test_bytes_on_the_wire_and_held(trained: tuple[list[dict[str, Any]], Path]) 
         inplace, inplace_overflow = rank["sgd-1-nz-inplace"], rank["sgd-1-nz-inplace-overflow"]
         assert inplace["gather_bytes"] == comp["gather_bytes"] and inplace["overflows"] == 0
         assert inplace_overflow["overflows"] == overflow["overflows"] > 0
+        exchange, exchange_overflow = rank["sgd-1-nz-exchange"], rank["sgd-1-nz-exchange-overflow"]
+        assert exchange["gather_bytes"] == comp["gather_bytes"] and exchange["overflows"] == 0
+        assert exchange_overflow["overflows"] == overflow["overflows"]
+        assert exchange["exchanged"] == exchange["nz_locals"] == 6 and inplace["exchanged"] == comp["exchanged"] == 0
         assert comp["gather_dense_bytes"] == dense["gather_dense_bytes"] == dense["gather_bytes"] > 0
         assert comp["gather_bytes"] < 0.8 * dense["gather_bytes"]  # bf16 payloads: ~0.69 of the dense bytes
         assert comp["overflows"] == dense["overflows"] == 0

@@ -50,14 +50,18 @@ MODES: dict[str, dict[str, Any]] = {
     "nz-dense": {"compress": True, "compressed_gather": False},
     "nz-comp": {"compress": True, "compressed_gather": True},
     "nz-overflow": {"compress": True, "compressed_gather": True, "gather_headroom": -0.9},
-    # the payload decode GPUs take (headers and tables to the host, arrays used in place), run on the CPU
-    "nz-inplace": {"compress": True, "compressed_gather": True, "parse_in_place": True},
+    # the payload path GPUs take (packed where the blocks are, arrays decoded in place), run on the CPU: headers and
+    # tables read back from the gathered buffer, or exchanged over the host group with each all-gather
+    "nz-inplace": {"compress": True, "compressed_gather": True, "device_path": True, "gather_heads": "read"},
     "nz-inplace-overflow": {
         "compress": True,
         "compressed_gather": True,
         "gather_headroom": -0.9,
-        "parse_in_place": True,
+        "device_path": True,
+        "gather_heads": "read",
     },
+    "nz-exchange": {"compress": True, "compressed_gather": True, "device_path": True},
+    "nz-exchange-overflow": {"compress": True, "compressed_gather": True, "gather_headroom": -0.9, "device_path": True},
     # every Linear its own unit, no backward prefetch, blocks recomputed in backward (activation checkpointing)
     "nz-weights": {"compress": True, "modules": "weights", "backward_prefetch": False, "checkpoint": True},
 }
@@ -113,7 +117,7 @@ def train(mode: str, rule: str, clip: float | None, accumulate: int, steps: int 
     rank = dist.get_rank()
     options = dict(MODES[mode])
     recompute = options.pop("checkpoint", False)
-    fsdp_tensor.PARSE_IN_PLACE_ON_CPU = options.pop("parse_in_place", False)
+    fsdp_tensor.DEVICE_PATH_ON_CPU = options.pop("device_path", False)
     model = shard_model(build(), **options)
     model.checkpoint = recompute
     seen = capture_unsharded(model)
@@ -133,6 +137,9 @@ def train(mode: str, rule: str, clip: float | None, accumulate: int, steps: int 
         "checksum": digest(sd) if rank == 0 else None,
         "unsharded": unsharded,
         "nz_locals": sum(isinstance(local_shard(p), NZShard) for p in model.parameters()),
+        "exchanged": sum(
+            isinstance(s, NZShard) and s.gather_spec.exchange is not None for s in map(local_shard, model.parameters())
+        ),
         "gather_bytes": stats.all_gather_bytes,
         "gather_dense_bytes": stats.all_gather_dense_bytes,
         "reduce_scatter_bytes": stats.reduce_scatter_bytes,
@@ -148,8 +155,8 @@ def job_train(out: Path) -> dict[str, Any]:
     # clipping over 2 accumulated micro-batches (each reduce-scattered)
     for rule, clip, accumulate, modes in (
         ("sgd", None, 1, list(MODES)),
-        ("adamw", 0.5, 1, ["dense", "nz-dense", "nz-comp", "nz-inplace"]),
-        ("adamw", 0.5, 2, ["dense", "nz-comp"]),
+        ("adamw", 0.5, 1, ["dense", "nz-dense", "nz-comp", "nz-inplace", "nz-exchange"]),
+        ("adamw", 0.5, 2, ["dense", "nz-comp", "nz-exchange"]),
     ):
         for mode in modes:
             run = train(mode, rule, clip, accumulate)

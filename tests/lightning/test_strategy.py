@@ -290,6 +290,7 @@ def test_neuzip_stats_logged(tmp_path: Any) -> None:
         (lambda: NeuZipFSDPStrategy(modules="blocks"), "'layers', 'weights'"),
         (lambda: NeuZipFSDPStrategy(split_bytes=0), "split_bytes"),
         (lambda: NeuZipFSDPStrategy(backward_prefetch="no"), "backward_prefetch must be a bool"),  # type: ignore[arg-type]
+        (lambda: NeuZipFSDPStrategy(gather_heads="peek"), "gather_heads must be 'exchange' or 'read'"),
     ],
     ids=[
         "optimizer",
@@ -304,6 +305,7 @@ def test_neuzip_stats_logged(tmp_path: Any) -> None:
         "fsdp-modules",
         "fsdp-split-bytes",
         "fsdp-prefetch",
+        "fsdp-gather-heads",
     ],  # fmt: skip
 )
 def test_errors(make: Callable[[], Any], match: str) -> None:

@@ -1,0 +1,204 @@
+"""Packing a compressed shard's all-gather payload where its blocks live (a GPU): no block data through the host.
+
+:func:`~nz_lightning.distributed.fsdp_payload.pack_payload` serializes every block on the host: on a GPU that is a
+device-to-host copy of the whole compressed shard, a CRC32 over it on the CPU and an upload, on every all-gather.
+:func:`pack_payload_on_device` writes the same payload layout on the device instead. The host builds only what it
+already knows (the payload header and block table, each coded blob's header and frequency table) and uploads it in
+one copy; each block's arrays (lane states, counts, words, sign+mantissa bytes) are copied device to device into
+place. Nothing is read back from the device:
+
+* coded blobs carry no checksum (the field is zero, and the payload sets :data:`FLAG_UNCHECKED`). Such payloads are
+  decoded in place (:mod:`~nz_lightning.distributed.fsdp_payload_device`), which never reads a coded blob's checksum
+  and checks its streams with the decoder; the host parser refuses them.
+* a block whose word count is still on the device (an encoder that sized its buffer from a bound, see
+  :class:`~kernels.streams.Streams`) ships its whole word buffer, about 0.5% longer than the stream: its blob header
+  declares the buffer's length, and the decoder finds each lane's words from the lane counts.
+* the deferred decode checks are not read here (:func:`pack_payload` reads them): a corrupt local block is caught by
+  every receiver's decoder instead.
+
+Raw and constant blocks (incompressible or constant shards: rare) are serialized on the host, checksum included.
+
+The function also returns a :class:`PayloadHead`: the host bytes a receiver would otherwise read back from the gathered
+buffer (flags, block lengths, each blob's first bytes). :func:`exchange_heads` all-gathers them over a host process
+group (gloo), so that every rank can parse every gathered payload without a device-to-host read.
+"""
+
+from __future__ import annotations
+
+import struct
+import sys
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from nz_lightning.distributed.fsdp_payload import _HEADER, FLAG_OVERFLOW, FLAG_UNCHECKED, HEADER_BYTES, MAGIC
+from nz_lightning.kernels import CompressedTensor
+from nz_lightning.kernels.blob import _HEAD, _RANS, VERSION_COMPACT, count_bytes
+from nz_lightning.kernels.blob import MAGIC as BLOB_MAGIC
+from nz_lightning.kernels.blob_layout import LAYOUT_PREFIX_BYTES
+from nz_lightning.kernels.blob_table import encode_table
+from nz_lightning.kernels.transfer import upload
+from nz_lightning.tensor.store import WeightStore
+
+__all__ = ["FLAG_UNCHECKED", "PayloadHead", "exchange_heads", "pack_payload_on_device"]
+
+_CRC_BYTES = 4
+_HEAD_WIRE = struct.Struct("<QII")  # capacity, flags, blocks
+
+
+@dataclass(frozen=True)
+class PayloadHead:
+    """What a receiver needs to parse one rank's payload without reading it from the device.
+
+    Attributes:
+        capacity: The payload's size.
+        flags: Its header flags (:data:`~nz_lightning.distributed.fsdp_payload.FLAG_OVERFLOW`,
+            :data:`FLAG_UNCHECKED`).
+        lengths: Each blob's length, in row order.
+        prefixes: Each blob's first bytes: at least its header and frequency table (all that
+            :func:`~kernels.blob_layout.layout` reads), at most ``LAYOUT_PREFIX_BYTES``.
+    """
+
+    capacity: int
+    flags: int
+    lengths: tuple[int, ...]
+    prefixes: tuple[bytes, ...]
+
+    def to_bytes(self) -> bytes:
+        """A flat serialization (for :func:`exchange_heads`)."""
+        sizes = struct.pack(f"<{len(self.lengths)}Q{len(self.prefixes)}I", *self.lengths, *map(len, self.prefixes))
+        return _HEAD_WIRE.pack(self.capacity, self.flags, len(self.lengths)) + sizes + b"".join(self.prefixes)
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> PayloadHead:
+        """Parse :meth:`to_bytes` output.
+
+        Raises:
+            RuntimeError: The bytes do not hold a whole head.
+        """
+        try:
+            capacity, flags, count = _HEAD_WIRE.unpack_from(data, 0)
+            pos = _HEAD_WIRE.size
+            lengths = struct.unpack_from(f"<{count}Q", data, pos)
+            sizes = struct.unpack_from(f"<{count}I", data, pos + 8 * count)
+        except struct.error as e:
+            raise RuntimeError(f"a payload head of {len(data)} bytes is truncated: {e}") from None
+        pos += 12 * count
+        prefixes = []
+        for size in sizes:
+            prefixes.append(bytes(data[pos : pos + size]))
+            pos += size
+        if pos != len(data):
+            raise RuntimeError(f"a payload head of {len(data)} bytes declares {pos}")
+        return cls(capacity, flags, tuple(lengths), tuple(prefixes))
+
+
+@dataclass
+class _Blob:
+    """One block's blob: the bytes the host writes first, then device arrays (as uint8 ``[rows, width]`` views)."""
+
+    host: bytes
+    arrays: list[Tensor]
+    length: int
+
+
+def _blob(ct: CompressedTensor) -> _Blob:
+    """How ``ct``'s blob is written: coded blocks from their device arrays, others serialized on the host."""
+    if ct.mode != 1:
+        data = ct.to_bytes()
+        return _Blob(data, [], len(data))
+    st, tb = ct.streams, ct.table
+    assert st is not None and tb is not None
+    n, lanes = ct.numel(), st.states.numel()
+    cw = count_bytes(n, ct.steps_per_lane)
+    words = st.words.reshape(-1).contiguous()  # the stream, or a bound-sized buffer holding it (``st.used``)
+    head = [
+        _HEAD.pack(BLOB_MAGIC, VERSION_COMPACT, ct.spec.code, 1, len(ct.shape)),
+        struct.pack(f"<{len(ct.shape)}Q", *ct.shape),
+        _RANS.pack(tb.prob_bits, ct.fold_bits, len(tb.symbols), ct.steps_per_lane, words.numel()),
+        encode_table(tb),
+    ]
+    counts = st.counts.reshape(-1).to(torch.int32).contiguous().view(torch.uint8).view(lanes, 4)[:, :cw]
+    arrays = [
+        st.states.reshape(-1).contiguous().view(torch.uint8).view(1, -1),
+        counts,  # the low ``cw`` bytes of each count, little-endian
+        words.view(torch.uint8).view(1, -1),
+        st.sm.reshape(-1).view(1, -1),
+    ]
+    host = b"".join(head)
+    return _Blob(host, arrays, len(host) + sum(a.numel() for a in arrays) + _CRC_BYTES)
+
+
+def pack_payload_on_device(store: WeightStore, capacity: int, device: torch.device) -> tuple[Tensor, PayloadHead]:
+    """``store``'s blobs in a ``capacity``-byte uint8 tensor on ``device``, with its :class:`PayloadHead`.
+
+    The payload layout of :func:`~nz_lightning.distributed.fsdp_payload.pack_payload`, written without reading
+    anything back from the device (see the module docstring). ``head.flags & FLAG_OVERFLOW`` says the shard did not
+    fit (the payload then holds only a header: gather dense).
+
+    Raises:
+        ValueError: ``capacity`` cannot even hold the header.
+        RuntimeError: A big-endian host (the device arrays are copied as little-endian bytes).
+    """
+    if capacity < HEADER_BYTES:
+        raise ValueError(f"a gather capacity of {capacity} bytes cannot hold the {HEADER_BYTES}-byte header")
+    if sys.byteorder != "little":
+        raise RuntimeError("packing payloads on the device needs a little-endian host")
+    blobs = [_blob(ct) for ct in store.blocks]
+    lengths = tuple(b.length for b in blobs)
+    table_end = HEADER_BYTES + 8 * len(blobs)
+    length = table_end + sum(lengths)
+    if length > capacity:
+        header = _HEADER.pack(MAGIC, FLAG_OVERFLOW, 0, 0, 0, capacity)
+        payload = torch.zeros(capacity, dtype=torch.uint8, device=device)
+        payload[:HEADER_BYTES].copy_(upload(torch.frombuffer(bytearray(header), dtype=torch.uint8), device))
+        return payload, PayloadHead(capacity, FLAG_OVERFLOW, (), ())
+    flags = FLAG_UNCHECKED if any(b.arrays for b in blobs) else 0
+    header = _HEADER.pack(MAGIC, flags, len(blobs), 0, length, capacity) + struct.pack(f"<{len(blobs)}Q", *lengths)
+    staged = torch.frombuffer(bytearray(header + b"".join(b.host for b in blobs)), dtype=torch.uint8)
+    staged = upload(staged, device)  # every host-known byte in one copy
+    payload = torch.zeros(capacity, dtype=torch.uint8, device=device)
+    payload[:table_end].copy_(staged[:table_end])
+    offset, pos = table_end, table_end
+    for blob in blobs:
+        at = offset
+        payload[at : at + len(blob.host)].copy_(staged[pos : pos + len(blob.host)])
+        pos += len(blob.host)
+        at += len(blob.host)
+        for array in blob.arrays:
+            payload[at : at + array.numel()].view(array.shape).copy_(array)
+            at += array.numel()
+        offset += blob.length  # a coded blob's last 4 bytes (its checksum field) stay zero
+    prefixes = tuple(b.host[:LAYOUT_PREFIX_BYTES] for b in blobs)
+    return payload, PayloadHead(capacity, flags, lengths, prefixes)
+
+
+def exchange_heads(head: PayloadHead, group: Any) -> list[PayloadHead]:
+    """Every rank's :class:`PayloadHead` of one all-gather, by rank: a collective over the host (gloo) ``group``.
+
+    Two small all-gathers on the CPU (sizes, then the padded bytes); no device is touched.
+
+    Raises:
+        RuntimeError: The ranks' heads disagree on the capacity (they pack another parameter, or another setup).
+    """
+    data = head.to_bytes()
+    world = dist.get_world_size(group)
+    size = torch.tensor([len(data)], dtype=torch.int64)
+    sizes = [torch.zeros(1, dtype=torch.int64) for _ in range(world)]
+    dist.all_gather(sizes, size, group=group)
+    most = max(int(s) for s in sizes)
+    mine = torch.zeros(most, dtype=torch.uint8)
+    mine[: len(data)] = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+    parts = [torch.empty(most, dtype=torch.uint8) for _ in range(world)]
+    dist.all_gather(parts, mine, group=group)
+    heads = [PayloadHead.from_bytes(p[: int(s)].numpy().tobytes()) for p, s in zip(parts, sizes, strict=True)]
+    for r, other in enumerate(heads):
+        if other.capacity != head.capacity:
+            raise RuntimeError(
+                f"rank {r} packed a payload of capacity {other.capacity}, this rank {head.capacity}: the ranks are "
+                "not gathering the same parameter (or were set up differently)"
+            )
+    return heads
