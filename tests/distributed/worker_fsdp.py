@@ -62,6 +62,9 @@ MODES: dict[str, dict[str, Any]] = {
     },
     "nz-exchange": {"compress": True, "compressed_gather": True, "device_path": True},
     "nz-exchange-overflow": {"compress": True, "compressed_gather": True, "gather_headroom": -0.9, "device_path": True},
+    # shards encoded by the Triton kernels (interpreted here), as on a GPU: re-encoded blocks keep their word totals on
+    # the device, so their payloads carry the bound-sized word buffers
+    "nz-exchange-triton": {"compress": True, "compressed_gather": True, "device_path": True, "backend": "triton"},
     # every Linear its own unit, no backward prefetch, blocks recomputed in backward (activation checkpointing)
     "nz-weights": {"compress": True, "modules": "weights", "backward_prefetch": False, "checkpoint": True},
 }
