@@ -133,13 +133,18 @@ def train(mode: str, rule: str, clip: float | None, accumulate: int, steps: int 
         losses.append(float(loss.detach()))
         opt.backward(loss)
     stats = comm_stats(model)
+    shards = [s for s in map(local_shard, model.parameters()) if isinstance(s, NZShard)]
+    # blocks whose word totals are still on the device (the Triton encoder's bound-sized buffers): nothing on the
+    # device payload path reads them back, so every gather after a re-encode shipped such buffers
+    unsettled = sum(ct.streams is not None and ct.streams.used is not None for s in shards for ct in s.store._held)
     unsharded = seen()
     sd = full_state_dict(model)
     return {
         "losses": losses,
         "checksum": digest(sd) if rank == 0 else None,
         "unsharded": unsharded,
-        "nz_locals": sum(isinstance(local_shard(p), NZShard) for p in model.parameters()),
+        "nz_locals": len(shards),
+        "unsettled": unsettled,
         "exchanged": sum(
             isinstance(s, NZShard) and s.gather_spec.exchange is not None for s in map(local_shard, model.parameters())
         ),
