@@ -37,7 +37,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
 from benchmarks.common import machine_info, machine_line  # noqa: E402
-from benchmarks.distributed_worker import METHODS, TINY, UNITS  # noqa: E402
+from benchmarks.distributed_worker import DEFAULT_METHODS, METHODS, TINY, UNITS  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 FULL = {"hidden": 512, "layers": 32, "intermediate": 1408, "heads": 8, "kv_heads": 2, "vocab": 8000}
@@ -47,6 +47,7 @@ LABELS = {
     "fsdp-dense": "FSDP2 dense + fused update",
     "fsdp-nz-dgather": "NeuZip-FSDP, dense all-gather",
     "fsdp-nz-cgather": "NeuZip-FSDP, compressed all-gather",
+    "fsdp-nz-xgather": "NeuZip-FSDP, compressed all-gather, GPU path (device pack, exchanged heads)",
 }
 
 
@@ -324,7 +325,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Run every (method, world size), write JSON and markdown, return the result."""
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--dry-run", action="store_true", help="every configuration on a tiny model, 1 step")
-    ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    ap.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS), choices=METHODS)
     ap.add_argument("--worlds", nargs="+", type=int, default=[1, 2])
     for k, v in FULL.items():
         ap.add_argument(f"--{k.replace('_', '-')}", type=int, default=v)

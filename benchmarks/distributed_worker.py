@@ -15,6 +15,9 @@ projections, so only one projection's dense weight is gathered at a time):
   while the previous weights are updated (0: each waited for in its hook).
 * ``fsdp-dense``: FSDP2 on dense weights (``shard_model(compress=False)``) + ``sharded_fused_optimizer``.
 * ``fsdp-nz-dgather`` / ``fsdp-nz-cgather``: NeuZip-FSDP (compressed shards) with dense / compressed all-gather.
+* ``fsdp-nz-xgather`` (not in the default set): the compressed all-gather as GPUs run it, here on the CPU: payloads
+  packed by ``pack_payload_on_device``, their heads exchanged over the gloo group with each all-gather
+  (``gather_heads="exchange"``), decoded in place (``fsdp_tensor.DEVICE_PATH_ON_CPU``).
 
 Weights: the trained byte-level Llama of ``benchmarks/codec_trained.py`` (``benchmarks/out/trained_bf16.safetensors``)
 tiled into the benchmark's shapes: each tensor takes the values of the trained tensor of the same kind (q/k/v/o,
@@ -44,7 +47,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script 
 from benchmarks.common import reset_peak_rss, rss_kib  # noqa: E402
 from benchmarks.cpu_matmul import Bf16MatmulInFp32  # noqa: E402
 
-METHODS = ("dp-lomo", "dp-neuzip", "fsdp-dense", "fsdp-nz-dgather", "fsdp-nz-cgather")
+METHODS = ("dp-lomo", "dp-neuzip", "fsdp-dense", "fsdp-nz-dgather", "fsdp-nz-cgather", "fsdp-nz-xgather")
+DEFAULT_METHODS = METHODS[:5]
+"""What a run measures unless told otherwise (the device-path emulation is opt-in)."""
 TRAINED = Path(__file__).resolve().parent / "out" / "trained_bf16.safetensors"
 TINY = {"hidden": 64, "layers": 1, "intermediate": 128, "heads": 4, "kv_heads": 2, "vocab": 256}
 _LAYER = re.compile(r"layers\.(\d+)\.")
@@ -91,7 +96,7 @@ def build(method: str, dims: dict[str, int], weights: WeightFn) -> torch.nn.Modu
     config = llama_config(**dims)
     with torch.device("meta"):
         model = LlamaForCausalLM(config).to(torch.bfloat16)  # type: ignore[arg-type]
-    compressed = method in ("dp-neuzip", "fsdp-nz-dgather", "fsdp-nz-cgather")
+    compressed = method in ("dp-neuzip", "fsdp-nz-dgather", "fsdp-nz-cgather", "fsdp-nz-xgather")
     compress_model(model, weights=weights, exclude=None if compressed else ["*"])
     _materialize_meta_buffers(model, config)
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -185,8 +190,11 @@ def make_step(
         counter = GradientAverager(depth=overlap)  # what NeuZipStrategy uses, counting bytes reduced
         opt: Any = fused_optimizer(model, "sgd", lr, blocked_head=False, grad_reducer=counter if world > 1 else None)
     else:
+        from nz_lightning.distributed import fsdp_tensor
+
         compress = method != "fsdp-dense"
-        cgather = method == "fsdp-nz-cgather"
+        cgather = method in ("fsdp-nz-cgather", "fsdp-nz-xgather")
+        fsdp_tensor.DEVICE_PATH_ON_CPU = method == "fsdp-nz-xgather"
         shard_model(
             model,
             compress=compress,

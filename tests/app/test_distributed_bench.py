@@ -14,12 +14,17 @@ from benchmarks import distributed, distributed_model, distributed_worker
 def test_distributed_benchmark_dry_run(tmp_path: Path) -> None:
     """Two 2-rank gloo jobs (data-parallel NeuZip, NeuZip-FSDP with compressed gather) write sane JSON/markdown."""
     distributed.main(
-        ["--dry-run", "--worlds", "2", "--methods", "dp-neuzip", "fsdp-nz-cgather", "--timeout", "100",
-         "--out-dir", str(tmp_path)]
+        ["--dry-run", "--worlds", "2", "--methods", "dp-neuzip", "fsdp-nz-cgather", "fsdp-nz-xgather",
+         "--timeout", "100", "--out-dir", str(tmp_path)]
     )  # fmt: skip
     result = json.loads((tmp_path / "distributed.json").read_text())
     rows = {r["method"]: r for r in result["rows"]}
-    assert set(rows) == {"dp-neuzip", "fsdp-nz-cgather"}
+    assert set(rows) == {"dp-neuzip", "fsdp-nz-cgather", "fsdp-nz-xgather"}
+    # the GPU payload path (device pack, exchanged heads), run on the CPU: the same bytes gathered, the same losses
+    x = rows.pop("fsdp-nz-xgather")
+    assert "error" not in x, x.get("error")
+    assert x["losses"] == rows["fsdp-nz-cgather"]["losses"]
+    assert x["comm_per_step"]["all_gather_bytes"] == rows["fsdp-nz-cgather"]["comm_per_step"]["all_gather_bytes"]
     for r in rows.values():
         assert "error" not in r, r.get("error")
         assert r["world_size"] == 2 and len(r["ranks"]) == 2 and len(r["losses"]) == 2
