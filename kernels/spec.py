@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -80,6 +81,7 @@ def max_fold_bits(spec: FloatSpec, symbol_bits: int = MAX_SYMBOL_BITS) -> int:
     return max(0, symbol_bits - spec.exp_bits)
 
 
+@functools.lru_cache(maxsize=64)
 def folded(spec: FloatSpec, bits: int) -> FloatSpec:
     """The coding layout with the top ``bits`` mantissa bits moved from the raw field into the symbol.
 

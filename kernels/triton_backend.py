@@ -22,7 +22,6 @@ from __future__ import annotations
 import functools
 
 import torch
-import triton
 
 from . import triton_kernels as tk
 from .backends import FunctionBackend, check_device
@@ -42,8 +41,20 @@ def _check_device(device: torch.device) -> bool:
     Raises:
         ValueError: A non-CUDA tensor without ``TRITON_INTERPRET=1``.
     """
+    if device.type == "cuda":
+        return True
     check_device("triton", device)
-    return device.type == "cuda"
+    return False
+
+
+def _pow2(n: int) -> int:
+    """The smallest power of two >= ``n`` (0 for 0: ``triton.next_power_of_2`` without its call overhead)."""
+    return 1 << (n - 1).bit_length() if n > 0 else 0
+
+
+def _cdiv(a: int, b: int) -> int:
+    """``ceil(a / b)`` for positive ints (``triton.cdiv`` without its call overhead on the host)."""
+    return -(-a // b)
 
 
 @functools.lru_cache(maxsize=16)
@@ -59,7 +70,7 @@ def _sm_count(device: torch.device) -> int:
 def _lanes_per_program(nl: int, device: torch.device, gpu: bool) -> int:
     """Lanes (threads) per program: as many as keep every SM busy on a GPU, as many as possible in the interpreter."""
     if not gpu:
-        return min(triton.next_power_of_2(nl), 8192)
+        return min(_pow2(nl), 8192)
     sms = _sm_count(device)
     for lanes in (128, 64):
         if nl >= 4 * sms * lanes:
@@ -90,8 +101,8 @@ def exponent_histogram(x: torch.Tensor, spec: FloatSpec) -> torch.Tensor:
     n = bits.numel()
     if n == 0:
         return torch.zeros(spec.alphabet, dtype=torch.int64, device=x.device)
-    block = 4096 if gpu else min(triton.next_power_of_2(n), _INTERP_MAX_TILE)
-    num_blocks = triton.cdiv(n, block)
+    block = 4096 if gpu else min(_pow2(n), _INTERP_MAX_TILE)
+    num_blocks = _cdiv(n, block)
     grid = min(num_blocks, 4 * _sm_count(bits.device) if gpu else 1)
     part = torch.empty((grid, spec.alphabet), dtype=torch.int32, device=x.device)
     tk.histogram_kernel[(grid,)](
@@ -106,8 +117,8 @@ def _pack_sm(bits: torch.Tensor, spec: FloatSpec, gpu: bool) -> torch.Tensor:
     sm = torch.empty(nbytes, dtype=torch.uint8, device=bits.device)
     if nbytes == 0:
         return sm
-    block = 1024 if gpu else min(triton.next_power_of_2(nbytes), _INTERP_MAX_TILE)
-    tk.pack_sm_kernel[(triton.cdiv(nbytes, block),)](
+    block = 1024 if gpu else min(_pow2(nbytes), _INTERP_MAX_TILE)
+    tk.pack_sm_kernel[(_cdiv(nbytes, block),)](
         bits, sm, n, nbytes, MAN_BITS=spec.man_bits, TOTAL_BITS=spec.total_bits, BLOCK=block, num_warps=4
     )
     return sm
@@ -156,7 +167,7 @@ def _encode(x: torch.Tensor, spec: FloatSpec, table: FreqTable, steps: int, capa
     counts = torch.empty(nl, dtype=torch.int32, device=device)
     scratch = torch.empty(nl * k, dtype=torch.int16, device=device)
     lanes = _lanes_per_program(nl, device, gpu)
-    tk.encode_kernel[(triton.cdiv(nl, lanes),)](
+    tk.encode_kernel[(_cdiv(nl, lanes),)](
         bits,
         freq,
         cum,
@@ -177,11 +188,11 @@ def _encode(x: torch.Tensor, spec: FloatSpec, table: FreqTable, steps: int, capa
     total = int(offsets[-1]) if capacity is None else capacity
     words = torch.empty(total, dtype=torch.int16, device=device)
     if total:
-        wblk = min(triton.next_power_of_2(k), 512 if gpu else 4096)
+        wblk = min(_pow2(k), 512 if gpu else 4096)
         lblk = max(1, min(256, 2048 // wblk) if gpu else _INTERP_MAX_TILE // wblk)  # <= 256 rows: no spills (sm_86/89)
         if not gpu:
-            lblk = min(lblk, triton.next_power_of_2(nl))
-        tk.compact_kernel[(triton.cdiv(nl, lblk), triton.cdiv(k, wblk))](
+            lblk = min(lblk, _pow2(nl))
+        tk.compact_kernel[(_cdiv(nl, lblk), _cdiv(k, wblk))](
             scratch, counts, offsets, words, nl, k, total, LB=lblk, W=wblk, num_warps=4
         )
     used = None if capacity is None else offsets[-1]  # exact words when the total was read back
@@ -260,7 +271,7 @@ def decode_flagged(
     own = flag is None
     status = torch.zeros((), dtype=torch.int32, device=device) if flag is None else flag
     lanes = _lanes_per_program(nl, device, gpu)
-    tk.decode_kernel[(triton.cdiv(nl, lanes),)](
+    tk.decode_kernel[(_cdiv(nl, lanes),)](
         states,
         counts,
         offsets,
