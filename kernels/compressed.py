@@ -205,6 +205,14 @@ class CompressedTensor:
         """
         DECODE_CHECKS.check()
 
+    @staticmethod
+    def reset_deferred() -> None:
+        """Forget a failed deferred check (sticky until then: every ``check_deferred`` raises, and saves refuse).
+
+        Call it once the values computed from the corrupt decode were replaced, e.g. by loading a checkpoint.
+        """
+        DECODE_CHECKS.reset()
+
     def _check_out(self, out: torch.Tensor) -> None:
         if out.shape != self.shape or out.dtype != self.dtype or out.device != self.device:
             raise ValueError(

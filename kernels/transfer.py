@@ -53,6 +53,8 @@ class DeferredChecks:
     def __init__(self) -> None:
         self._flags: dict[tuple[torch.device, int], torch.Tensor] = {}
         self._lock = threading.Lock()
+        self.failed = False
+        """Set when a check found corrupt data; every later check raises too until :meth:`reset`."""
 
     def flag(self, device: torch.device) -> torch.Tensor:
         """The int32 flag (0-d) of ``device`` and its current stream, created at 0; a decode may OR 1 into it."""
@@ -75,13 +77,28 @@ class DeferredChecks:
     def check(self) -> None:
         """Read every flag (one host sync each), clear them, and raise if a deferred decode found corrupt data.
 
+        A failure is sticky: values computed from the corrupt decode may already be stored (a fused update, an
+        encode), so every later check raises too, and a save that checks first refuses, until :meth:`reset`.
+
         Raises:
-            ValueError: Some decode run without its synchronous check since the last call was inconsistent.
+            ValueError: Some decode run without its synchronous check was inconsistent (since the last
+                :meth:`reset`).
         """
         with self._lock:
             flags, self._flags = self._flags, {}
         if any(bool(flag) for flag in flags.values()):
-            raise ValueError("corrupt blob: rANS lanes did not decode consistently (deferred check)")
+            self.failed = True
+        if self.failed:
+            raise ValueError(
+                "corrupt blob: rANS lanes did not decode consistently (deferred check); values computed since may be "
+                "wrong: reload them (e.g. from a checkpoint), then call CompressedTensor.reset_deferred()"
+            )
+
+    def reset(self) -> None:
+        """Forget a reported failure and every pending flag (after the affected values were replaced)."""
+        with self._lock:
+            self._flags = {}
+            self.failed = False
 
 
 DECODE_CHECKS = DeferredChecks()

@@ -21,6 +21,14 @@ settings.register_profile("thorough", max_examples=1000, deadline=None, suppress
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
 
 
+@pytest.fixture(autouse=True)
+def _fresh_decode_checks() -> None:
+    """Each test starts with no deferred decode flag and no reported failure (a failure is sticky by design)."""
+    from nz_lightning.kernels.transfer import DECODE_CHECKS
+
+    DECODE_CHECKS.reset()
+
+
 @pytest.fixture
 def quiet_lightning() -> Iterator[None]:
     """Silence Lightning's warnings about tiny test setups (few workers, no val loader, ckpt_path callbacks)."""

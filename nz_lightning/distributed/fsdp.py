@@ -314,14 +314,15 @@ def shard_model(
 def _exchange_group(mesh: DeviceMesh) -> Any:
     """A host (gloo) group over ``mesh``'s ranks for payload heads, or ``None`` where payloads are parsed on the host.
 
-    A collective over the default group when it creates one (``shard_model`` runs on every rank).
+    Created with local synchronization: only the mesh's ranks take part, so a 1-D slice of a larger mesh (each
+    replica group calling with its own ranks) works too.
     """
     if mesh.device_type == "cpu" and not fsdp_tensor.DEVICE_PATH_ON_CPU:
         return None
     group = mesh.get_group()
     if dist.get_backend(group) == "gloo":
         return group
-    return dist.new_group(ranks=dist.get_process_group_ranks(group), backend="gloo")
+    return dist.new_group(ranks=dist.get_process_group_ranks(group), backend="gloo", use_local_synchronization=True)
 
 
 def _count_reduce_scatter(stats: CommStats, nbytes: int) -> Callable[[Tensor], None]:

@@ -8,7 +8,10 @@ rank must hand it a payload of the same size on every step. A payload is ``capac
     blobs: each row block's portable serialization (:meth:`CompressedTensor.to_bytes`, with its CRC32), in row order
     zero padding up to ``capacity``
 
-``length`` is the number of bytes used (header included). A shard whose encoding does not fit sets
+``length`` is the number of bytes used (header included). Flags: :data:`FLAG_OVERFLOW` (below) and
+:data:`FLAG_UNCHECKED` (packed on a device by :mod:`~nz_lightning.distributed.fsdp_payload_pack`: coded blobs carry
+a zero checksum, and a coded blob's word count may be that of a larger buffer than its stream; decoded in place
+only). A shard whose encoding does not fit sets
 :data:`FLAG_OVERFLOW` and carries no blob: the receiver then gathers every rank's dense shard instead (see
 :meth:`~nz_lightning.distributed.fsdp_tensor.NZShard.fsdp_post_all_gather`), so an overflow costs bandwidth, never
 correctness. The capacity is written into every payload and checked on receipt, so payloads of a mismatched capacity

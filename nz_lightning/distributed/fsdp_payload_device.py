@@ -24,8 +24,10 @@ import torch
 from torch import Tensor
 
 from nz_lightning.distributed.fsdp_payload import (
+    _HEADER,
     FLAG_OVERFLOW,
     HEADER_BYTES,
+    MAGIC,
     _decode_into,
     _header,
     block_rows,
@@ -34,6 +36,7 @@ from nz_lightning.distributed.fsdp_payload import (
 from nz_lightning.kernels import CompressedTensor
 from nz_lightning.kernels.blob_layout import LAYOUT_PREFIX_BYTES, BlobLayout, layout
 from nz_lightning.kernels.streams import Streams
+from nz_lightning.kernels.transfer import DECODE_CHECKS, upload
 
 if TYPE_CHECKING:
     from nz_lightning.distributed.fsdp_payload_pack import PayloadHead
@@ -42,7 +45,13 @@ __all__ = ["unpack_payloads_in_place"]
 
 
 def unpack_payloads_in_place(
-    gathered: Tensor, world: int, capacity: int, rows: Tensor, heads: Sequence[PayloadHead] | None = None
+    gathered: Tensor,
+    world: int,
+    capacity: int,
+    rows: Tensor,
+    heads: Sequence[PayloadHead] | None = None,
+    *,
+    defer_checks: bool = True,
 ) -> bool:
     """Decode the ``world`` gathered payloads in ``gathered`` (uint8, on any device) into ``rows[r]`` each.
 
@@ -53,9 +62,12 @@ def unpack_payloads_in_place(
         rows: ``[world, shard rows, ...]``: where each rank's shard is decoded.
         heads: Every rank's :class:`~nz_lightning.distributed.fsdp_payload_pack.PayloadHead` of this all-gather
             (exchanged over the host by the packers): then nothing is read from ``gathered`` on the host (bar raw and
-            constant blobs) and each coded blob's decode check is deferred to ``CompressedTensor.check_deferred``
-            (no sync). ``None``: headers and blob prefixes are read from ``gathered`` (two small device-to-host
-            copies) and each decode is checked at once.
+            constant blobs). The gathered headers and blob prefixes are compared with the heads on the device and
+            every coded blob is decoded unchecked; both OR their verdict into the deferred flag
+            (``CompressedTensor.check_deferred``). ``None``: headers and blob prefixes are read from ``gathered``
+            (two small device-to-host copies) and each decode is checked at once.
+        defer_checks: With ``heads``: leave the flag to the next ``check_deferred`` (no sync), or (``False``) check
+            it before returning (one sync).
 
     Returns:
         False, decoding nothing, when a payload says its shard did not fit (gather dense instead); else True.
@@ -86,6 +98,7 @@ def unpack_payloads_in_place(
             length = HEADER_BYTES + 8 * len(head.lengths) + sum(head.lengths)
             _add_spans(spans, r, list(head.lengths), length, most, capacity)
         prefixes = [memoryview(p) for h in heads for p in h.prefixes]
+        _compare_heads(gathered, capacity, heads, spans)
     row = [0] * world
     for (r, offset, n), prefix in zip(spans, prefixes, strict=True):
         lay = layout(prefix, n)
@@ -105,7 +118,29 @@ def unpack_payloads_in_place(
     for r in range(world):
         if row[r] != rows.shape[1]:
             raise RuntimeError(f"payload holds {row[r]} rows, the shard has {rows.shape[1]}")
+    if heads is not None and not defer_checks:
+        DECODE_CHECKS.check()
     return True
+
+
+def _compare_heads(
+    gathered: Tensor, capacity: int, heads: Sequence[PayloadHead], spans: list[tuple[int, int, int]]
+) -> None:
+    """OR into the deferred flag whether the gathered payloads' headers, block tables and blob prefixes differ from
+    the exchanged ``heads`` (no sync): payload bytes that do not match their heads are never trusted silently."""
+    expected, positions = [], []
+    for r, head in enumerate(heads):
+        length = HEADER_BYTES + 8 * len(head.lengths) + sum(head.lengths)
+        table = _HEADER.pack(MAGIC, head.flags, len(head.lengths), 0, length, capacity)
+        table += np.array(head.lengths, dtype="<u8").tobytes()
+        expected.append(table)
+        positions.append(np.arange(len(table), dtype=np.int64) + r * capacity)
+    for (r, offset, _), prefix in zip(spans, (p for h in heads for p in h.prefixes), strict=True):
+        expected.append(prefix)
+        positions.append(np.arange(len(prefix), dtype=np.int64) + r * capacity + offset)
+    want = upload(torch.frombuffer(bytearray(b"".join(expected)), dtype=torch.uint8), gathered.device)
+    where = upload(torch.from_numpy(np.concatenate(positions)), gathered.device)
+    DECODE_CHECKS.record((gathered.reshape(-1)[where] != want).any())
 
 
 def _read_layouts(

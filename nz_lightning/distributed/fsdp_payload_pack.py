@@ -11,8 +11,9 @@ place. Nothing is read back from the device:
   decoded in place (:mod:`~nz_lightning.distributed.fsdp_payload_device`), which never reads a coded blob's checksum
   and checks its streams with the decoder; the host parser refuses them.
 * a block whose word count is still on the device (an encoder that sized its buffer from a bound, see
-  :class:`~kernels.streams.Streams`) ships its whole word buffer, about 0.5% longer than the stream: its blob header
-  declares the buffer's length, and the decoder finds each lane's words from the lane counts.
+  :class:`~kernels.streams.Streams`) ships its whole word buffer, about 2% more words than the stream (under 1% of
+  the payload): its blob header declares the buffer's length, and the decoder finds each lane's words from the lane
+  counts. Only when that does not fit the capacity are the totals read back (one sync) and the buffers trimmed.
 * the deferred decode checks are not read here (:func:`pack_payload` reads them): a corrupt local block is caught by
   every receiver's decoder instead.
 
@@ -20,7 +21,9 @@ Raw and constant blocks (incompressible or constant shards: rare) are serialized
 
 The function also returns a :class:`PayloadHead`: the host bytes a receiver would otherwise read back from the gathered
 buffer (flags, block lengths, each blob's first bytes). :func:`exchange_heads` all-gathers them over a host process
-group (gloo), so that every rank can parse every gathered payload without a device-to-host read.
+group (gloo; one all-gather per call once its slot fits), so that every rank can parse every gathered payload
+without a device-to-host read; the receiver still compares the gathered headers and prefixes with the heads on the
+device (:func:`~nz_lightning.distributed.fsdp_payload_device.unpack_payloads_in_place`).
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ from nz_lightning.kernels.blob import _HEAD, _RANS, VERSION_COMPACT, count_bytes
 from nz_lightning.kernels.blob import MAGIC as BLOB_MAGIC
 from nz_lightning.kernels.blob_layout import LAYOUT_PREFIX_BYTES
 from nz_lightning.kernels.blob_table import encode_table
+from nz_lightning.kernels.streams import settle_streams
 from nz_lightning.kernels.transfer import upload
 from nz_lightning.tensor.store import WeightStore
 
@@ -93,7 +97,26 @@ class PayloadHead:
             pos += size
         if pos != len(data):
             raise RuntimeError(f"a payload head of {len(data)} bytes declares {pos}")
-        return cls(capacity, flags, tuple(lengths), tuple(prefixes))
+        head = cls(capacity, flags, tuple(lengths), tuple(prefixes))
+        head.check()
+        return head
+
+    def check(self) -> None:
+        """Check that the head can describe a payload.
+
+        Raises:
+            RuntimeError: Unknown flag bits, a capacity below the header, an overflow head with blocks or a
+                payload head without any, or a blob prefix longer than its blob or than a layout needs.
+        """
+        if self.flags & ~(FLAG_OVERFLOW | FLAG_UNCHECKED):
+            raise RuntimeError(f"payload head has unknown flags {self.flags:#x}")
+        if self.capacity < HEADER_BYTES:
+            raise RuntimeError(f"payload head declares a capacity of {self.capacity} bytes, below the header")
+        if bool(self.flags & FLAG_OVERFLOW) == bool(self.lengths):
+            raise RuntimeError(f"payload head with flags {self.flags:#x} lists {len(self.lengths)} blobs")
+        for n, prefix in zip(self.lengths, self.prefixes, strict=True):
+            if len(prefix) > min(n, LAYOUT_PREFIX_BYTES):
+                raise RuntimeError(f"payload head gives {len(prefix)} prefix bytes of a {n}-byte blob")
 
 
 @dataclass
@@ -147,10 +170,17 @@ def pack_payload_on_device(store: WeightStore, capacity: int, device: torch.devi
         raise ValueError(f"a gather capacity of {capacity} bytes cannot hold the {HEADER_BYTES}-byte header")
     if sys.byteorder != "little":
         raise RuntimeError("packing payloads on the device needs a little-endian host")
-    blobs = [_blob(ct) for ct in store.blocks]
-    lengths = tuple(b.length for b in blobs)
+    blocks = store.blocks
+    blobs = [_blob(ct) for ct in blocks]
     table_end = HEADER_BYTES + 8 * len(blobs)
-    length = table_end + sum(lengths)
+    length = table_end + sum(b.length for b in blobs)
+    if length > capacity and any(ct.streams is not None and ct.streams.used is not None for ct in blocks):
+        # the bound-sized word buffers may be what does not fit (the capacity was agreed from exact sizes): read
+        # their totals back (one sync, only here) and trim them before declaring an overflow
+        settle_streams(ct.streams for ct in blocks)
+        blobs = [_blob(ct) for ct in blocks]
+        length = table_end + sum(b.length for b in blobs)
+    lengths = tuple(b.length for b in blobs)
     if length > capacity:
         header = _HEADER.pack(MAGIC, FLAG_OVERFLOW, 0, 0, 0, capacity)
         payload = torch.zeros(capacity, dtype=torch.uint8, device=device)
@@ -176,29 +206,45 @@ def pack_payload_on_device(store: WeightStore, capacity: int, device: torch.devi
     return payload, PayloadHead(capacity, flags, lengths, prefixes)
 
 
-def exchange_heads(head: PayloadHead, group: Any) -> list[PayloadHead]:
+def exchange_heads(head: PayloadHead, group: Any, slot: int = 0) -> tuple[list[PayloadHead], int]:
     """Every rank's :class:`PayloadHead` of one all-gather, by rank: a collective over the host (gloo) ``group``.
 
-    Two small all-gathers on the CPU (sizes, then the padded bytes); no device is touched.
+    Each rank sends a ``slot``-byte buffer (its head's length, then the head when it fits). When some head does
+    not fit, every rank sees it in the gathered lengths and all send again in a larger slot. So the call costs
+    one small all-gather once ``slot`` fits (pass back the returned slot), two the first time. No device is
+    touched.
+
+    Args:
+        head: This rank's head.
+        group: A process group over the CPU (gloo).
+        slot: Bytes per head of the first round (the slot returned by the last call for the same parameter).
+
+    Returns:
+        ``(heads, slot)``: every rank's head, and the slot to pass next time.
 
     Raises:
-        RuntimeError: The ranks' heads disagree on the capacity (they pack another parameter, or another setup).
+        RuntimeError: A head that does not parse, or heads that disagree on the capacity (the ranks are not
+            gathering the same parameter).
     """
     data = head.to_bytes()
     world = dist.get_world_size(group)
-    size = torch.tensor([len(data)], dtype=torch.int64)
-    sizes = [torch.zeros(1, dtype=torch.int64) for _ in range(world)]
-    dist.all_gather(sizes, size, group=group)
-    most = max(int(s) for s in sizes)
-    mine = torch.zeros(most, dtype=torch.uint8)
-    mine[: len(data)] = torch.frombuffer(bytearray(data), dtype=torch.uint8)
-    parts = [torch.empty(most, dtype=torch.uint8) for _ in range(world)]
-    dist.all_gather(parts, mine, group=group)
-    heads = [PayloadHead.from_bytes(p[: int(s)].numpy().tobytes()) for p, s in zip(parts, sizes, strict=True)]
+    while True:
+        buf = torch.zeros(8 + slot, dtype=torch.uint8)
+        buf[:8] = torch.frombuffer(bytearray(struct.pack("<Q", len(data))), dtype=torch.uint8)
+        if len(data) <= slot:
+            buf[8 : 8 + len(data)] = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+        parts = [torch.empty_like(buf) for _ in range(world)]
+        dist.all_gather(parts, buf, group=group)
+        raw = [p.numpy().tobytes() for p in parts]
+        sizes = [struct.unpack_from("<Q", r)[0] for r in raw]
+        if max(sizes) <= slot:
+            break
+        slot = -(-max(sizes) * 5 // 4 // 256) * 256  # every rank computes the same larger slot
+    heads = [PayloadHead.from_bytes(r[8 : 8 + n]) for r, n in zip(raw, sizes, strict=True)]
     for r, other in enumerate(heads):
         if other.capacity != head.capacity:
             raise RuntimeError(
                 f"rank {r} packed a payload of capacity {other.capacity}, this rank {head.capacity}: the ranks are "
                 "not gathering the same parameter (or were set up differently)"
             )
-    return heads
+    return heads, slot

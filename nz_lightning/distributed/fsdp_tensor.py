@@ -28,7 +28,7 @@ from torch.utils._pytree import tree_map
 
 from nz_lightning.distributed.fsdp_payload import memory_alias, pack_payload, payload_overflowed, unpack_payload
 from nz_lightning.distributed.fsdp_payload_device import unpack_payloads_in_place
-from nz_lightning.distributed.fsdp_payload_pack import exchange_heads, pack_payload_on_device
+from nz_lightning.distributed.fsdp_payload_pack import PayloadHead, exchange_heads, pack_payload_on_device
 from nz_lightning.tensor.parameter import NZParameter, WeightStore
 
 __all__ = ["CommStats", "GatherSpec", "NZShard", "PendingShard"]
@@ -80,6 +80,7 @@ class GatherSpec:
         exchange: A host (gloo) process group over the same ranks: payloads packed on a device then come with their
             heads exchanged over it (:func:`~nz_lightning.distributed.fsdp_payload_pack.exchange_heads`), so that no
             rank reads a gathered payload back to the host. ``None``: the heads are read from the gathered buffer.
+        head_slot: Bytes per head in the exchange's all-gather (grown by the first exchanges, then fixed).
     """
 
     name: str
@@ -89,6 +90,7 @@ class GatherSpec:
     requested: bool = False
     frozen: bool = False
     exchange: Any = None
+    head_slot: int = 0
 
 
 class NZShard(NZParameter):
@@ -158,7 +160,7 @@ class NZShard(NZParameter):
         dense_bytes = self.numel() * self.element_size()
         spec.stats.all_gathers += 1
         spec.stats.all_gather_dense_bytes += dense_bytes * world
-        meta = (tuple(outer_size), mesh.get_group())
+        meta = (tuple(outer_size), mesh.get_group(), None)
         if not spec.compressed:
             spec.stats.all_gather_bytes += dense_bytes * world
             return (self.store.read(),), meta
@@ -169,8 +171,11 @@ class NZShard(NZParameter):
             payload, _ = pack_payload(self.store, spec.capacity, self.device)
             return (payload,), meta
         payload, head = pack_payload_on_device(self.store, spec.capacity, self.device)
-        heads = None if spec.exchange is None else exchange_heads(head, spec.exchange)
-        return (payload,), (*meta, heads)
+        heads = None
+        if spec.exchange is not None:
+            heads, spec.head_slot = exchange_heads(head, spec.exchange, spec.head_slot)
+        on_device = _OnDevice(heads, defer_checks=bool(getattr(module, "training", True)))
+        return (payload,), (*meta[:2], on_device)
 
     def fsdp_post_all_gather(
         self,
@@ -187,7 +192,7 @@ class NZShard(NZParameter):
                 payload is malformed.
         """
         (gathered,) = all_gather_outputs
-        outer_size, group, *heads = metadata
+        outer_size, group, on_device = metadata
         spec = self._gather
         if not spec.compressed:
             full = gathered.view(outer_size)
@@ -208,8 +213,10 @@ class NZShard(NZParameter):
         with torch.no_grad(), torch.autograd._unsafe_preserve_version_counter(target):
             dense = target.detach()
             rows = dense.view(world, -1, *dense.shape[1:])
-            if heads:  # packed on the device: headers and tables are read back, or came exchanged
-                decoded = unpack_payloads_in_place(gathered, world, cap, rows, heads[0])
+            if on_device is not None:  # headers and tables came exchanged, or are read back
+                decoded = unpack_payloads_in_place(
+                    gathered, world, cap, rows, on_device.heads, defer_checks=on_device.defer_checks
+                )
             else:
                 raw = _host_bytes(gathered)
                 parts = [raw[r * cap : (r + 1) * cap] for r in range(world)]
@@ -224,6 +231,20 @@ class NZShard(NZParameter):
         if gathered.untyped_storage().size() > 0:  # the payloads are decoded: FSDP re-allocates them per gather
             gathered.untyped_storage().resize_(0)
         return (target, (target,)) if out is None else None
+
+
+@dataclass(frozen=True)
+class _OnDevice:
+    """All-gather metadata of a payload packed on the device.
+
+    Attributes:
+        heads: Every rank's payload head (exchanged over the host), or ``None``: read back from the gathered buffer.
+        defer_checks: With ``heads``: leave the decode checks to the end of the backward (the module trains), or
+            make them when the payloads are decoded (one sync; evaluation, whose outputs no backward checks).
+    """
+
+    heads: list[PayloadHead] | None
+    defer_checks: bool
 
 
 DEVICE_PATH_ON_CPU = False

@@ -223,6 +223,7 @@ def test_corrupt_streams_with_exchanged_heads_raise_at_the_deferred_check() -> N
     assert unpack_payloads_in_place(gathered, 1, capacity, rows, heads)  # no sync: the check is deferred
     with pytest.raises(ValueError, match="deferred"):
         CompressedTensor.check_deferred()
+    CompressedTensor.reset_deferred()
 
 
 @pytest.mark.usefixtures("device_decoder")
@@ -240,3 +241,54 @@ def test_exchanged_heads_make_no_host_reads() -> None:
     assert syncs.by_op("other").get("Tensor.cpu", 0) == 2, syncs.summary()
     for r, s in enumerate(stores):
         assert torch.equal(rows[r], s.read())
+
+
+@pytest.mark.usefixtures("device_decoder")
+@pytest.mark.parametrize("where", ["block table", "blob prefix"])
+def test_gathered_bytes_that_differ_from_their_heads_are_flagged(where: str) -> None:
+    store = WeightStore((torch.randn(40, 96) * 0.02).bfloat16(), row_block_bytes=2048)
+    gathered, capacity, heads = pack_on_device([store])
+    at = 33 if where == "block table" else 32 + 8 * len(heads[0].lengths) + 5  # a block length, a blob header byte
+    gathered[at] ^= 0x40  # bytes the decode never reads (it trusts the heads): only the comparison sees them
+    rows = torch.empty(1, 40, 96, dtype=torch.bfloat16)
+    assert unpack_payloads_in_place(gathered, 1, capacity, rows, heads)  # no sync: flagged on the device
+    assert torch.equal(rows[0], store.read())
+    with pytest.raises(ValueError, match="deferred"):
+        CompressedTensor.check_deferred()
+    CompressedTensor.reset_deferred()
+    with pytest.raises(ValueError, match="deferred"):  # checked before returning (evaluation)
+        unpack_payloads_in_place(gathered, 1, capacity, rows, heads, defer_checks=False)
+    CompressedTensor.reset_deferred()
+    gathered[at] ^= 0x40
+    assert unpack_payloads_in_place(gathered, 1, capacity, rows, heads, defer_checks=False)
+
+
+def test_payload_heads_that_cannot_describe_a_payload_are_refused() -> None:
+    _, _, (head,) = pack_on_device([WeightStore((torch.randn(40, 96) * 0.02).bfloat16())])
+    head.check()
+    bad = {
+        "unknown flags": replace(head, flags=head.flags | 8),
+        "below the header": replace(head, capacity=8),
+        "lists 1 blobs": replace(head, flags=head.flags | FLAG_OVERFLOW),
+        "lists 0 blobs": replace(head, lengths=(), prefixes=()),
+        "prefix bytes": replace(head, prefixes=(head.prefixes[0] + bytes(head.lengths[0]),)),
+    }
+    for match, wrong in bad.items():
+        with pytest.raises(RuntimeError, match=match):
+            PayloadHead.from_bytes(wrong.to_bytes())
+
+
+@pytest.mark.parametrize("backend", ["triton"])
+def test_bound_sized_buffers_that_do_not_fit_are_trimmed_before_an_overflow(backend: str) -> None:
+    store = WeightStore((torch.randn(128, 96) * 0.02).bfloat16(), backend)
+    capacity = encoded_size(store) + 4  # exact sizes: no room for the encoder's bound-sized word buffers
+    store.write(store.read())  # re-encoded: the same exact size, its word total left on the device
+    (ct,) = store.blocks
+    assert ct.streams is not None and ct.streams.used is not None
+    assert 2 * ct.streams.words.numel() > 2 * int(ct.streams.used) + 4  # the buffer alone would not fit
+    payload, head = pack_payload_on_device(store, capacity, torch.device("cpu"))
+    assert not head.flags & FLAG_OVERFLOW  # trimmed (one read back), then it fits
+    assert ct.streams.used is None
+    rows = torch.empty(1, 128, 96, dtype=torch.bfloat16)
+    assert unpack_payloads_in_place(payload, 1, capacity, rows, [head])
+    assert torch.equal(rows[0], store.read())

@@ -145,6 +145,7 @@ def train(mode: str, rule: str, clip: float | None, accumulate: int, steps: int 
         "unsharded": unsharded,
         "nz_locals": len(shards),
         "unsettled": unsettled,
+        "head_slots": sorted({s.gather_spec.head_slot for s in shards if s.gather_spec.compressed}),
         "exchanged": sum(
             isinstance(s, NZShard) and s.gather_spec.exchange is not None for s in map(local_shard, model.parameters())
         ),

@@ -37,10 +37,10 @@ def stores(world: int, rows: int = 2048, cols: int = 1024) -> list[WeightStore]:
 
 def test_device_payloads_decode_exactly_without_host_reads() -> None:
     ranks = stores(3)
-    capacity = max(encoded_size(s) for s in ranks) + 4096
+    capacity = int(max(encoded_size(s) for s in ranks) * 1.05)  # shard_model's default headroom
     for s in ranks:
         s.write(s.read() * 1.25)
-    assert any(ct.streams is not None and ct.streams.used is not None for s in ranks for ct in s.blocks)
+    assert all(ct.streams is not None and ct.streams.used is not None for s in ranks for ct in s.blocks)
     torch.cuda.synchronize()
     CompressedTensor.check_deferred()
     rows = torch.empty(3, 2048, 1024, dtype=torch.bfloat16, device=DEVICE)
@@ -49,6 +49,8 @@ def test_device_payloads_decode_exactly_without_host_reads() -> None:
         gathered = torch.cat([p for p, _ in packed])
         assert unpack_payloads_in_place(gathered, 3, capacity, rows, [h for _, h in packed])
     assert syncs.total == 0, syncs.summary()
+    # the bound-sized word buffers fit the headroom: shipped as they are, never read back
+    assert all(ct.streams is not None and ct.streams.used is not None for s in ranks for ct in s.blocks)
     CompressedTensor.check_deferred()  # the deferred decode checks passed
     for r, s in enumerate(ranks):
         assert torch.equal(rows[r].view(torch.int16), s.read().view(torch.int16)), r
