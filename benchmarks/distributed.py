@@ -277,6 +277,11 @@ def render(result: dict[str, Any]) -> str:
         + _split_text(rows, shape.get("split_bytes", "auto"))
         + f" Data parallel: {shape.get('grad_overlap', 1)} gradient all-reduce(s) kept in flight while earlier weights"
         " are updated (`GradientAverager`, as `NeuZipStrategy`; 0 = each awaited in its hook)."
+        + (
+            ""
+            if shape.get("reuse_capacity") is None
+            else f" Backward decodes held for reuse: {shape['reuse_capacity']} (`REUSE.capacity`)."
+        )
         + " One fresh gloo job per row; peak over baseline ="
         " VmHWM of the measured steps - RSS after the same method ran on a tiny model (largest rank). Bytes per step:"
         " data parallel = gradient bytes passed to all-reduce (a ring moves 2(n-1)/n of that per rank); FSDP ="
@@ -346,6 +351,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument(
         "--grad-overlap", type=int, default=1, help="data parallel: gradient all-reduces kept in flight (0: none)"
     )
+    ap.add_argument(
+        "--reuse-capacity",
+        type=int,
+        default=None,
+        help="compressed methods: backward decodes held for reuse (REUSE.capacity; >= a layer's weights: each weight"
+        " decoded twice per step under checkpointing)",
+    )
     ap.add_argument("--timeout", type=float, default=900.0, help="seconds per configuration")
     ap.add_argument("--out-dir", type=Path, default=ROOT / "benchmarks" / "out")
     ap.add_argument("--name", default="distributed")
@@ -369,6 +381,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "backward_prefetch": not args.no_backward_prefetch,
         "grad_overlap": args.grad_overlap,
         "split_bytes": "auto" if args.split_bytes is None else args.split_bytes,
+        "reuse_capacity": args.reuse_capacity,
     }
     args.out_dir.mkdir(parents=True, exist_ok=True)
     machine = machine_info()  # date, commit and load when the run starts

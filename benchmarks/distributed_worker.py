@@ -291,6 +291,10 @@ def run(cfg: dict[str, Any]) -> dict[str, Any]:
     prefetch = bool(cfg.get("backward_prefetch", True))
     split = cfg.get("split_bytes", "auto")
     overlap = int(cfg.get("grad_overlap", 1))
+    if cfg.get("reuse_capacity") is not None:
+        from nz_lightning.tensor.reuse import REUSE
+
+        REUSE.capacity = int(cfg["reuse_capacity"])
     with gemm:  # fixed costs: imports, numba JIT, process group, FSDP/codec initialisation, on a tiny model
         warm = build(method, TINY, weights)
         warm_step, _ = make_step(warm, method, lr, units, prefetch, split, overlap)

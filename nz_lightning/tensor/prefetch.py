@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
+from nz_lightning.tensor.reuse import REUSE
 from nz_lightning.tensor.workspace import DECODE_POOL
 
 if TYPE_CHECKING:
@@ -91,15 +92,21 @@ class Prefetcher:
     def materialize(self, store: WeightStore) -> tuple[Tensor, Tensor]:
         """The dense value of ``store`` in a pooled buffer, and that buffer (release it to ``DECODE_POOL``).
 
-        Served by the pending prefetch when it holds ``store``'s current value, else decoded now; then the decode
-        of the weight that followed ``store`` last time is issued.
+        Served by the pending prefetch when it holds ``store``'s current value; in backward, by a decode
+        :data:`~nz_lightning.tensor.reuse.REUSE` holds (the recomputed forward of a checkpointed block decoded it);
+        else decoded now. Then the decode of the weight that followed ``store`` last time is issued.
         """
+        backward = torch._C._current_graph_task_id() != -1
         if not self.enabled:
+            held = REUSE.take(store) if backward else None
+            if held is not None:
+                return held
             view, base = DECODE_POOL.acquire(store.shape, store.dtype, store.device)
             return store.decode_into(view), base
         with self._lock:
-            backward = torch._C._current_graph_task_id() != -1
             ready = self._take(store)
+            if ready is None and backward:
+                ready = REUSE.take(store)
             if ready is None:
                 view, base = DECODE_POOL.acquire(store.shape, store.dtype, store.device)
                 ready = store.decode_into(view), base

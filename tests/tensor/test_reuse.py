@@ -157,3 +157,43 @@ def test_reuse_adds_no_host_sync() -> None:
         opt.backward(model(input_ids=data[1], labels=data[1]).loss)
     assert REUSE.hits > hits
     assert syncs.count("decode") == syncs.count("update") == 0, syncs.summary()
+
+
+def _run_checkpointed(reuse: bool, capacity: int) -> tuple[list[float], torch.nn.Module, int]:
+    REUSE.enabled = reuse
+    was = REUSE.capacity
+    REUSE.capacity = capacity
+    try:
+        model = build("llama-bf16", compressed=True)
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.train()
+        opt = fused_optimizer(model, "sgd", lr=0.5)
+        CODEC_STATS.reset()
+        losses = train(model, opt, batches(3))
+        return losses, model, CODEC_STATS.decodes
+    finally:
+        REUSE.capacity = was
+
+
+def test_checkpointed_blocks_serve_backward_ops_from_their_recompute() -> None:
+    """Under activation checkpointing the recomputed forward decodes each weight again in backward: a held decode
+    serves the backward op (and then the update) instead of a third decode, bit-identically."""
+    off_losses, off_model, off_decodes = _run_checkpointed(False, 1)
+    hits = REUSE.hits
+    one_losses, one_model, one_decodes = _run_checkpointed(True, 1)
+    one_hits, hits = REUSE.hits - hits, REUSE.hits
+    many_losses, many_model, many_decodes = _run_checkpointed(True, 8)
+    many_hits = REUSE.hits - hits
+    assert off_losses == one_losses == many_losses
+    assert_same_state(one_model, off_model)
+    assert_same_state(many_model, off_model)
+    projections = [n for n, p in off_model.named_parameters() if isinstance(p, NZParameter) and ".layers." in n]
+    blocks, steps = len(off_model.model.layers), 3
+    # capacity 1 (default): every update is served (the last projection recomputed in a block, down_proj, by its
+    # recompute's decode: its backward op decodes nothing)
+    assert one_hits == steps * len(projections), (one_hits, len(projections))
+    # capacity 8 (a block's 7 projections fit): the backward op of every other projection is served too, so each
+    # projection is decoded twice per step (forward, recompute), the least checkpointing allows
+    assert many_hits == one_hits + steps * (len(projections) - blocks), (many_hits, len(projections))
+    assert one_decodes == off_decodes - one_hits and many_decodes == off_decodes - many_hits
+    assert REUSE.held == 0
