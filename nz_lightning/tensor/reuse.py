@@ -15,6 +15,13 @@ Llama-3 8B architecture (2 layers), 13% fewer block decodes for 0.11 GiB more pe
 ``capacity`` buffers are held (one by default), for the time between the op and the update;
 :class:`~nz_lightning.optim.fused.FusedOptimizer` drops them at the end of every backward. Forward decodes are never
 held.
+
+Under activation checkpointing a block's forward is recomputed in backward, and those decodes are offered too: a
+backward op takes a held decode of its weight's current value before decoding
+(:meth:`~nz_lightning.tensor.prefetch.Prefetcher.materialize`). With ``capacity`` at least a block's number of
+weights (``REUSE.capacity = 8`` for a Llama layer's 7 projections) every weight is then decoded twice per step
+(forward and recompute) instead of three times, at the cost of holding a block's dense weights from its recompute
+to their updates; with the default capacity only the last weight recomputed is served that way.
 """
 
 from __future__ import annotations
