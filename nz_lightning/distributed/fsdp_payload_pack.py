@@ -47,7 +47,7 @@ from nz_lightning.kernels.streams import settle_streams
 from nz_lightning.kernels.transfer import upload
 from nz_lightning.tensor.store import WeightStore
 
-__all__ = ["FLAG_UNCHECKED", "PayloadHead", "exchange_heads", "pack_payload_on_device"]
+__all__ = ["HeadExchange", "PayloadHead", "exchange_heads", "pack_payload_on_device"]
 
 _CRC_BYTES = 4
 _HEAD_WIRE = struct.Struct("<QII")  # capacity, flags, blocks
@@ -206,45 +206,66 @@ def pack_payload_on_device(store: WeightStore, capacity: int, device: torch.devi
     return payload, PayloadHead(capacity, flags, lengths, prefixes)
 
 
-def exchange_heads(head: PayloadHead, group: Any, slot: int = 0) -> tuple[list[PayloadHead], int]:
-    """Every rank's :class:`PayloadHead` of one all-gather, by rank: a collective over the host (gloo) ``group``.
+class HeadExchange:
+    """Every rank's :class:`PayloadHead` of one all-gather, gathered over a host (gloo) process group.
 
-    Each rank sends a ``slot``-byte buffer (its head's length, then the head when it fits). When some head does
-    not fit, every rank sees it in the gathered lengths and all send again in a larger slot. So the call costs
-    one small all-gather once ``slot`` fits (pass back the returned slot), two the first time. No device is
-    touched.
+    The constructor starts the exchange (an asynchronous all-gather) and :meth:`wait` finishes it, so the host goes
+    on (packing the next parameter, launching FSDP's all-gather) while the heads travel. Each rank sends a
+    ``slot``-byte buffer: its head's length, then the head when it fits. When some head does not fit, every rank
+    sees it in the gathered lengths and :meth:`wait` repeats the exchange with a larger slot on every rank. So an
+    exchange costs one small all-gather once ``slot`` fits (pass back :attr:`slot`), two the first time. No device
+    is touched. Every rank must start and wait for its exchanges in the same order (FSDP gathers parameters in the
+    same order on every rank).
 
     Args:
         head: This rank's head.
         group: A process group over the CPU (gloo).
-        slot: Bytes per head of the first round (the slot returned by the last call for the same parameter).
-
-    Returns:
-        ``(heads, slot)``: every rank's head, and the slot to pass next time.
-
-    Raises:
-        RuntimeError: A head that does not parse, or heads that disagree on the capacity (the ranks are not
-            gathering the same parameter).
+        slot: Bytes per head of the first round (the :attr:`slot` of the last exchange for the same parameter).
     """
-    data = head.to_bytes()
-    world = dist.get_world_size(group)
-    while True:
-        buf = torch.zeros(8 + slot, dtype=torch.uint8)
-        buf[:8] = torch.frombuffer(bytearray(struct.pack("<Q", len(data))), dtype=torch.uint8)
-        if len(data) <= slot:
-            buf[8 : 8 + len(data)] = torch.frombuffer(bytearray(data), dtype=torch.uint8)
-        parts = [torch.empty_like(buf) for _ in range(world)]
-        dist.all_gather(parts, buf, group=group)
-        raw = [p.numpy().tobytes() for p in parts]
-        sizes = [struct.unpack_from("<Q", r)[0] for r in raw]
-        if max(sizes) <= slot:
-            break
-        slot = -(-max(sizes) * 5 // 4 // 256) * 256  # every rank computes the same larger slot
-    heads = [PayloadHead.from_bytes(r[8 : 8 + n]) for r, n in zip(raw, sizes, strict=True)]
-    for r, other in enumerate(heads):
-        if other.capacity != head.capacity:
-            raise RuntimeError(
-                f"rank {r} packed a payload of capacity {other.capacity}, this rank {head.capacity}: the ranks are "
-                "not gathering the same parameter (or were set up differently)"
-            )
-    return heads, slot
+
+    def __init__(self, head: PayloadHead, group: Any, slot: int = 0) -> None:
+        self.head, self.group, self.slot = head, group, slot
+        self._data = head.to_bytes()
+        self._parts: list[Tensor] = []
+        self._sent = torch.empty(0, dtype=torch.uint8)
+        self._work = self._start()
+
+    def _start(self) -> Any:
+        buf = torch.zeros(8 + self.slot, dtype=torch.uint8)
+        buf[:8] = torch.frombuffer(bytearray(struct.pack("<Q", len(self._data))), dtype=torch.uint8)
+        if len(self._data) <= self.slot:
+            buf[8 : 8 + len(self._data)] = torch.frombuffer(bytearray(self._data), dtype=torch.uint8)
+        self._parts = [torch.empty_like(buf) for _ in range(dist.get_world_size(self.group))]
+        self._sent = buf  # alive until the asynchronous all-gather has read it
+        return dist.all_gather(self._parts, buf, group=self.group, async_op=True)
+
+    def wait(self) -> list[PayloadHead]:
+        """Every rank's head, by rank (a second round first if some head did not fit :attr:`slot`).
+
+        Raises:
+            RuntimeError: A head that does not parse, or heads that disagree on the capacity (the ranks are not
+                gathering the same parameter).
+        """
+        while True:
+            self._work.wait()
+            raw = [p.numpy().tobytes() for p in self._parts]
+            sizes = [struct.unpack_from("<Q", r)[0] for r in raw]
+            if max(sizes) <= self.slot:
+                break
+            self.slot = -(-max(sizes) * 5 // 4 // 256) * 256  # every rank computes the same larger slot
+            self._work = self._start()
+        heads = [PayloadHead.from_bytes(r[8 : 8 + n]) for r, n in zip(raw, sizes, strict=True)]
+        for r, other in enumerate(heads):
+            if other.capacity != self.head.capacity:
+                raise RuntimeError(
+                    f"rank {r} packed a payload of capacity {other.capacity}, this rank {self.head.capacity}: the "
+                    "ranks are not gathering the same parameter (or were set up differently)"
+                )
+        return heads
+
+
+def exchange_heads(head: PayloadHead, group: Any, slot: int = 0) -> tuple[list[PayloadHead], int]:
+    """:class:`HeadExchange` started and waited for at once: ``(every rank's head, the slot to pass next time)``."""
+    exchange = HeadExchange(head, group, slot)
+    heads = exchange.wait()
+    return heads, exchange.slot

@@ -28,7 +28,7 @@ from torch.utils._pytree import tree_map
 
 from nz_lightning.distributed.fsdp_payload import memory_alias, pack_payload, payload_overflowed, unpack_payload
 from nz_lightning.distributed.fsdp_payload_device import unpack_payloads_in_place
-from nz_lightning.distributed.fsdp_payload_pack import PayloadHead, exchange_heads, pack_payload_on_device
+from nz_lightning.distributed.fsdp_payload_pack import HeadExchange, pack_payload_on_device
 from nz_lightning.tensor.parameter import NZParameter, WeightStore
 
 __all__ = ["CommStats", "GatherSpec", "NZShard", "PendingShard"]
@@ -171,10 +171,8 @@ class NZShard(NZParameter):
             payload, _ = pack_payload(self.store, spec.capacity, self.device)
             return (payload,), meta
         payload, head = pack_payload_on_device(self.store, spec.capacity, self.device)
-        heads = None
-        if spec.exchange is not None:
-            heads, spec.head_slot = exchange_heads(head, spec.exchange, spec.head_slot)
-        on_device = _OnDevice(heads, defer_checks=bool(getattr(module, "training", True)))
+        exchange = None if spec.exchange is None else HeadExchange(head, spec.exchange, spec.head_slot)
+        on_device = _OnDevice(exchange, defer_checks=bool(getattr(module, "training", True)))
         return (payload,), (*meta[:2], on_device)
 
     def fsdp_post_all_gather(
@@ -214,8 +212,12 @@ class NZShard(NZParameter):
             dense = target.detach()
             rows = dense.view(world, -1, *dense.shape[1:])
             if on_device is not None:  # headers and tables came exchanged, or are read back
+                heads = None
+                if on_device.exchange is not None:
+                    heads = on_device.exchange.wait()
+                    spec.head_slot = on_device.exchange.slot
                 decoded = unpack_payloads_in_place(
-                    gathered, world, cap, rows, on_device.heads, defer_checks=on_device.defer_checks
+                    gathered, world, cap, rows, heads, defer_checks=on_device.defer_checks
                 )
             else:
                 raw = _host_bytes(gathered)
@@ -238,12 +240,13 @@ class _OnDevice:
     """All-gather metadata of a payload packed on the device.
 
     Attributes:
-        heads: Every rank's payload head (exchanged over the host), or ``None``: read back from the gathered buffer.
+        exchange: The exchange of every rank's payload head over the host (started when packing, waited for after
+            the all-gather), or ``None``: the heads are read back from the gathered buffer.
         defer_checks: With ``heads``: leave the decode checks to the end of the backward (the module trains), or
             make them when the payloads are decoded (one sync; evaluation, whose outputs no backward checks).
     """
 
-    heads: list[PayloadHead] | None
+    exchange: HeadExchange | None
     defer_checks: bool
 
 
