@@ -190,18 +190,16 @@ def pack_payload_on_device(store: WeightStore, capacity: int, device: torch.devi
     header = _HEADER.pack(MAGIC, flags, len(blobs), 0, length, capacity) + struct.pack(f"<{len(blobs)}Q", *lengths)
     staged = torch.frombuffer(bytearray(header + b"".join(b.host for b in blobs)), dtype=torch.uint8)
     staged = upload(staged, device)  # every host-known byte in one copy
-    payload = torch.zeros(capacity, dtype=torch.uint8, device=device)
-    payload[:table_end].copy_(staged[:table_end])
-    offset, pos = table_end, table_end
+    zeros = torch.zeros(max(_CRC_BYTES, capacity - length), dtype=torch.uint8, device=device)
+    parts, pos = [staged[:table_end]], table_end
     for blob in blobs:
-        at = offset
-        payload[at : at + len(blob.host)].copy_(staged[pos : pos + len(blob.host)])
+        parts.append(staged[pos : pos + len(blob.host)])
         pos += len(blob.host)
-        at += len(blob.host)
-        for array in blob.arrays:
-            payload[at : at + array.numel()].view(array.shape).copy_(array)
-            at += array.numel()
-        offset += blob.length  # a coded blob's last 4 bytes (its checksum field) stay zero
+        if blob.arrays:
+            parts += [a.reshape(-1) for a in blob.arrays]
+            parts.append(zeros[:_CRC_BYTES])  # the checksum field
+    parts.append(zeros[: capacity - length])
+    payload = torch.cat(parts)  # one batched copy on a GPU (plus a reshape per block's counts)
     prefixes = tuple(b.host[:LAYOUT_PREFIX_BYTES] for b in blobs)
     return payload, PayloadHead(capacity, flags, lengths, prefixes)
 
