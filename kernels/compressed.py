@@ -130,6 +130,7 @@ class CompressedTensor:
         self._tables.clear()
         if self.streams is not None:
             self.streams.offsets = None
+            self.streams.plan = None
 
     def decompress(
         self, out: torch.Tensor | None = None, *, backend: str | None = None, check: bool = True

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -28,6 +29,8 @@ class Streams:
     sm: torch.Tensor
     used: torch.Tensor | None = None
     offsets: torch.Tensor | None = field(default=None, compare=False, repr=False)
+    plan: Any = field(default=None, compare=False, repr=False)
+    """A backend's launch arguments for decoding these streams, kept between decodes (dropped with the words)."""
 
     def settle(self, total: int | None = None) -> Streams:
         """Trim ``words`` to the stream's length if it is a larger buffer (one host read, once); returns ``self``.
@@ -43,7 +46,7 @@ class Streams:
             if total > self.words.numel():
                 raise ValueError(f"rANS word stream of {total} words overflowed its {self.words.numel()}-word buffer")
             words = self.words if total == self.words.numel() else self.words[:total].clone()  # free the slack
-            self.words, self.used = words, None
+            self.words, self.used, self.plan = words, None, None
         return self
 
     def nbytes(self) -> int:

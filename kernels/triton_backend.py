@@ -199,6 +199,64 @@ def _encode(x: torch.Tensor, spec: FloatSpec, table: FreqTable, steps: int, capa
     return Streams(states=states, counts=counts, words=words, sm=_pack_sm(bits, spec, gpu), used=used)
 
 
+_PLAN_MIN_NUMEL = 1 << 20
+"""Blocks from this size keep their :class:`_DecodePlan` (``CompressedTensor`` caches their decoder tables too)."""
+
+
+class _DecodePlan:
+    """A decode's checked sizes and launch arguments for one set of streams, kept on them for the next decode.
+
+    Training decodes every weight block several times per step between its re-encodes; the checks and argument
+    conversions below cost host time a GPU would idle through. The plan stays valid while the streams' arrays, the
+    tables, the layout and the output's size and device are the same objects and values (:meth:`fits`).
+    """
+
+    def __init__(
+        self, streams: Streams, spec: FloatSpec, tables: torch.Tensor, prob_bits: int, steps: int, out: torch.Tensor
+    ) -> None:
+        gpu = _check_device(out.device)
+        device, n = out.device, out.numel()
+        k = effective_steps(n, steps)
+        nl = num_lanes(n, k)
+        nbytes = (n * spec.sm_bits + 7) // 8
+        if streams.states.numel() != nl or streams.counts.numel() != nl:
+            raise ValueError(
+                f"corrupt blob: expected {nl} lanes, got {streams.states.numel()} states and "
+                f"{streams.counts.numel()} counts"
+            )
+        if streams.sm.numel() != nbytes:
+            raise ValueError(f"corrupt blob: expected {nbytes} sign+mantissa bytes, got {streams.sm.numel()}")
+        if tables.numel() != (1 << prob_bits) + 2 * spec.alphabet:
+            raise ValueError(
+                f"decoder tables must hold {(1 << prob_bits) + 2 * spec.alphabet} entries, got {tables.numel()}"
+            )
+        self.sources = (streams.states, streams.counts, streams.words, streams.sm, tables)
+        self.key = (spec, prob_bits, steps, n, device)
+        self.states = streams.states.to(device=device, dtype=torch.int32).contiguous()
+        self.counts = streams.counts.to(device=device, dtype=torch.int32).contiguous()
+        self.words = streams.words.to(device=device, dtype=torch.int16).contiguous()
+        self.sm = streams.sm.to(device=device, dtype=torch.uint8).contiguous()
+        self.tables = tables.to(device=device, dtype=torch.int32).contiguous()
+        self.nwords, self.nbytes, self.k, self.lanes_total = self.words.numel(), nbytes, k, nl
+        self.lanes = _lanes_per_program(nl, device, gpu)
+        self.grid = (_cdiv(nl, self.lanes),)
+        self.num_warps = max(1, self.lanes // 32) if gpu else 1
+
+    def fits(
+        self, streams: Streams, spec: FloatSpec, tables: torch.Tensor, prob_bits: int, steps: int, out: torch.Tensor
+    ) -> bool:
+        """Whether this plan still describes a decode of ``streams`` with these arguments."""
+        states, counts, words, sm, tab = self.sources
+        return (
+            streams.states is states
+            and streams.counts is counts
+            and streams.words is words
+            and streams.sm is sm
+            and tables is tab
+            and self.key == (spec, prob_bits, steps, out.numel(), out.device)
+        )
+
+
 def decode(
     streams: Streams, spec: FloatSpec, tables: torch.Tensor, prob_bits: int, steps: int, out: torch.Tensor
 ) -> None:
@@ -240,57 +298,40 @@ def decode_flagged(
     Raises:
         ValueError: The arrays do not have the sizes the layout implies (host-side metadata only).
     """
-    gpu = _check_device(out.device)
-    device = out.device
     n = out.numel()
     if n == 0:
         return None
     if not out.is_contiguous() or out.dtype != spec.dtype:
         raise ValueError(f"out must be a contiguous {spec.dtype} tensor, got {out.dtype}")
-    k = effective_steps(n, steps)
-    nl = num_lanes(n, k)
-    nbytes = (n * spec.sm_bits + 7) // 8
-    m = 1 << prob_bits
-    if streams.states.numel() != nl or streams.counts.numel() != nl:
-        raise ValueError(
-            f"corrupt blob: expected {nl} lanes, got {streams.states.numel()} states and "
-            f"{streams.counts.numel()} counts"
-        )
-    if streams.sm.numel() != nbytes:
-        raise ValueError(f"corrupt blob: expected {nbytes} sign+mantissa bytes, got {streams.sm.numel()}")
-    if tables.numel() != m + 2 * spec.alphabet:
-        raise ValueError(f"decoder tables must hold {m + 2 * spec.alphabet} entries, got {tables.numel()}")
-    states = streams.states.to(device=device, dtype=torch.int32).contiguous()
-    counts = streams.counts.to(device=device, dtype=torch.int32).contiguous()
-    words = streams.words.to(device=device, dtype=torch.int16).contiguous()
-    sm = streams.sm.to(device=device, dtype=torch.uint8).contiguous()
-    tab = tables.to(device=device, dtype=torch.int32).contiguous()
+    plan = streams.plan
+    if not isinstance(plan, _DecodePlan) or not plan.fits(streams, spec, tables, prob_bits, steps, out):
+        plan = _DecodePlan(streams, spec, tables, prob_bits, steps, out)
+        if n >= _PLAN_MIN_NUMEL:  # kept where the tables are cached too (a smaller block's are rebuilt per decode)
+            streams.plan = plan
     cached = streams.offsets
-    offsets = cached if cached is not None and cached.device == device else word_offsets(counts)
-    nwords = words.numel()
+    offsets = cached if cached is not None and cached.device == out.device else word_offsets(plan.counts)
     own = flag is None
-    status = torch.zeros((), dtype=torch.int32, device=device) if flag is None else flag
-    lanes = _lanes_per_program(nl, device, gpu)
-    tk.decode_kernel[(_cdiv(nl, lanes),)](
-        states,
-        counts,
+    status = torch.zeros((), dtype=torch.int32, device=out.device) if flag is None else flag
+    tk.decode_kernel[plan.grid](
+        plan.states,
+        plan.counts,
         offsets,
-        words,
-        nwords,
-        tab,
-        sm,
-        nbytes,
+        plan.words,
+        plan.nwords,
+        plan.tables,
+        plan.sm,
+        plan.nbytes,
         out.view(-1).view(spec.int_dtype),
         status,
         n,
-        nl,
-        k,
+        plan.lanes_total,
+        plan.k,
         PB=prob_bits,
         ALPHABET=spec.alphabet,
         MAN_BITS=spec.man_bits,
         TOTAL_BITS=spec.total_bits,
-        LANES=lanes,
-        num_warps=max(1, lanes // 32) if gpu else 1,
+        LANES=plan.lanes,
+        num_warps=plan.num_warps,
     )
     # ``words`` may be a larger buffer than the stream (``Streams.used``, from ``encode_bounded``); loaded blobs have
     # exactly ``sum(counts)`` words (``blob.loads`` checks it). The kernel flags a lane whose stream ends past it.

@@ -238,3 +238,30 @@ def test_cpu_tensor_needs_interpreter(monkeypatch: pytest.MonkeyPatch) -> None:
         tb.exponent_histogram(x, spec)
     with pytest.raises(ValueError, match="TRITON_INTERPRET"):
         tb.decode(reference.encode(x, spec, FreqTable(12, (127,), (4096,)), 4), spec, torch.zeros(1), 12, 4, x)
+
+
+def test_decode_plan_is_reused_and_follows_the_streams(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A decode's checked launch arguments are kept on its streams and rebuilt whenever an array, the tables or the
+    output change (a stale plan would decode old data)."""
+    from nz_lightning.kernels import compressed as compressed_module
+
+    monkeypatch.setattr(tb, "_PLAN_MIN_NUMEL", 1)
+    monkeypatch.setattr(compressed_module, "CACHE_TABLES_MIN_NUMEL", 1)  # tables cached as for a large block
+    x = (torch.randn(64, 96) * 0.02).bfloat16()
+    ct = compress(x, backend="triton")
+    assert torch.equal(ct.decompress(backend="triton", check=False), x)
+    st = ct.streams
+    assert st is not None and isinstance(st.plan, tb._DecodePlan)
+    plan = st.plan
+    assert torch.equal(ct.decompress(backend="triton", check=False), x) and st.plan is plan  # reused
+    st.states = st.states ^ 1  # another array: the plan must not decode the old one
+    with pytest.raises(ValueError, match="corrupt"):
+        ct.decompress(backend="triton")
+    assert st.plan is not plan
+    y = (torch.randn(64, 96) * 0.02).bfloat16()
+    other = compress(y, backend="triton")
+    assert torch.equal(other.decompress(backend="triton", check=False), y)  # its own plan, not ct's
+    ct.drop_caches()
+    assert st.plan is None
+    monkeypatch.setattr(tb, "_PLAN_MIN_NUMEL", 1 << 40)
+    assert torch.equal(other.decompress(backend="triton"), y)
