@@ -75,7 +75,8 @@ class DeferredChecks:
         return len(self._flags)
 
     def check(self) -> None:
-        """Read every flag (one host sync each), clear them, and raise if a deferred decode found corrupt data.
+        """Read every flag (one device synchronization each device), clear them, and raise if a deferred decode found
+        corrupt data.
 
         A failure is sticky: values computed from the corrupt decode may already be stored (a fused update, an
         encode), so every later check raises too, and a save that checks first refuses, until :meth:`reset`.
@@ -86,9 +87,13 @@ class DeferredChecks:
         """
         with self._lock:
             flags, self._flags = self._flags, {}
-        if any(bool(flag) for flag in flags.values()):
-            self.failed = True
-        if self.failed:
+        for device in {d for d, _ in flags if d.type == "cuda"}:
+            torch.cuda.synchronize(device)  # flags of side-stream decodes too: every stream's writes have landed
+        bad = any(bool(flag) for flag in flags.values())
+        with self._lock:
+            self.failed = self.failed or bad
+            failed = self.failed
+        if failed:
             raise ValueError(
                 "corrupt blob: rANS lanes did not decode consistently (deferred check); values computed since may be "
                 "wrong: reload them (e.g. from a checkpoint), then call CompressedTensor.reset_deferred()"

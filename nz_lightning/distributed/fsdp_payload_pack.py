@@ -225,7 +225,6 @@ class HeadExchange:
         self.head, self.group, self.slot = head, group, slot
         self._data = head.to_bytes()
         self._parts: list[Tensor] = []
-        self._sent = torch.empty(0, dtype=torch.uint8)
         self._work = self._start()
 
     def _start(self) -> Any:

@@ -202,6 +202,11 @@ class NZShard(NZParameter):
             return None
         cap = spec.capacity
         world = dist.get_world_size(group)
+        heads = None
+        if on_device is not None and on_device.exchange is not None:
+            # first, so that every rank finishes its exchange (a second round included) whatever fails below
+            heads = on_device.exchange.wait()
+            spec.head_slot = on_device.exchange.slot
         if gathered.numel() != cap * world:
             raise RuntimeError(
                 f"{spec.name}: the all-gather output holds {gathered.numel()} bytes, expected {world} payloads of the "
@@ -212,10 +217,6 @@ class NZShard(NZParameter):
             dense = target.detach()
             rows = dense.view(world, -1, *dense.shape[1:])
             if on_device is not None:  # headers and tables came exchanged, or are read back
-                heads = None
-                if on_device.exchange is not None:
-                    heads = on_device.exchange.wait()
-                    spec.head_slot = on_device.exchange.slot
                 decoded = unpack_payloads_in_place(
                     gathered, world, cap, rows, heads, defer_checks=on_device.defer_checks
                 )

@@ -104,15 +104,18 @@ class Prefetcher:
             view, base = DECODE_POOL.acquire(store.shape, store.dtype, store.device)
             return store.decode_into(view), base
         with self._lock:
-            ready = self._take(store)
-            if ready is None and backward:
-                ready = REUSE.take(store)
+            ready = REUSE.take(store) if backward else None
+            pending = self._take(store)
+            if ready is None:
+                ready = pending
+            elif pending is not None:  # a held decode served it: the prefetched copy is not needed
+                DECODE_POOL.release(pending[1])
             if ready is None:
                 view, base = DECODE_POOL.acquire(store.shape, store.dtype, store.device)
                 ready = store.decode_into(view), base
             successor = self._learn(store, backward)
-            if successor is not None and successor is not store:
-                self._issue(successor)
+            if successor is not None and successor is not store and not (backward and REUSE.holds(successor)):
+                self._issue(successor)  # (a decode REUSE holds, e.g. from a recomputed forward, serves it instead)
             return ready
 
     # -- internals -------------------------------------------------------------------------------------

@@ -21,7 +21,8 @@ backward op takes a held decode of its weight's current value before decoding
 (:meth:`~nz_lightning.tensor.prefetch.Prefetcher.materialize`). With ``capacity`` at least a block's number of
 weights (``REUSE.capacity = 8`` for a Llama layer's 7 projections) every weight is then decoded twice per step
 (forward and recompute) instead of three times, at the cost of holding a block's dense weights from its recompute
-to their updates; with the default capacity only the last weight recomputed is served that way.
+to their updates. With the default capacity no backward op is served that way (each one's own decode evicts the
+recomputed one first).
 """
 
 from __future__ import annotations
@@ -63,7 +64,7 @@ class DecodeReuse:
         capacity: How many decodes are held at most (the oldest is released first). 1 by default: a weight's update
             follows its backward op directly. A fused optimizer that finishes each update only after the next
             gradient's all-reduce has started raises it for its backward pass (:mod:`~nz_lightning.optim.overlap`).
-        hits: Updates served by a held decode.
+        hits: Decodes served by a held one (updates, and backward ops after a recomputed forward).
     """
 
     def __init__(self) -> None:
@@ -99,6 +100,15 @@ class DecodeReuse:
         for held in old:
             DECODE_POOL.release(held.base)
 
+    def holds(self, store: WeightStore) -> bool:
+        """Whether a held decode has ``store``'s current value (what :meth:`take` would return)."""
+        with self._lock:
+            held = [h for h in self._held if h.store() is store]
+        if not held:
+            return False
+        current = store.blocks
+        return any(_same_blocks(h.blocks, current) for h in held)
+
     def take(self, store: WeightStore) -> tuple[Tensor, Tensor] | None:
         """``(view, base)`` holding ``store``'s current value if a held decode has it (the caller then owns ``base``
         and releases it to ``DECODE_POOL``), else ``None``."""
@@ -115,7 +125,8 @@ class DecodeReuse:
             stream = torch.cuda.current_stream(held.base.device)
             if stream != held.stream:
                 stream.wait_stream(held.stream)
-        self.hits += 1
+        with self._lock:
+            self.hits += 1
         return held.view, held.base
 
     @contextlib.contextmanager
@@ -144,6 +155,11 @@ class DecodeReuse:
             old, self._held = self._held, []
         for held in old:
             DECODE_POOL.release(held.base)
+
+
+def _same_blocks(held: list[Any], current: list[Any]) -> bool:
+    """Whether a held decode was made from exactly the store's current blocks."""
+    return len(held) == len(current) and all(a is b for a, b in zip(held, current, strict=True))
 
 
 REUSE = DecodeReuse()
