@@ -3,37 +3,70 @@
 No Lightning import here. Backends: ``torch`` (reference), ``cpu`` (numba), ``triton`` (CUDA or interpreter).
 This folder installs as ``nz_lightning.kernels`` (never as a top-level ``kernels`` module); the rest of
 ``nz_lightning`` uses only the names exported here (``nz_lightning/kernels.pyi`` mirrors them for mypy).
+
+Run from the repository root, this folder is also importable by its own name, ``kernels``, which belongs to Hugging
+Face's hub-kernels package (transformers >= 5.25 depends on it and imports it). Imported under that name, this file
+loads the installed ``kernels`` package in its place (or fails as if there were none), so the folder never shadows it.
 """
 
-from .async_encode import PendingCompress, compress_async
-from .backends import BACKENDS
-from .blob import PEEK_BYTES, serialized_size
-from .blob import peek as peek_blob
-from .compressed import MODE_CONST, MODE_LOSSY, MODE_RANS, MODE_RAW, CompressedTensor, compress
-from .freqtable import FreqTable, entropy_bits, quantize_counts
-from .lossy import DEFAULT_BLOCK_SIZE
-from .spec import SPECS, FloatSpec, spec_for
-from .streams import settle_streams
+import sys
 
-__all__ = [
-    "BACKENDS",
-    "DEFAULT_BLOCK_SIZE",
-    "MODE_CONST",
-    "MODE_LOSSY",
-    "MODE_RANS",
-    "MODE_RAW",
-    "PEEK_BYTES",
-    "SPECS",
-    "CompressedTensor",
-    "FloatSpec",
-    "FreqTable",
-    "PendingCompress",
-    "compress",
-    "compress_async",
-    "entropy_bits",
-    "peek_blob",
-    "quantize_counts",
-    "serialized_size",
-    "settle_streams",
-    "spec_for",
-]
+
+def _load_installed_kernels() -> None:
+    """Put the installed top-level ``kernels`` package (not this folder) in ``sys.modules["kernels"]``.
+
+    Raises:
+        ModuleNotFoundError: No other ``kernels`` package is installed.
+    """
+    import importlib.machinery
+    import importlib.util
+    import os
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    path = [p for p in sys.path if os.path.abspath(p or os.curdir) != root]
+    spec = importlib.machinery.PathFinder.find_spec("kernels", path)
+    if spec is None or spec.loader is None:
+        raise ModuleNotFoundError(
+            "No module named 'kernels' (the repository's kernels/ folder is the NeuZip codec, nz_lightning.kernels)",
+            name="kernels",
+        )
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["kernels"] = module  # what the import statement returns once this file has run
+    spec.loader.exec_module(module)
+
+
+if __name__ == "kernels":  # this folder imported by its own name: the name is another package's
+    _load_installed_kernels()
+else:
+    from .async_encode import PendingCompress, compress_async
+    from .backends import BACKENDS
+    from .blob import PEEK_BYTES, serialized_size
+    from .blob import peek as peek_blob
+    from .compressed import MODE_CONST, MODE_LOSSY, MODE_RANS, MODE_RAW, CompressedTensor, compress
+    from .freqtable import FreqTable, entropy_bits, quantize_counts
+    from .lossy import DEFAULT_BLOCK_SIZE
+    from .spec import SPECS, FloatSpec, spec_for
+    from .streams import settle_streams
+
+    __all__ = [
+        "BACKENDS",
+        "DEFAULT_BLOCK_SIZE",
+        "MODE_CONST",
+        "MODE_LOSSY",
+        "MODE_RANS",
+        "MODE_RAW",
+        "PEEK_BYTES",
+        "SPECS",
+        "CompressedTensor",
+        "FloatSpec",
+        "FreqTable",
+        "PendingCompress",
+        "compress",
+        "compress_async",
+        "entropy_bits",
+        "peek_blob",
+        "quantize_counts",
+        "serialized_size",
+        "settle_streams",
+        "spec_for",
+    ]

@@ -404,7 +404,7 @@ def test_kernels_stub_matches_all() -> None:
     source = ast.parse((ROOT / "kernels" / "__init__.py").read_text(encoding="utf-8"))
     (declared,) = [
         ast.literal_eval(node.value)
-        for node in source.body
+        for node in ast.walk(source)  # (inside the branch that runs when imported as nz_lightning.kernels)
         if isinstance(node, ast.Assign) and [ast.unparse(t) for t in node.targets] == ["__all__"]
     ]
     assert list(nz_lightning.kernels.__all__) == declared
@@ -420,3 +420,33 @@ def test_kernels_stub_matches_all() -> None:
             raise AssertionError(f"unexpected statement in kernels.pyi: {ast.unparse(node)}")
     assert len(names) == len(set(names)), "kernels.pyi imports a name twice"
     assert sorted(names) == sorted(declared), "make nz_lightning/kernels.pyi import exactly kernels.__all__"
+
+
+def test_repo_kernels_folder_never_shadows_the_kernels_package() -> None:
+    """From the repository root ``import kernels`` finds this codec's folder first; it must hand over the installed
+    ``kernels`` package (Hugging Face's, which transformers imports) or fail as if there were none, and the codec
+    must still import as ``nz_lightning.kernels`` in the same process."""
+    code = (
+        "import json, sys\n"
+        "try:\n"
+        "    import kernels\n"
+        "    got = kernels.__file__\n"
+        "except ModuleNotFoundError as e:\n"
+        "    got = 'missing: ' + str(e)\n"
+        "import nz_lightning.kernels as codec\n"
+        "print(json.dumps([got, codec.__file__, callable(codec.compress), sys.path[0]]))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    got, codec_file, ok, first = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert first == "" and ok  # the repository root (the current directory) comes first on sys.path
+    assert Path(codec_file).resolve() == (ROOT / "kernels" / "__init__.py").resolve()
+    try:
+        metadata.distribution("kernels")
+        installed = True
+    except metadata.PackageNotFoundError:
+        installed = False
+    if installed:
+        assert not got.startswith("missing") and Path(got).resolve().parent != (ROOT / "kernels").resolve(), got
+    else:
+        assert got.startswith("missing") and "nz_lightning.kernels" in got, got
