@@ -23,6 +23,7 @@ import functools
 
 import torch
 
+from . import compressed
 from . import triton_kernels as tk
 from .backends import FunctionBackend, check_device
 from .freqtable import FreqTable
@@ -199,10 +200,6 @@ def _encode(x: torch.Tensor, spec: FloatSpec, table: FreqTable, steps: int, capa
     return Streams(states=states, counts=counts, words=words, sm=_pack_sm(bits, spec, gpu), used=used)
 
 
-_PLAN_MIN_NUMEL = 1 << 20
-"""Blocks from this size keep their :class:`_DecodePlan` (``CompressedTensor`` caches their decoder tables too)."""
-
-
 class _DecodePlan:
     """A decode's checked sizes and launch arguments for one set of streams, kept on them for the next decode.
 
@@ -306,7 +303,7 @@ def decode_flagged(
     plan = streams.plan
     if not isinstance(plan, _DecodePlan) or not plan.fits(streams, spec, tables, prob_bits, steps, out):
         plan = _DecodePlan(streams, spec, tables, prob_bits, steps, out)
-        if n >= _PLAN_MIN_NUMEL:  # kept where the tables are cached too (a smaller block's are rebuilt per decode)
+        if n >= compressed.CACHE_TABLES_MIN_NUMEL:  # kept where the tables are cached too (else rebuilt per decode)
             streams.plan = plan
     cached = streams.offsets
     offsets = cached if cached is not None and cached.device == out.device else word_offsets(plan.counts)

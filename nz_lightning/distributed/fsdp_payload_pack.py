@@ -20,7 +20,7 @@ place. Nothing is read back from the device:
 Raw and constant blocks (incompressible or constant shards: rare) are serialized on the host, checksum included.
 
 The function also returns a :class:`PayloadHead`: the host bytes a receiver would otherwise read back from the gathered
-buffer (flags, block lengths, each blob's first bytes). :func:`exchange_heads` all-gathers them over a host process
+buffer (flags, block lengths, each blob's first bytes). :class:`HeadExchange` all-gathers them over a host process
 group (gloo; one all-gather per call once its slot fits), so that every rank can parse every gathered payload
 without a device-to-host read; the receiver still compares the gathered headers and prefixes with the heads on the
 device (:func:`~nz_lightning.distributed.fsdp_payload_device.unpack_payloads_in_place`).
@@ -47,7 +47,7 @@ from nz_lightning.kernels.streams import settle_streams
 from nz_lightning.kernels.transfer import upload
 from nz_lightning.tensor.store import WeightStore
 
-__all__ = ["HeadExchange", "PayloadHead", "exchange_heads", "pack_payload_on_device"]
+__all__ = ["HeadExchange", "PayloadHead", "pack_payload_on_device"]
 
 _CRC_BYTES = 4
 _HEAD_WIRE = struct.Struct("<QII")  # capacity, flags, blocks
@@ -72,7 +72,7 @@ class PayloadHead:
     prefixes: tuple[bytes, ...]
 
     def to_bytes(self) -> bytes:
-        """A flat serialization (for :func:`exchange_heads`)."""
+        """A flat serialization (for :class:`HeadExchange`)."""
         sizes = struct.pack(f"<{len(self.lengths)}Q{len(self.prefixes)}I", *self.lengths, *map(len, self.prefixes))
         return _HEAD_WIRE.pack(self.capacity, self.flags, len(self.lengths)) + sizes + b"".join(self.prefixes)
 
@@ -259,10 +259,3 @@ class HeadExchange:
                     "ranks are not gathering the same parameter (or were set up differently)"
                 )
         return heads
-
-
-def exchange_heads(head: PayloadHead, group: Any, slot: int = 0) -> tuple[list[PayloadHead], int]:
-    """:class:`HeadExchange` started and waited for at once: ``(every rank's head, the slot to pass next time)``."""
-    exchange = HeadExchange(head, group, slot)
-    heads = exchange.wait()
-    return heads, exchange.slot

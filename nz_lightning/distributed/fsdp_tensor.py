@@ -78,7 +78,7 @@ class GatherSpec:
         requested: Whether compressed gather was asked for (``compressed`` may be off where it would not pay).
         frozen: Set by the first all-gather: FSDP has sized its buffers, the capacity may no longer change.
         exchange: A host (gloo) process group over the same ranks: payloads packed on a device then come with their
-            heads exchanged over it (:func:`~nz_lightning.distributed.fsdp_payload_pack.exchange_heads`), so that no
+            heads exchanged over it (:class:`~nz_lightning.distributed.fsdp_payload_pack.HeadExchange`), so that no
             rank reads a gathered payload back to the host. ``None``: the heads are read from the gathered buffer.
         head_slot: Bytes per head in the exchange's all-gather (grown by the first exchanges, then fixed).
     """

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
-from nz_lightning.tensor.reuse import REUSE
+from nz_lightning.tensor.reuse import REUSE, same_blocks
 from nz_lightning.tensor.workspace import DECODE_POOL
 
 if TYPE_CHECKING:
@@ -138,7 +138,7 @@ class Prefetcher:
         if pending is None or pending.store is not store:
             return None
         self._pending = None
-        if not _same(pending.blocks, store.blocks):
+        if not same_blocks(pending.blocks, store.blocks):
             self._drop(pending)  # re-encoded since: stale
             return None
         if pending.event is not None:
@@ -151,7 +151,7 @@ class Prefetcher:
     def _issue(self, store: WeightStore) -> None:
         old, self._pending = self._pending, None
         if old is not None:
-            if old.store is store and _same(old.blocks, store.blocks):
+            if old.store is store and same_blocks(old.blocks, store.blocks):
                 self._pending = old
                 return
             self._drop(old)
@@ -182,11 +182,6 @@ class Prefetcher:
         if stream is None:
             stream = self._streams[device] = torch.cuda.Stream(device)
         return stream
-
-
-def _same(a: list[Any], b: list[Any]) -> bool:
-    """Whether two block lists hold the very same blocks (a re-encode makes new ones)."""
-    return len(a) == len(b) and all(x is y for x, y in zip(a, b, strict=True))
 
 
 PREFETCH = Prefetcher()

@@ -42,7 +42,7 @@ from nz_lightning.tensor.workspace import DECODE_POOL
 if TYPE_CHECKING:
     from nz_lightning.tensor.store import WeightStore
 
-__all__ = ["REUSE", "DecodeReuse"]
+__all__ = ["REUSE", "DecodeReuse", "same_blocks"]
 
 
 @dataclass
@@ -107,7 +107,7 @@ class DecodeReuse:
         if not held:
             return False
         current = store.blocks
-        return any(_same_blocks(h.blocks, current) for h in held)
+        return any(same_blocks(h.blocks, current) for h in held)
 
     def take(self, store: WeightStore) -> tuple[Tensor, Tensor] | None:
         """``(view, base)`` holding ``store``'s current value if a held decode has it (the caller then owns ``base``
@@ -118,7 +118,7 @@ class DecodeReuse:
                 return None
             held = self._held.pop(found)
         current = store.blocks
-        if len(held.blocks) != len(current) or any(a is not b for a, b in zip(held.blocks, current, strict=True)):
+        if not same_blocks(held.blocks, current):
             DECODE_POOL.release(held.base)  # re-encoded since: stale
             return None
         if held.stream is not None:  # the update may run on another stream than the op that read the buffer
@@ -157,9 +157,10 @@ class DecodeReuse:
             DECODE_POOL.release(held.base)
 
 
-def _same_blocks(held: list[Any], current: list[Any]) -> bool:
-    """Whether a held decode was made from exactly the store's current blocks."""
-    return len(held) == len(current) and all(a is b for a, b in zip(held, current, strict=True))
+def same_blocks(a: list[Any], b: list[Any]) -> bool:
+    """Whether two block lists hold the very same blocks (a re-encode makes new ones): a decode of ``a`` is the
+    current value of a store whose blocks are ``b``."""
+    return len(a) == len(b) and all(x is y for x, y in zip(a, b, strict=True))
 
 
 REUSE = DecodeReuse()

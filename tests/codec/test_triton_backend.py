@@ -245,8 +245,7 @@ def test_decode_plan_is_reused_and_follows_the_streams(monkeypatch: pytest.Monke
     output change (a stale plan would decode old data)."""
     from nz_lightning.kernels import compressed as compressed_module
 
-    monkeypatch.setattr(tb, "_PLAN_MIN_NUMEL", 1)
-    monkeypatch.setattr(compressed_module, "CACHE_TABLES_MIN_NUMEL", 1)  # tables cached as for a large block
+    monkeypatch.setattr(compressed_module, "CACHE_TABLES_MIN_NUMEL", 1)  # tables and plan cached as for a large block
     x = (torch.randn(64, 96) * 0.02).bfloat16()
     ct = compress(x, backend="triton")
     assert torch.equal(ct.decompress(backend="triton", check=False), x)
@@ -263,5 +262,5 @@ def test_decode_plan_is_reused_and_follows_the_streams(monkeypatch: pytest.Monke
     assert torch.equal(other.decompress(backend="triton", check=False), y)  # its own plan, not ct's
     ct.drop_caches()
     assert st.plan is None
-    monkeypatch.setattr(tb, "_PLAN_MIN_NUMEL", 1 << 40)
+    monkeypatch.setattr(compressed_module, "CACHE_TABLES_MIN_NUMEL", 1 << 40)
     assert torch.equal(other.decompress(backend="triton"), y)
