@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from . import blob, blob_table, lossy
@@ -342,7 +344,7 @@ def compress(
         return coded
     # The host chooses the table (and raw vs coded): one device-to-host read per encode (docs/DESIGN.md);
     # kernels.compress_async defers it.
-    counts = exponent_counts(x, impl, uniform_flag=False).tolist()
+    counts = exponent_counts(x, impl, uniform_flag=False).cpu().numpy()
     return encode_lossless(x, impl, counts, prob_bits, steps_per_lane)
 
 
@@ -375,7 +377,7 @@ def check_options(
 def encode_lossless(
     x: torch.Tensor,
     impl: CodecBackend,
-    counts: list[int],
+    counts: Sequence[int] | np.ndarray,
     prob_bits: int,
     steps_per_lane: int,
     uniform: bool | None = None,
@@ -387,7 +389,7 @@ def encode_lossless(
     """
     spec, n = spec_for(x.dtype), x.numel()
     layouts = fold_histograms(counts, FOLD_BITS.get(x.dtype, 0))
-    if n >= 2 and sum(1 for c in layouts[0] if c) == 1:
+    if n >= 2 and np.count_nonzero(layouts[0]) == 1:
         ints = x.reshape(-1).view(spec.int_dtype)
         if bool((ints == ints[0]).all()) if uniform is None else uniform:
             value = ints[:1].view(torch.uint8).clone()

@@ -21,6 +21,7 @@ from .cpu_decode import decode_lanes as decode_lanes_vector
 from .cpu_encode import VECTOR_MIN_PROB_BITS
 from .cpu_encode import encode_lanes as encode_lanes_vector
 from .cpu_merge import merge_fields, merge_fp16, sm_bf16, sm_fp32
+from .cpu_pack import pack_sm16, pack_sm32
 from .freqtable import FreqTable
 from .layout import LANES_PER_SEGMENT, STATE_LOWER, effective_steps, num_segments
 from .spec import FloatSpec, spec_for
@@ -117,67 +118,6 @@ def _encode_lanes(
     return states, counts, words[:wp].copy()
 
 
-@numba.njit(nogil=True, cache=True, boundscheck=False)
-def _pack_sm16(bits: np.ndarray, man_bits: int, width: int) -> np.ndarray:  # pragma: no cover - jitted
-    """Pack 16-bit floats' sign+mantissa fields (width = man_bits + 1) LSB-first."""
-    n = bits.size
-    nbytes = (n * width + 7) // 8
-    mmask = (1 << man_bits) - 1
-    if width == 8:
-        out = np.empty(nbytes, dtype=np.uint8)
-        for i in range(n):
-            b32 = np.uint32(bits[i])
-            out[i] = np.uint8(((b32 >> 15) << man_bits) | (b32 & mmask))
-        return out
-    u = np.uint64
-    if width < 8:  # folded bf16 (6- or 7-bit fields): 8 fields fill `width` whole bytes
-        groups = (n + 7) // 8
-        acc = np.zeros(groups + 1, dtype=np.uint64)  # one 64-bit group of 8 fields each (the last may be short)
-        uw, um, umask = u(width), u(man_bits), u(mmask)
-        for g in range(n // 8):  # full groups, unrolled: no loop-carried dependency between groups
-            i = 8 * g
-            a = u(0)
-            for q in range(8):
-                b = u(bits[i + q])
-                a |= (((b >> u(15)) << um) | (b & umask)) << (u(q) * uw)
-            acc[g] = a
-        for i in range(n - n % 8, n):
-            b = u(bits[i])
-            acc[i >> 3] |= (((b >> u(15)) << um) | (b & umask)) << (u(i & 7) * uw)
-        return acc.view(np.uint8).reshape(groups + 1, 8)[:groups, :width].copy().reshape(-1)[:nbytes]
-    # Fields go into a 64-bit accumulator flushed as whole little-endian words (the same byte stream).
-    words = np.zeros((nbytes + 7) // 8, dtype=np.uint64)
-    acc = u(0)
-    nacc = u(0)
-    o = 0
-    for i in range(n):
-        b = u(bits[i])
-        v = ((b >> u(15)) << u(man_bits)) | (b & u(mmask))
-        acc |= v << nacc
-        nacc += u(width)
-        if nacc >= u(64):
-            words[o] = acc
-            o += 1
-            nacc -= u(64)
-            acc = v >> (u(width) - nacc)
-    if nacc > u(0):
-        words[o] = acc
-    return words.view(np.uint8)[:nbytes]
-
-
-@numba.njit(nogil=True, cache=True, boundscheck=False)
-def _pack_sm32(bits: np.ndarray) -> np.ndarray:  # pragma: no cover - jitted
-    n = bits.size
-    out = np.empty(3 * n, dtype=np.uint8)
-    for i in range(n):
-        b = bits[i]
-        v = ((b >> 31) << 23) | (b & 0x7FFFFF)
-        out[3 * i] = np.uint8(v & 0xFF)
-        out[3 * i + 1] = np.uint8((v >> 8) & 0xFF)
-        out[3 * i + 2] = np.uint8((v >> 16) & 0xFF)
-    return out
-
-
 def encode(x: torch.Tensor, spec: FloatSpec, table: FreqTable, steps: int) -> Streams:
     """rANS-encode the exponents of contiguous CPU ``x`` and pack its sign+mantissa fields."""
     bits = _bits_array(x, spec)
@@ -190,7 +130,7 @@ def encode(x: torch.Tensor, spec: FloatSpec, table: FreqTable, steps: int) -> St
         states, counts, words = encode_lanes_vector(bits, spec.man_bits, spec.alphabet - 1, packed, table.prob_bits, k)
     else:
         states, counts, words = _encode_lanes(bits, spec.man_bits, spec.alphabet - 1, freq_a, cum_a, table.prob_bits, k)
-    sm = _pack_sm32(bits) if spec.total_bits == 32 else _pack_sm16(bits, spec.man_bits, spec.sm_bits)
+    sm = pack_sm32(bits) if spec.total_bits == 32 else pack_sm16(bits, spec.man_bits, spec.sm_bits)
     return Streams(
         states=torch.from_numpy(states.view(np.int32)),
         counts=torch.from_numpy(counts),

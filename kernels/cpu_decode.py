@@ -66,19 +66,33 @@ def vector_table_ok(table: FreqTable) -> bool:
 def table32(table: FreqTable, alphabet: int) -> np.ndarray:
     """Per-slot 32-bit decoder entries (uint32), then the symbol base (``2^prob_bits + 1`` values).
 
+    ``alphabet`` is not needed by the layout (entries hold ``symbol - base``); it is kept for the callers' signature.
+
     Raises:
         ValueError: The table does not fit (see :func:`vector_table_ok`).
     """
     if not vector_table_ok(table):
         raise ValueError(f"32-bit decoder entries need prob_bits <= {VECTOR_MAX_PROB_BITS} and a symbol span < 256")
-    freq_i, cum_i = table.dense_arrays(alphabet)
-    freq = freq_i.astype(np.uint32)
-    cum = cum_i.astype(np.uint32)
-    sym = np.repeat(np.asarray(table.symbols, dtype=np.uint32), table.freqs)
-    bias = np.arange(1 << table.prob_bits, dtype=np.uint32) - cum[sym]
-    base = np.uint32(table.symbols[0])
-    entries = ((freq[sym] - np.uint32(1)) << np.uint32(20)) | (bias << np.uint32(8)) | (sym - base)
-    out: np.ndarray = np.append(entries, base).astype(np.uint32)
+    symbols = np.asarray(table.symbols, dtype=np.int64)
+    freqs = np.asarray(table.freqs, dtype=np.int64)
+    out: np.ndarray = _fill_table32(symbols, freqs, table.prob_bits)  # rebuilt per decode of small tensors: jitted
+    return out
+
+
+@numba.njit(nogil=True, cache=True, boundscheck=False)
+def _fill_table32(symbols: np.ndarray, freqs: np.ndarray, prob_bits: int) -> np.ndarray:  # pragma: no cover - jitted
+    """:func:`table32`'s entries: slot ``cum(s) + b`` of symbol ``s`` holds ``(f(s) - 1) << 20 | b << 8 | s - base``."""
+    total = 1 << prob_bits
+    out = np.empty(total + 1, dtype=np.uint32)
+    base = symbols[0]
+    slot = 0
+    for i in range(symbols.size):
+        f = freqs[i]
+        high = ((f - 1) << 20) | (symbols[i] - base)
+        for b in range(f):
+            out[slot + b] = np.uint32(high | (b << 8))
+        slot += f
+    out[total] = np.uint32(base)
     return out
 
 

@@ -8,7 +8,9 @@ ones and writes the same bytes.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
+import numpy as np
 import torch
 
 from . import blob_table
@@ -22,38 +24,60 @@ histogram of the widest layout and keeps whichever fold (0 up to this) its size 
 from 8 to at most 10 bits, fp16 from 5 to 8 (docs/FORMAT.md §1.1). fp32 is not folded (decoders accept it)."""
 
 
-def fold_histograms(widest: list[int], bits: int) -> list[list[int]]:
+def fold_histograms(widest: Sequence[int] | np.ndarray, bits: int) -> list[np.ndarray]:
     """Histograms of every fold from 0 to ``bits``, from the histogram of the widest (``bits``-folded) layout.
 
-    Entry ``f`` counts the symbols ``s >> (bits - f)`` (the exponent and its top ``f`` mantissa bits).
+    Entry ``f`` counts the symbols ``s >> (bits - f)`` (the exponent and its top ``f`` mantissa bits), as int64 numpy
+    arrays (a folded histogram has up to 1024 bins: summed by numpy, not a Python loop).
     """
-    out = [widest]
+    out = [np.asarray(widest, dtype=np.int64)]
     for _ in range(bits):
-        prev = out[0]
-        out.insert(0, [prev[i] + prev[i + 1] for i in range(0, len(prev), 2)])
+        out.insert(0, out[0].reshape(-1, 2).sum(axis=1))
     return out
 
 
-def choose_fold(layouts: list[list[int]], spec: FloatSpec, n: int, prob_bits: int) -> tuple[float, int, FreqTable]:
+def choose_fold(
+    layouts: Sequence[Sequence[int] | np.ndarray], spec: FloatSpec, n: int, prob_bits: int
+) -> tuple[float, int, FreqTable]:
     """The fold whose blob the size estimate says is smallest: ``(estimated bytes, fold, table)``.
 
     The estimate of a fold is its table section plus the ideal coded size of its symbols under the quantized
     table plus its raw sign+mantissa fields (lane states and counts are the same for every fold). Folds with more
     present symbols than ``2^prob_bits`` cannot be coded and are skipped (fold 0 always fits: at most 256 symbols).
+    Ties go to the fewest folded bits.
+
+    Quantizing a table is Python work, so folds are visited in the order of a lower bound on their estimate (the
+    histogram's entropy, which no table's ideal cost goes below, one byte per present symbol plus three for the table,
+    and the raw fields), and a fold whose bound already exceeds the best estimate found is not quantized: the choice
+    is the one an exhaustive search makes.
     """
-    best: tuple[float, int, FreqTable] | None = None
+    candidates = []
     for bits, cnt in enumerate(layouts):
-        if sum(1 for c in cnt if c) > 1 << prob_bits:
+        counts = np.asarray(cnt, dtype=np.int64)
+        present = np.count_nonzero(counts)
+        if present > 1 << prob_bits:
             continue
-        table = quantize_counts(cnt, prob_bits)
-        size = blob_table.table_nbytes(table) + table.cost_bits(cnt) / 8 + n * folded(spec, bits).sm_bits / 8
-        if best is None or size < best[0]:
+        raw_fields = n * folded(spec, bits).sm_bits / 8
+        candidates.append((_entropy_bytes(counts) + present + 3 + raw_fields, bits, counts))
+    best: tuple[float, int, FreqTable] | None = None
+    for low, bits, counts in sorted(candidates, key=lambda c: (c[0], c[1])):
+        if best is not None and low * (1 - 1e-9) > best[0]:
+            break  # this fold and every later one (larger bounds) cost more than the best
+        table = quantize_counts(counts, prob_bits)
+        size = blob_table.table_nbytes(table) + table.cost_bits(counts) / 8 + n * folded(spec, bits).sm_bits / 8
+        if best is None or (size, bits) < (best[0], best[1]):
             best = (size, bits, table)
     assert best is not None
     return best
 
 
-def word_bound(table: FreqTable, counts: list[int], n: int) -> int:
+def _entropy_bytes(counts: np.ndarray) -> float:
+    """``sum(c * log2(total / c)) / 8``: the least any frequency table can code these symbols in (Gibbs)."""
+    c = counts[counts > 0].astype(np.float64)
+    return float((c * np.log2(c.sum() / c)).sum()) / 8
+
+
+def word_bound(table: FreqTable, counts: Sequence[int] | np.ndarray, n: int) -> int:
     """An upper bound on the rANS words of ``n`` symbols with these counts under ``table`` (every lane layout).
 
     A lane starts in state ``L = 2^16`` and ends in a state ``>= L``; each word it emits takes 16 bits off

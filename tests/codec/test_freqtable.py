@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
 from nz_lightning.kernels import entropy_bits, quantize_counts
+from nz_lightning.kernels.encode_plan import fold_histograms
 
 
 @given(
@@ -49,3 +51,25 @@ def test_single_symbol() -> None:
 def test_empty_histogram_is_rejected() -> None:
     with pytest.raises(ValueError):
         quantize_counts([0, 0], 12)
+
+
+@given(
+    counts=st.lists(st.integers(0, 10**12), min_size=1, max_size=1024).filter(lambda c: any(c)),
+    pb=st.integers(8, 15),
+)
+def test_numpy_histogram_gives_the_same_table_and_cost(counts: list[int], pb: int) -> None:
+    # The encoder passes numpy histograms (up to 1024 bins); the table and cost must equal those of the list.
+    if sum(1 for c in counts if c) > 1 << pb:
+        return
+    arr = np.asarray(counts, dtype=np.int64)
+    t = quantize_counts(counts, pb)
+    assert quantize_counts(arr, pb) == t
+    assert t.cost_bits(arr) == t.cost_bits(counts)  # the same float sum, term by term
+
+
+def test_fold_histograms_sum_pairs() -> None:
+    widest = list(range(1024))
+    layouts = fold_histograms(widest, 2)
+    assert [len(x) for x in layouts] == [256, 512, 1024]
+    assert layouts[1].tolist() == [widest[2 * i] + widest[2 * i + 1] for i in range(512)]
+    assert layouts[0].tolist() == [sum(widest[4 * i : 4 * i + 4]) for i in range(256)]
