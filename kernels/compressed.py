@@ -344,7 +344,7 @@ def compress(
         return coded
     # The host chooses the table (and raw vs coded): one device-to-host read per encode (docs/DESIGN.md);
     # kernels.compress_async defers it.
-    counts = exponent_counts(x, impl, uniform_flag=False).cpu().numpy()
+    counts = exponent_counts(x, impl, uniform_flag=False).tolist()  # the one read (numpy from here on)
     return encode_lossless(x, impl, counts, prob_bits, steps_per_lane)
 
 

@@ -11,10 +11,10 @@ mantissa bits) as bytes directly, the other 16-bit layouts' 6- to 11-bit fields 
 unaligned load and a byte shuffle per 8 values. Rows near the end of the stream, where that load would overrun,
 and other field widths are written as exponent bits and merged by scalar code.
 
-The table entry is ``(freq - 1) << 20 | bias << 8 | (symbol - base)`` with ``bias = slot - cum`` and ``base`` the
-table's smallest symbol, stored after the ``2^prob_bits`` entries: it fits 32 bits for ``prob_bits <= 12``
-(``VECTOR_MAX_PROB_BITS``) and symbols spanning less than 256 values (folded bf16 symbols have up to 10 bits, but
-weights use a narrow range of them). Other tables use the scalar decoder.
+The table entry is ``(freq - 1) << 20 | bias << 8 | r`` with ``bias = slot - cum`` and ``r`` the symbol's offset
+from the smallest symbol, or, when the present symbols span more than 256 values, its rank among them, mapped back
+by one more gather (``kernels/cpu_decode_table.py``): it fits 32 bits for ``prob_bits <= 12``
+(``VECTOR_MAX_PROB_BITS``) and at most 256 present symbols. Other tables use the scalar decoder.
 """
 
 from __future__ import annotations
@@ -27,13 +27,11 @@ from llvmlite import ir
 from numba.core import types
 from numba.extending import intrinsic, models, register_model
 
+from .cpu_decode_table import MAP_SIZE, MODE_MAP, VECTOR_MAX_PROB_BITS, table32, vector_table_ok
 from .cpu_merge import merge_fields, merge_fp16, sm_bf16, sm_fp32
-from .freqtable import FreqTable
 from .layout import LANES_PER_SEGMENT, STATE_LOWER
 from .simd_ir import I32x8, broadcast, element_ptr, gather_i32, splat
 
-VECTOR_MAX_PROB_BITS = 12
-"""Entries pack ``freq - 1`` and the bias in 12 bits each."""
 PACKED_WIDTHS = {16: (6, 7, 9, 10, 11), 32: (24,)}
 """Sign+mantissa field widths the vector decoder merges with a shuffle, per float width (8-bit fields are merged
 as bytes; any other width is decoded as exponent bits and merged by ``cpu_merge.merge_fields``)."""
@@ -56,44 +54,6 @@ vec8 = Vec8Type()
 class _Vec8Model(models.PrimitiveModel):
     def __init__(self, dmm: Any, fe_type: Any) -> None:
         super().__init__(dmm, fe_type, I32x8)
-
-
-def vector_table_ok(table: FreqTable) -> bool:
-    """Whether :func:`table32` can hold ``table``: ``prob_bits <= 12`` and symbols spanning < 256 values."""
-    return table.prob_bits <= VECTOR_MAX_PROB_BITS and table.symbols[-1] - table.symbols[0] < 256
-
-
-def table32(table: FreqTable, alphabet: int) -> np.ndarray:
-    """Per-slot 32-bit decoder entries (uint32), then the symbol base (``2^prob_bits + 1`` values).
-
-    ``alphabet`` is not needed by the layout (entries hold ``symbol - base``); it is kept for the callers' signature.
-
-    Raises:
-        ValueError: The table does not fit (see :func:`vector_table_ok`).
-    """
-    if not vector_table_ok(table):
-        raise ValueError(f"32-bit decoder entries need prob_bits <= {VECTOR_MAX_PROB_BITS} and a symbol span < 256")
-    symbols = np.asarray(table.symbols, dtype=np.int64)
-    freqs = np.asarray(table.freqs, dtype=np.int64)
-    out: np.ndarray = _fill_table32(symbols, freqs, table.prob_bits)  # rebuilt per decode of small tensors: jitted
-    return out
-
-
-@numba.njit(nogil=True, cache=True, boundscheck=False)
-def _fill_table32(symbols: np.ndarray, freqs: np.ndarray, prob_bits: int) -> np.ndarray:  # pragma: no cover - jitted
-    """:func:`table32`'s entries: slot ``cum(s) + b`` of symbol ``s`` holds ``(f(s) - 1) << 20 | b << 8 | s - base``."""
-    total = 1 << prob_bits
-    out = np.empty(total + 1, dtype=np.uint32)
-    base = symbols[0]
-    slot = 0
-    for i in range(symbols.size):
-        f = freqs[i]
-        high = ((f - 1) << 20) | (symbols[i] - base)
-        for b in range(f):
-            out[slot + b] = np.uint32(high | (b << 8))
-        slot += f
-    out[total] = np.uint32(base)
-    return out
 
 
 def _vec_ptr(context: Any, builder: ir.IRBuilder, aryty: Any, ary: ir.Value, index: ir.Value, vty: Any) -> ir.Value:
@@ -129,6 +89,15 @@ def _shl_intrinsic(typingctx: Any, value: Any, shift: Any) -> Any:  # pragma: no
         return builder.shl(args[0], broadcast(builder, builder.trunc(args[1], ir.IntType(32)), I32x8))
 
     return vec8(value, shift), codegen
+
+
+def _vmap_intrinsic(typingctx: Any, table: Any, at: Any, value: Any) -> Any:  # pragma: no cover - compiled
+    """Every lane ``v`` replaced by ``table[at + v]`` (a gather; ``at + v`` in bounds)."""
+
+    def codegen(context: Any, builder: ir.IRBuilder, signature: Any, args: Any) -> ir.Value:
+        return gather_i32(context, builder, signature.args[0], args[0], args[2], 32, args[1])
+
+    return vec8(table, at, value), codegen
 
 
 def _step_intrinsic(
@@ -226,6 +195,7 @@ _vload: Any = intrinsic(_vload_intrinsic)
 _vstore: Any = intrinsic(_vstore_intrinsic)
 _shl: Any = intrinsic(_shl_intrinsic)
 _step: Any = intrinsic(_step_intrinsic)
+_vmap: Any = intrinsic(_vmap_intrinsic)
 _store_bf16: Any = intrinsic(_store_bf16_intrinsic)
 
 
@@ -309,7 +279,9 @@ def decode_lanes(
     the dtype code (1 bf16, 2 fp16, 3 fp32) with fields of ``man_bits + 1`` bits (8 or one of
     :data:`PACKED_WIDTHS`; the caller routes other widths to ``code`` 0), or 0 to write exponent bits only.
     """
-    sbase = table[table.size - 1]
+    nslots = 1 << pb
+    mapped = table[nslots + MAP_SIZE] == MODE_MAP  # symbols are map[r], else map[0] + r (cpu_decode_table)
+    sbase = np.uint32(0) if mapped else table[nslots]
     n = out.size
     seg = _W * k
     nseg = (n + seg - 1) // seg
@@ -341,6 +313,9 @@ def decode_lanes(
             x1, p1, y1 = _step(x1, p1, table, words, start, lim, pb, sbase)
             x2, p2, y2 = _step(x2, p2, table, words, start, lim, pb, sbase)
             x3, p3, y3 = _step(x3, p3, table, words, start, lim, pb, sbase)
+            if mapped:
+                y0, y1 = _vmap(table, nslots, y0), _vmap(table, nslots, y1)
+                y2, y3 = _vmap(table, nslots, y2), _vmap(table, nslots, y3)
             if fieldw == 8:
                 _store_bf16(out, sm, r, y0)
                 _store_bf16(out, sm, r + 8, y1)
@@ -354,6 +329,9 @@ def decode_lanes(
             x1, p1, y1 = _step(x1, p1, table, words, start, lim, pb, sbase)
             x2, p2, y2 = _step(x2, p2, table, words, start, lim, pb, sbase)
             x3, p3, y3 = _step(x3, p3, table, words, start, lim, pb, sbase)
+            if mapped:
+                y0, y1 = _vmap(table, nslots, y0), _vmap(table, nslots, y1)
+                y2, y3 = _vmap(table, nslots, y2), _vmap(table, nslots, y3)
             _vstore(out, r, _shl(y0, man_bits))
             _vstore(out, r + 8, _shl(y1, man_bits))
             _vstore(out, r + 16, _shl(y2, man_bits))
@@ -377,7 +355,7 @@ def decode_lanes(
                 xn = (xn << np.uint32(16)) | np.uint32(words[start + min(int(rel[j]), lim)])
                 rel[j] += np.uint32(1)
             xs[j] = xn
-            out[r0 + j] = ((e & np.uint32(0xFF)) + sbase) << np.uint32(man_bits)
+            out[r0 + j] = table[nslots + (e & np.uint32(0xFF))] << np.uint32(man_bits)
         _merge_tail(out, sm, base + fused * _W, rest - fused * _W, code, man_bits)
         err = 0
         for j in range(_W):
@@ -387,4 +365,12 @@ def decode_lanes(
     return bad
 
 
-__all__ = ["PACKED_WIDTHS", "VECTOR_MAX_PROB_BITS", "decode_lanes", "table32", "vector_table_ok"]
+__all__ = [
+    "MAP_SIZE",
+    "MODE_MAP",
+    "PACKED_WIDTHS",
+    "VECTOR_MAX_PROB_BITS",
+    "decode_lanes",
+    "table32",
+    "vector_table_ok",
+]

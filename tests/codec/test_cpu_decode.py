@@ -55,12 +55,51 @@ def test_vector_decoder_is_bit_exact(x: torch.Tensor, prob_bits: int, steps: int
     c = compress(x, backend="cpu", prob_bits=prob_bits, steps_per_lane=steps)
     if c.mode != MODE_RANS:
         return
-    # the vectorized decoder is the one used, unless the (folded) symbols span 256 values or more
+    # the vectorized decoder is the one used, unless more than 256 (folded) symbols are present
     assert (c.decoder_tables(CPU_BACKEND).dtype == torch.int32) == cpu_decode.vector_table_ok(c.table)
     vector, scalar = _decode_both(c, c.streams)  # type: ignore[arg-type]
     want = x.contiguous().view(c.spec.int_dtype)
     assert isinstance(vector, torch.Tensor) and isinstance(scalar, torch.Tensor)
     assert torch.equal(vector.view(c.spec.int_dtype), want) and torch.equal(scalar.view(c.spec.int_dtype), want)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n", [2_049, 4_097, 100_003])
+def test_wide_symbol_span_decodes_with_the_symbol_map(dtype: torch.dtype, n: int) -> None:
+    # One exact zero (exponent 0) below Gaussian weights: with bf16's two folded bits the present symbols span
+    # ~500 values, so the table maps ranks to symbols. Lengths with a partial last row (the scalar tail) included.
+    g = torch.Generator().manual_seed(n)
+    x = (torch.randn(n, generator=g) * 0.02).to(dtype)
+    x[n // 3] = 0.0
+    x[-1] = -0.0
+    c = compress(x, backend="cpu")
+    assert c.mode == MODE_RANS and c.table is not None
+    tables = c.decoder_tables(CPU_BACKEND)
+    assert tables.dtype == torch.int32
+    wide = c.table.symbols[-1] - c.table.symbols[0] >= cpu_decode.MAP_SIZE
+    assert int(tables[-1]) == (cpu_decode.MODE_MAP if wide else 0)
+    if dtype == torch.bfloat16 and n == 100_003:  # folded (smaller tensors may not fold: a narrower span)
+        assert wide
+    vector, scalar = _decode_both(c, c.streams)  # type: ignore[arg-type]
+    want = x.view(c.spec.int_dtype)
+    assert isinstance(vector, torch.Tensor) and isinstance(scalar, torch.Tensor)
+    assert torch.equal(vector.view(c.spec.int_dtype), want) and torch.equal(scalar.view(c.spec.int_dtype), want)
+
+
+def test_more_than_256_symbols_use_the_scalar_decoder() -> None:
+    # 120 exponents, each with all four top-mantissa patterns in skewed proportions: folding pays and leaves 480
+    # present symbols, more than the 32-bit entries can name.
+    g = torch.Generator().manual_seed(3)
+    n = 200_000
+    exps = torch.randint(60, 180, (n,), generator=g)
+    top = torch.multinomial(torch.tensor([0.7, 0.2, 0.07, 0.03]), n, replacement=True, generator=g)
+    low = torch.randint(0, 32, (n,), generator=g)
+    bits = ((exps << 7) | (top << 5) | low).to(torch.int16)
+    x = bits.view(torch.bfloat16)
+    c = compress(x, backend="cpu", prob_bits=12)
+    assert c.mode == MODE_RANS and c.table is not None and len(c.table.symbols) > cpu_decode.MAP_SIZE
+    assert c.decoder_tables(CPU_BACKEND).dtype == torch.int64
+    assert torch.equal(c.decompress().view(torch.int16), bits)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from nz_lightning.kernels import reference
-from nz_lightning.kernels.cpu_decode import VECTOR_MAX_PROB_BITS, table32
+from nz_lightning.kernels.cpu_decode_table import MAP_SIZE, MODE_BASE, MODE_MAP, VECTOR_MAX_PROB_BITS, table32
 from nz_lightning.kernels.cpu_pack import pack_sm16, pack_sm32
 from nz_lightning.kernels.freqtable import quantize_counts
 
@@ -44,19 +44,28 @@ def test_pack_sm32_matches_reference_packing() -> None:
 @settings(max_examples=60, deadline=None)
 @given(
     pb=st.integers(8, VECTOR_MAX_PROB_BITS),
-    lo=st.integers(0, 700),
+    lo=st.integers(0, 500),
+    stride=st.sampled_from([1, 2]),
     picks=st.lists(st.tuples(st.integers(0, 255), st.integers(1, 10**6)), min_size=1, max_size=200),
 )
-def test_table32_entries(pb: int, lo: int, picks: list[tuple[int, int]]) -> None:
+def test_table32_entries(pb: int, lo: int, stride: int, picks: list[tuple[int, int]]) -> None:
+    # stride 2 spreads the symbols over up to 511 values: the map mode (ranks in the entries)
     counts = np.zeros(1024, dtype=np.int64)
     for off, c in picks[: 1 << pb]:
-        counts[lo + off] = c
+        counts[lo + stride * off] = c
     table = quantize_counts(counts, pb)
     got = table32(table, 1024)
-    assert got.dtype == np.uint32 and got.size == (1 << pb) + 1
+    nslots = 1 << pb
+    assert got.dtype == np.uint32 and got.size == nslots + MAP_SIZE + 1
     base = table.symbols[0]
-    want, slot = [], 0
-    for s, f in zip(table.symbols, table.freqs, strict=True):
-        want += [(f - 1) << 20 | b << 8 | (s - base) for b in range(f)]
-        slot += f
-    assert got[:-1].tolist() == want and int(got[-1]) == base
+    mapped = table.symbols[-1] - base >= MAP_SIZE
+    want = []
+    for rank, (s, f) in enumerate(zip(table.symbols, table.freqs, strict=True)):
+        want += [(f - 1) << 20 | b << 8 | (rank if mapped else s - base) for b in range(f)]
+    assert got[:nslots].tolist() == want
+    assert int(got[-1]) == (MODE_MAP if mapped else MODE_BASE)
+    symbol_map = got[nslots : nslots + MAP_SIZE].tolist()
+    if mapped:
+        assert symbol_map[: len(table.symbols)] == list(table.symbols)
+    else:
+        assert symbol_map == [base + r for r in range(MAP_SIZE)]
