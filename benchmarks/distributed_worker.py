@@ -264,7 +264,7 @@ def prime_codec(path: Path = TRAINED) -> None:
     """Encode and decode one full-size trained weight (up_proj of the wide model) at several table sizes.
 
     Large trained weights take codec paths the tiny warm-up model never does (e.g. the scalar decoder, for tables
-    of more than 2^12 slots or whose symbols span 256 values or more). numba compiles each on first use and caches
+    of more than 2^12 slots or more than 256 present symbols). numba compiles each on first use and caches
     it on disk; compiled inside a measured process, LLVM's memory inflated that process's peak by 20-45 MiB. Run
     once, in its own process, before the measured jobs (``python -m benchmarks.distributed_worker --prime``), it
     leaves every later job loading machine code from the cache.

@@ -16,7 +16,7 @@ import numba
 import numpy as np
 import torch
 
-from .cpu_decode import PACKED_WIDTHS, table32, vector_table_ok
+from .cpu_decode import MAP_SIZE, PACKED_WIDTHS, table32, vector_table_ok
 from .cpu_decode import decode_lanes as decode_lanes_vector
 from .cpu_encode import VECTOR_MIN_PROB_BITS
 from .cpu_encode import encode_lanes as encode_lanes_vector
@@ -236,9 +236,9 @@ def _decode_lanes(
 
 
 def decode_tables(table: FreqTable, spec: FloatSpec, device: torch.device) -> torch.Tensor:
-    """Per-slot decoder entries. For ``prob_bits <= 12`` and symbols spanning < 256 values: 32-bit entries of the
-    vectorized decoder (int32, :func:`kernels.cpu_decode.table32`). Otherwise 64-bit entries of the scalar decoder
-    (int64)::
+    """Per-slot decoder entries. For ``prob_bits <= 12`` and at most 256 present symbols: 32-bit entries of the
+    vectorized decoder and its symbol map (int32, :func:`kernels.cpu_decode.table32`). Otherwise 64-bit entries of
+    the scalar decoder (int64)::
 
         freq << 48 | (symbol << man_bits) << 16 | (slot - cum)
 
@@ -295,6 +295,8 @@ def decode(
     code = spec.code if fields and fused_merge else 0
     torch_threads = torch.get_num_threads()
     if vector:
+        if tables.numel() != (1 << prob_bits) + MAP_SIZE + 1:
+            raise ValueError(f"decoder table of {tables.numel()} entries does not match prob_bits {prob_bits}")
         bad = decode_lanes_vector(*args, tables.numpy().view(np.uint32), prob_bits, k, code, spec.man_bits)
     else:
         bad = _decode_lanes(*args, tables.numpy().view(np.uint64), prob_bits, k, code)

@@ -34,12 +34,21 @@ def table32(table: FreqTable, alphabet: int) -> np.ndarray:
     ``alphabet`` is not needed by the layout; it is kept for the callers' signature.
 
     Raises:
-        ValueError: The table does not fit (see :func:`vector_table_ok`).
+        ValueError: The table does not fit (see :func:`vector_table_ok`) or is malformed.
     """
     if not vector_table_ok(table):
         raise ValueError(
             f"32-bit decoder entries need prob_bits <= {VECTOR_MAX_PROB_BITS} and at most {MAP_SIZE} symbols"
         )
+    # _fill writes without bounds checks: the table must be well formed (blobs' tables are checked when read)
+    if (
+        sum(table.freqs) != 1 << table.prob_bits
+        or min(table.freqs) < 1
+        or any(a >= b for a, b in zip(table.symbols, table.symbols[1:], strict=False))
+        or table.symbols[0] < 0
+        or len(table.freqs) != len(table.symbols)
+    ):
+        raise ValueError("invalid frequency table: frequencies >= 1 summing to 2^prob_bits, symbols ascending")
     symbols = np.asarray(table.symbols, dtype=np.int64)
     freqs = np.asarray(table.freqs, dtype=np.int64)
     out: np.ndarray = _fill(symbols, freqs, table.prob_bits)  # rebuilt per decode of small tensors: jitted

@@ -60,6 +60,7 @@ _group: Any = intrinsic(_group_intrinsic)
 @numba.njit(nogil=True, cache=True, boundscheck=False)
 def pack_sm16(bits: np.ndarray, man_bits: int, width: int) -> np.ndarray:  # pragma: no cover - jitted
     """Pack 16-bit floats' sign+mantissa fields (``width = man_bits + 1``) LSB-first."""
+    bits = np.ascontiguousarray(bits)  # the vector loads read consecutive elements
     n = bits.size
     nbytes = (n * width + 7) // 8
     mmask = (1 << man_bits) - 1
@@ -70,7 +71,7 @@ def pack_sm16(bits: np.ndarray, man_bits: int, width: int) -> np.ndarray:  # pra
             out[i] = np.uint8(((b32 >> 15) << man_bits) | (b32 & mmask))
         return out
     u = np.uint64
-    if width < 8:  # folded bf16 (6- or 7-bit fields): 8 fields fill `width` whole bytes
+    if 6 <= width < 8:  # folded bf16: 8 fields fill `width` whole bytes (an 8-byte store overruns < 2 groups)
         out = np.zeros(nbytes, dtype=np.uint8)
         uw, um, umask = u(width), u(man_bits), u(mmask)
         groups = n // 8

@@ -150,7 +150,7 @@ def test_torch_and_triton_share_the_reference_tables() -> None:
         assert torch.equal(backend.decode_tables(table, spec, CPU), want)
     cpu = get_backend("cpu", CPU)
     assert type(cpu).decode_tables is not CodecBackend.decode_tables  # its own per-slot entries
-    assert cpu.decode_tables(table, spec, CPU).numel() == (1 << 12) + 256 + 1  # entries, then the symbol base
+    assert cpu.decode_tables(table, spec, CPU).numel() == (1 << 12) + 256 + 1  # entries, the symbol map, the mode
 
 
 def test_decoder_tables_are_cached_per_backend_name(monkeypatch: pytest.MonkeyPatch) -> None:

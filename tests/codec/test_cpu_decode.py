@@ -11,8 +11,9 @@ from hypothesis import strategies as st
 from nz_lightning.kernels import cpu, cpu_decode
 from nz_lightning.kernels.backends import get_backend
 from nz_lightning.kernels.compressed import MODE_RANS, compress
+from nz_lightning.kernels.freqtable import quantize_counts
 from nz_lightning.kernels.layout import DEFAULT_STEPS_PER_LANE, MIN_PROB_BITS, effective_steps
-from nz_lightning.kernels.spec import FloatSpec
+from nz_lightning.kernels.spec import FloatSpec, folded, spec_for
 from nz_lightning.kernels.streams import Streams
 from tests.helpers.generators import DTYPES, float_tensors
 
@@ -84,6 +85,29 @@ def test_wide_symbol_span_decodes_with_the_symbol_map(dtype: torch.dtype, n: int
     want = x.view(c.spec.int_dtype)
     assert isinstance(vector, torch.Tensor) and isinstance(scalar, torch.Tensor)
     assert torch.equal(vector.view(c.spec.int_dtype), want) and torch.equal(scalar.view(c.spec.int_dtype), want)
+
+
+@pytest.mark.parametrize("n", [256 * 40 + 5, 33 * 64])
+def test_symbol_map_with_256_symbols_over_1024_values(n: int) -> None:
+    # Exactly 256 present symbols spread over the whole 10-bit folded alphabet: ranks up to 255, in the vector rows
+    # and in the scalar tail of a partial last row (n not a multiple of 32), each decoded back to its symbol.
+    spec = folded(spec_for(torch.bfloat16), 2)
+    symbols = torch.arange(256) * 4 + 1
+    sym = symbols[torch.randint(0, 256, (n,), generator=torch.Generator().manual_seed(n))]
+    sym[:256] = symbols  # every symbol present
+    fields = torch.randint(0, 1 << spec.sm_bits, (n,), generator=torch.Generator().manual_seed(1))
+    bits = ((fields >> (spec.sm_bits - 1)) << 15) | (sym << spec.man_bits) | (fields & ((1 << spec.man_bits) - 1))
+    x = bits.to(torch.int16).view(torch.bfloat16)
+    table = quantize_counts(cpu.exponent_histogram(x, spec).tolist(), 12)
+    assert len(table.symbols) == 256 and table.symbols[-1] - table.symbols[0] >= cpu_decode.MAP_SIZE
+    streams = cpu.encode(x, spec, table, 64)
+    tables = cpu.decode_tables(table, spec, torch.device("cpu"))
+    assert tables.dtype == torch.int32 and int(tables[-1]) == cpu_decode.MODE_MAP
+    out = torch.empty_like(x)
+    cpu.decode(streams, spec, tables, 12, 64, out.view(-1))
+    assert torch.equal(out.view(torch.int16), x.view(torch.int16))
+    with pytest.raises(ValueError, match="does not match prob_bits"):
+        cpu.decode(streams, spec, tables, 11, 64, out.view(-1))
 
 
 def test_more_than_256_symbols_use_the_scalar_decoder() -> None:

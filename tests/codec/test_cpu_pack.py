@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -10,7 +11,7 @@ from hypothesis import strategies as st
 from nz_lightning.kernels import reference
 from nz_lightning.kernels.cpu_decode_table import MAP_SIZE, MODE_BASE, MODE_MAP, VECTOR_MAX_PROB_BITS, table32
 from nz_lightning.kernels.cpu_pack import pack_sm16, pack_sm32
-from nz_lightning.kernels.freqtable import quantize_counts
+from nz_lightning.kernels.freqtable import FreqTable, quantize_counts
 
 
 def _fields(bits: np.ndarray, man_bits: int, total_bits: int) -> torch.Tensor:
@@ -69,3 +70,24 @@ def test_table32_entries(pb: int, lo: int, stride: int, picks: list[tuple[int, i
         assert symbol_map[: len(table.symbols)] == list(table.symbols)
     else:
         assert symbol_map == [base + r for r in range(MAP_SIZE)]
+
+
+def test_pack_sm16_reads_strided_input_as_its_values() -> None:
+    bits = np.random.default_rng(5).integers(0, 1 << 16, size=2_001, dtype=np.uint16)
+    for width in (6, 7):
+        want = reference.pack_bits(_fields(bits[::2].copy(), width - 1, 16), width).numpy()
+        assert pack_sm16(bits[::2], width - 1, width).tobytes() == want.tobytes()
+
+
+@pytest.mark.parametrize(
+    "table",
+    [
+        FreqTable(12, (3, 9), (1000, 1000)),  # frequencies sum below 2^12
+        FreqTable(12, (3, 9), (4095, 2)),  # above: would write past the entries
+        FreqTable(12, (9, 3), (2048, 2048)),  # symbols not ascending
+        FreqTable(12, (3, 9), (4096, 0)),  # a zero frequency
+    ],
+)
+def test_table32_rejects_malformed_tables(table: FreqTable) -> None:
+    with pytest.raises(ValueError, match="invalid frequency table"):
+        table32(table, 1024)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -61,3 +62,22 @@ def test_folds_that_do_not_fit_are_skipped() -> None:
     widest = np.ones(1024, dtype=np.int64)  # 1024 folded symbols cannot fit a 2^8 table; 256 exponents can
     size, fold, table = choose_fold(fold_histograms(widest, 2), spec_for(torch.bfloat16), 1024, 8)
     assert fold == 0 and len(table.symbols) == 256
+
+
+def test_folds_that_cannot_win_are_not_quantized(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Gaussian-like bf16 weights: folding two bits wins by far, so only the chosen fold's table is built.
+    from nz_lightning.kernels import encode_plan
+
+    calls: list[int] = []
+    real = encode_plan.quantize_counts
+
+    def counting(counts: np.ndarray, prob_bits: int) -> FreqTable:
+        calls.append(len(counts))
+        return real(counts, prob_bits)
+
+    monkeypatch.setattr(encode_plan, "quantize_counts", counting)
+    x = (torch.randn(200_000, generator=torch.Generator().manual_seed(0)) * 0.02).to(torch.bfloat16)
+    ints = x.view(torch.int16).to(torch.int64) & 0xFFFF
+    widest = torch.bincount((ints >> 5) & 1023, minlength=1024).numpy()
+    _, fold, _ = choose_fold(fold_histograms(widest, 2), spec_for(torch.bfloat16), x.numel(), 12)
+    assert fold == 2 and calls == [1024]
