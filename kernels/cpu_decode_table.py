@@ -40,23 +40,20 @@ def table32(table: FreqTable, alphabet: int) -> np.ndarray:
         raise ValueError(
             f"32-bit decoder entries need prob_bits <= {VECTOR_MAX_PROB_BITS} and at most {MAP_SIZE} symbols"
         )
-    # _fill writes without bounds checks: the table must be well formed (blobs' tables are checked when read)
-    if (
-        sum(table.freqs) != 1 << table.prob_bits
-        or min(table.freqs) < 1
-        or any(a >= b for a, b in zip(table.symbols, table.symbols[1:], strict=False))
-        or table.symbols[0] < 0
-        or len(table.freqs) != len(table.symbols)
-    ):
-        raise ValueError("invalid frequency table: frequencies >= 1 summing to 2^prob_bits, symbols ascending")
+    if len(table.freqs) != len(table.symbols) or not table.symbols:
+        raise ValueError("invalid frequency table: one frequency per symbol, at least one symbol")
     symbols = np.asarray(table.symbols, dtype=np.int64)
     freqs = np.asarray(table.freqs, dtype=np.int64)
     out: np.ndarray = _fill(symbols, freqs, table.prob_bits)  # rebuilt per decode of small tensors: jitted
+    if out.size == 0:  # _fill checks the table as it goes (no Python loop per decode)
+        raise ValueError("invalid frequency table: frequencies >= 1 summing to 2^prob_bits, symbols ascending")
     return out
 
 
 @numba.njit(nogil=True, cache=True, boundscheck=False)
 def _fill(symbols: np.ndarray, freqs: np.ndarray, prob_bits: int) -> np.ndarray:  # pragma: no cover - jitted
+    """The table, or an empty array if the frequencies are not all >= 1 summing to ``2^prob_bits`` or the symbols
+    are not ascending from 0 or more (checked before each write: the writes are unchecked)."""
     total = 1 << prob_bits
     out = np.empty(total + MAP_SIZE + 1, dtype=np.uint32)
     base = symbols[0]
@@ -65,10 +62,14 @@ def _fill(symbols: np.ndarray, freqs: np.ndarray, prob_bits: int) -> np.ndarray:
     slot = 0
     for i in range(nsym):
         f = freqs[i]
+        if f < 1 or slot + f > total or (symbols[i] <= symbols[i - 1] if i else symbols[0] < 0):
+            return np.empty(0, dtype=np.uint32)
         high = ((f - 1) << 20) | (i if mapped else symbols[i] - base)
         for b in range(f):
             out[slot + b] = np.uint32(high | (b << 8))
         slot += f
+    if slot != total:
+        return np.empty(0, dtype=np.uint32)
     for r in range(MAP_SIZE):
         if mapped:
             out[total + r] = np.uint32(symbols[min(r, nsym - 1)])
