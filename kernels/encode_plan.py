@@ -58,13 +58,13 @@ def choose_fold(
         if present > 1 << prob_bits:
             continue
         raw_fields = n * folded(spec, bits).sm_bits / 8
-        candidates.append((_entropy_bytes(counts) + present + 3 + raw_fields, bits, counts))
+        candidates.append((_entropy_bytes(counts) + present + 3 + raw_fields, bits, counts, raw_fields))
     best: tuple[float, int, FreqTable] | None = None
-    for low, bits, counts in sorted(candidates, key=lambda c: (c[0], c[1])):
+    for low, bits, counts, raw_fields in sorted(candidates, key=lambda c: (c[0], c[1])):
         if best is not None and low * (1 - 1e-9) > best[0]:
             break  # this fold and every later one (larger bounds) cost more than the best
         table = quantize_counts(counts, prob_bits)
-        size = blob_table.table_nbytes(table) + table.cost_bits(counts) / 8 + n * folded(spec, bits).sm_bits / 8
+        size = blob_table.table_nbytes(table) + table.cost_bits(counts) / 8 + raw_fields
         if best is None or (size, bits) < (best[0], best[1]):
             best = (size, bits, table)
     assert best is not None
