@@ -6,17 +6,32 @@ This folder installs as ``nz_lightning.kernels`` (never as a top-level ``kernels
 
 Run from the repository root, this folder is also importable by its own name, ``kernels``, which belongs to Hugging
 Face's hub-kernels package (transformers >= 5.25 depends on it and imports it). Imported under that name, this file
-loads the installed ``kernels`` package in its place (or fails as if there were none), so the folder never shadows it.
+loads the installed ``kernels`` package in its place, so the folder never shadows it. Where none is installed it
+becomes an inert module: no ``__file__``, no version, no submodules, and every attribute access raises an
+``AttributeError`` that names ``nz_lightning.kernels``. It cannot simply fail to import: transformers (5.17 to at
+least 5.25) finds the folder with ``importlib.util.find_spec("kernels")``, finds no ``kernels`` distribution, imports
+it to read a version, and would crash on an ``ImportError``; a module without ``__file__`` or ``__version__`` is what
+it takes for "not installed".
 """
 
 import sys
 
+_NOT_THE_PACKAGE = (
+    "the repository's kernels/ folder is the NeuZip codec (import it as nz_lightning.kernels), and no other 'kernels' "
+    "package is installed"
+)
 
-def _load_installed_kernels() -> None:
+
+def _not_installed(name: str) -> None:
+    """Module ``__getattr__`` of the inert ``kernels`` module: no attribute exists."""
+    raise AttributeError(f"module 'kernels' has no attribute {name!r}: {_NOT_THE_PACKAGE}", name=name)
+
+
+def _load_installed_kernels() -> bool:
     """Put the installed top-level ``kernels`` package (not this folder) in ``sys.modules["kernels"]``.
 
-    Raises:
-        ModuleNotFoundError: No other ``kernels`` package is installed.
+    Returns:
+        Whether another ``kernels`` package is installed (if not, nothing is done).
     """
     import importlib.machinery
     import importlib.util
@@ -26,17 +41,18 @@ def _load_installed_kernels() -> None:
     path = [p for p in sys.path if os.path.abspath(p or os.curdir) != root]
     spec = importlib.machinery.PathFinder.find_spec("kernels", path)
     if spec is None or spec.loader is None:
-        raise ModuleNotFoundError(
-            "No module named 'kernels' (the repository's kernels/ folder is the NeuZip codec, nz_lightning.kernels)",
-            name="kernels",
-        )
+        return False
     module = importlib.util.module_from_spec(spec)
     sys.modules["kernels"] = module  # what the import statement returns once this file has run
     spec.loader.exec_module(module)
+    return True
 
 
 if __name__ == "kernels":  # this folder imported by its own name: the name is another package's
-    _load_installed_kernels()
+    if not _load_installed_kernels():  # none installed: stay an inert module that reads as "not installed"
+        __file__ = None  # type: ignore[assignment]
+        __path__ = []  # no submodules: ``import kernels.cpu`` fails instead of loading the codec twice
+        __getattr__ = _not_installed
 else:
     from .async_encode import PendingCompress, compress_async
     from .backends import BACKENDS

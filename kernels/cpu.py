@@ -183,8 +183,8 @@ def _decode_lanes(
     pb = u(pb_)
     slot_mask = (u(1) << pb) - u(1)
     lim = u(words.size - 1)
-    bad = 0
-    for g in numba.prange(nseg):
+    bad = np.zeros(nseg, dtype=np.uint8)  # per segment, not a `+=` reduction: numba's parfor pass fails on that
+    for g in numba.prange(nseg):  # under Python 3.12 ("unexpected cycle in lookup()")
         base = g * seg
         rest = min(seg, n - base)
         x = np.empty(_W, dtype=np.uint64)
@@ -231,8 +231,8 @@ def _decode_lanes(
         for j in range(_W):
             if x[j] != u(_L) or p[j] != u(offsets[g * _W + j + 1]):
                 err = 1
-        bad += err
-    return bad
+        bad[g] = err
+    return int(bad.sum())
 
 
 def decode_tables(table: FreqTable, spec: FloatSpec, device: torch.device) -> torch.Tensor:

@@ -285,8 +285,8 @@ def decode_lanes(
     n = out.size
     seg = _W * k
     nseg = (n + seg - 1) // seg
-    bad = 0
-    for g in numba.prange(nseg):
+    bad = np.zeros(nseg, dtype=np.uint8)  # per segment, not a `+=` reduction: numba's parfor pass fails on that
+    for g in numba.prange(nseg):  # under Python 3.12 ("unexpected cycle in lookup()")
         base = g * seg
         rest = min(seg, n - base)
         full = rest // _W
@@ -361,8 +361,8 @@ def decode_lanes(
         for j in range(_W):
             if xs[j] != np.uint32(STATE_LOWER) or start + np.int64(rel[j]) != offsets[g * _W + j + 1]:
                 err = 1
-        bad += err
-    return bad
+        bad[g] = err
+    return int(bad.sum())
 
 
 __all__ = [

@@ -424,15 +424,12 @@ def test_kernels_stub_matches_all() -> None:
 
 def test_repo_kernels_folder_never_shadows_the_kernels_package() -> None:
     """From the repository root ``import kernels`` finds this codec's folder first; it must hand over the installed
-    ``kernels`` package (Hugging Face's, which transformers imports) or fail as if there were none, and the codec
-    must still import as ``nz_lightning.kernels`` in the same process."""
+    ``kernels`` package (Hugging Face's, which transformers imports) or read as not installed (no ``__file__``), and
+    the codec must still import as ``nz_lightning.kernels`` in the same process."""
     code = (
         "import json, sys\n"
-        "try:\n"
-        "    import kernels\n"
-        "    got = kernels.__file__\n"
-        "except ModuleNotFoundError as e:\n"
-        "    got = 'missing: ' + str(e)\n"
+        "import kernels\n"
+        "got = kernels.__file__ or 'missing'\n"
         "import nz_lightning.kernels as codec\n"
         "print(json.dumps([got, codec.__file__, callable(codec.compress), sys.path[0]]))\n"
     )
@@ -449,4 +446,65 @@ def test_repo_kernels_folder_never_shadows_the_kernels_package() -> None:
     if installed:
         assert not got.startswith("missing") and Path(got).resolve().parent != (ROOT / "kernels").resolve(), got
     else:
-        assert got.startswith("missing") and "nz_lightning.kernels" in got, got
+        assert got == "missing", got
+
+
+HIDE_INSTALLED_KERNELS = """
+import importlib.machinery, importlib.metadata, os, sys
+ROOT = os.getcwd()
+_find = importlib.machinery.PathFinder.find_spec.__func__
+_version = importlib.metadata.version
+
+
+def find_spec(cls, name, path=None, target=None):
+    if name == "kernels":  # as if Hugging Face's package were not installed: only the repository root has one
+        path = [p for p in (sys.path if path is None else path) if os.path.abspath(p or os.curdir) == ROOT]
+    return _find(cls, name, path, target)
+
+
+def version(name):
+    if name == "kernels":
+        raise importlib.metadata.PackageNotFoundError(name)
+    return _version(name)
+
+
+importlib.machinery.PathFinder.find_spec = classmethod(find_spec)
+importlib.metadata.version = version
+"""
+
+
+def test_repo_kernels_folder_reads_as_not_installed_without_the_kernels_package() -> None:
+    """With no other ``kernels`` package, the folder imported by its own name is an inert module that libraries
+    probing for Hugging Face's package take as absent: transformers (5.17-5.25) imports a ``kernels`` it finds but has
+    no distribution for, and crashed on the ImportError this module used to raise; it needs no ``__file__`` and no
+    ``__version__``. Nothing of the codec is reachable under that name, and ``nz_lightning.kernels`` still works."""
+    code = HIDE_INSTALLED_KERNELS + (
+        "import importlib, importlib.util, json\n"
+        "found = importlib.util.find_spec('kernels') is not None\n"  # the folder: what transformers finds first
+        "mod = importlib.import_module('kernels')\n"
+        "probe = [getattr(mod, '__version__', 'N/A'), getattr(mod, '__file__', None)]\n"
+        "try:\n"
+        "    mod.compress\n"
+        "    attr = 'reachable'\n"
+        "except AttributeError as e:\n"
+        "    attr = str(e)\n"
+        "try:\n"
+        "    import kernels.backends\n"
+        "    sub = 'reachable'\n"
+        "except ModuleNotFoundError as e:\n"
+        "    sub = str(e)\n"
+        "from transformers.utils import import_utils\n"
+        "check = getattr(import_utils, '_is_package_available', None)\n"
+        "hf = list(check('kernels', return_version=True)) if check else None\n"
+        "from transformers import LlamaConfig, LlamaForCausalLM\n"  # imports transformers' hub-kernels integration
+        "import nz_lightning.kernels as codec\n"
+        "print(json.dumps([found, probe, attr, sub, hf, codec.__file__, callable(codec.compress)]))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    found, probe, attr, sub, hf, codec_file, ok = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert found and probe == ["N/A", None], probe
+    assert attr.startswith("module 'kernels' has no attribute 'compress'") and "nz_lightning.kernels" in attr, attr
+    assert sub == "No module named 'kernels.backends'", sub
+    assert hf in (None, [False, "N/A"]), hf
+    assert Path(codec_file).resolve() == (ROOT / "kernels" / "__init__.py").resolve() and ok
