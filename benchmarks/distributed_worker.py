@@ -46,6 +46,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script 
 
 from benchmarks.common import reset_peak_rss, rss_kib  # noqa: E402
 from benchmarks.cpu_matmul import Bf16MatmulInFp32  # noqa: E402
+from nz_lightning.distributed.collectives import ALL_GATHER_NAME, REDUCE_SCATTER_NAME  # noqa: E402
 
 METHODS = ("dp-lomo", "dp-neuzip", "fsdp-dense", "fsdp-nz-dgather", "fsdp-nz-cgather", "fsdp-nz-xgather")
 DEFAULT_METHODS = METHODS[:5]
@@ -105,13 +106,14 @@ def build(method: str, dims: dict[str, int], weights: WeightFn) -> torch.nn.Modu
 
 class WireCounter:
     """Counts the bytes of every FSDP2 all-gather (output) and reduce-scatter (input) by wrapping the
-    ``torch.distributed`` functions FSDP2 calls (``all_gather_single`` / ``reduce_scatter_single``): all parameters,
-    norm vectors included, whatever their format."""
+    ``torch.distributed`` functions FSDP2 calls (``all_gather_single`` / ``reduce_scatter_single``, or in torch
+    before 2.13 ``all_gather_into_tensor`` / ``reduce_scatter_tensor``): all parameters, norm vectors included,
+    whatever their format."""
 
     def __init__(self) -> None:
         self.all_gather_bytes = 0
         self.reduce_scatter_bytes = 0
-        self._orig = (dist.all_gather_single, dist.reduce_scatter_single)
+        self._orig = (getattr(dist, ALL_GATHER_NAME), getattr(dist, REDUCE_SCATTER_NAME))
 
     def install(self) -> None:
         """Start counting."""
@@ -125,8 +127,8 @@ class WireCounter:
             self.reduce_scatter_bytes += input.numel() * input.element_size()
             return scatter(output, input, *args, **kwargs)
 
-        dist.all_gather_single = counted_gather  # type: ignore[assignment]
-        dist.reduce_scatter_single = counted_scatter
+        setattr(dist, ALL_GATHER_NAME, counted_gather)
+        setattr(dist, REDUCE_SCATTER_NAME, counted_scatter)
 
     def reset(self) -> None:
         """Zero the counters."""

@@ -298,7 +298,8 @@ def _compile_batch(items: Sequence[tuple[KernelSpec, int]], cache_dir: Path | No
     from triton.compiler import ASTSource
 
     module, source_hash = _kernels()
-    fusion = bool(knobs.language.default_fp_fusion and not knobs.language.force_disable_fp_fusion)
+    # force_disable_fp_fusion is newer than Triton 3.6 (the GPU machines' version): absent means not forced
+    fusion = bool(knobs.language.default_fp_fusion and not getattr(knobs.language, "force_disable_fp_fusion", False))
     out = []
     with tempfile.TemporaryDirectory(prefix="nz-triton-") as tmp, knobs.cache.scope():
         knobs.cache.dir = tmp  # Triton's own cache: ~0.1 MB per kernel, not worth keeping

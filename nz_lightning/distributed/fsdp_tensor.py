@@ -26,6 +26,7 @@ import torch.distributed as dist
 from torch import Tensor
 from torch.utils._pytree import tree_map
 
+from nz_lightning.distributed.collectives import all_gather_flat
 from nz_lightning.distributed.fsdp_payload import memory_alias, pack_payload, payload_overflowed, unpack_payload
 from nz_lightning.distributed.fsdp_payload_device import unpack_payloads_in_place
 from nz_lightning.distributed.fsdp_payload_pack import HeadExchange, pack_payload_on_device
@@ -230,7 +231,7 @@ class NZShard(NZParameter):
                 spec.stats.overflows += 1
                 local = self.store.read().reshape(-1)
                 spec.stats.all_gather_bytes += local.numel() * local.element_size() * world
-                dist.all_gather_single(dense.view(-1), local, group=group)
+                all_gather_flat(dense.view(-1), local, group=group)
         if gathered.untyped_storage().size() > 0:  # the payloads are decoded: FSDP re-allocates them per gather
             gathered.untyped_storage().resize_(0)
         return (target, (target,)) if out is None else None

@@ -132,7 +132,8 @@ def _forward_fits(model: nn.Module, head_name: str) -> bool:
         lines = inspect.getsource(type(model).forward).splitlines()
     except (OSError, TypeError):
         return False
-    call = re.compile(rf"^\s*(\w+)\s*=\s*self\.{re.escape(head_name)}\((\w+)\)\s*$")
+    # the head applied to a name, or to a subscript of it (transformers <= 5.17: ``hidden_states[:, slice_indices, :]``)
+    call = re.compile(rf"^\s*(\w+)\s*=\s*self\.{re.escape(head_name)}\((\w+)(\[[^\]()]*\])?\)\s*$")
     for i, line in enumerate(lines):
         match = call.match(line)
         if match is None:

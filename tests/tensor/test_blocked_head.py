@@ -13,7 +13,7 @@ from transformers.loss.loss_utils import ForCausalLMLoss
 import nz_lightning.tensor.workspace as workspace
 from nz_lightning.optim import causal_lm_loss, fused_optimizer, linear_ce, linear_cross_entropy
 from nz_lightning.optim.blocked_embedding import BlockedEmbedding
-from nz_lightning.optim.blocked_head import BlockedHead, DeferredLogits
+from nz_lightning.optim.blocked_head import BlockedHead, DeferredLogits, _forward_fits
 from nz_lightning.tensor.convert import compress_model
 from nz_lightning.tensor.parameter import make_parameter
 from tests.helpers.models import RULE_LR, assert_same_state, batches, build, llama, loss_of, train
@@ -108,6 +108,41 @@ def test_bad_input_errors() -> None:
         linear_cross_entropy(hidden, weight, targets, label_smoothing=1.0)
     with pytest.raises(RuntimeError, match="out of bounds"):
         linear_cross_entropy(hidden, weight, targets.clamp(min=0) + 100)
+
+
+class _SlicedHead(nn.Module):  # transformers 5.17's LlamaForCausalLM.forward, reduced to its head and loss
+    def forward(self, hidden_states: Any, labels: Any = None, logits_to_keep: int = 0) -> Any:
+        slice_indices = slice(-logits_to_keep, None)
+        logits = self.lm_head(hidden_states[:, slice_indices, :])
+
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=8)
+        return loss, logits
+
+
+class _PlainHead(nn.Module):  # transformers 5.25's form
+    def forward(self, hidden_states: Any, labels: Any = None) -> Any:
+        logits = self.lm_head(hidden_states)
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits, labels, vocab_size=8)
+        return loss, logits
+
+
+class _CappedHead(nn.Module):  # post-processes the logits: the blocked head must not be used
+    def forward(self, hidden_states: Any, labels: Any = None) -> Any:
+        logits = self.lm_head(hidden_states[:, -1:, :])
+        logits = torch.tanh(logits / 30.0) * 30.0
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=8)
+        return loss, logits
+
+
+@pytest.mark.parametrize(("cls", "fits"), [(_SlicedHead, True), (_PlainHead, True), (_CappedHead, False)])
+def test_forward_fits_reads_both_transformers_forms(cls: type[nn.Module], fits: bool) -> None:
+    assert _forward_fits(cls(), "lm_head") is fits
 
 
 # -- on Hugging Face models ------------------------------------------------------------------------------------
