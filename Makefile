@@ -58,13 +58,13 @@ gpu-check:
 # Python 3.12, torch 2.11 (CUDA build), Triton 3.6, transformers 5.17, Lightning 2.6.6 and no Hydra, and the GPU
 # check runs there on those, nothing installed. This builds a venv of those versions (a CUDA build of torch: about
 # 4 GB of downloads), runs gpu_check.py --dry-run from the checkout as the device would, then installs this package
-# (editable, no dependencies) and the test-only packages and runs the whole suite. numpy is 2.4.6 here, not the
-# image's 2.5.2: Triton 3.6's interpreter fails under numpy 2.5 (int() of a 1-element array), which only the CPU's
-# interpreted kernels meet.
+# (editable, no dependencies) and the test-only packages and runs the whole suite. numpy is 2.3.5 here, not the
+# image's 2.5.2: Triton 3.6's interpreter calls int() on 1-element arrays, an error from numpy 2.4 on, which only the
+# CPU's interpreted kernels meet (the device compiles them).
 DEVICE_PY ?= python3.12
 DEVICE_VENV := .venv-device
 DEVICE_STACK = torch==2.11.0 triton==3.6.0 transformers==5.17.0 lightning==2.6.6 pytorch-lightning==2.6.6 \
-	numpy==2.4.6 safetensors==0.8.0 torchmetrics==1.9.0 tokenizers==0.23.2 peft numba hypothesis pytest \
+	numpy==2.3.5 safetensors==0.8.0 torchmetrics==1.9.0 tokenizers==0.23.2 peft numba hypothesis pytest \
 	pytest-xdist pytest-timeout matplotlib rich
 .PHONY: device-stack
 device-stack:

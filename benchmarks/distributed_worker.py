@@ -100,7 +100,9 @@ def build(method: str, dims: dict[str, int], weights: WeightFn) -> torch.nn.Modu
     compressed = method in ("dp-neuzip", "fsdp-nz-dgather", "fsdp-nz-cgather", "fsdp-nz-xgather")
     compress_model(model, weights=weights, exclude=None if compressed else ["*"])
     _materialize_meta_buffers(model, config)
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    from nz_lightning.lm.checkpointing import enable_activation_checkpointing
+
+    enable_activation_checkpointing(model)
     return model.train()
 
 

@@ -27,7 +27,6 @@ import gc
 import statistics
 import sys
 import time
-import warnings
 import zlib
 from collections.abc import Callable
 from pathlib import Path
@@ -94,13 +93,9 @@ def build_llama(dims: dict[str, int], device: Any, compressed: bool, backend: st
     leftover = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.device.type == "meta"]
     if leftover:
         raise RuntimeError(f"tensors still on meta: {leftover[:5]}")
-    model.config.use_cache = False
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # transformers 5 renamed gradient_checkpointing_enable
-        if hasattr(model, "activation_checkpointing_enable"):
-            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-        else:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    from nz_lightning.lm.checkpointing import enable_activation_checkpointing
+
+    enable_activation_checkpointing(model)
     return model.train()
 
 

@@ -48,7 +48,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     model = build_compressed_from_meta(config, seed=0)
     setup_s = time.perf_counter() - t0
     setup_peak = rss_kib("VmHWM") * 1024
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    from nz_lightning.lm.checkpointing import enable_activation_checkpointing
+
+    enable_activation_checkpointing(model)
     sizes = weight_sizes(model)
     params = sizes.numel
     compressed = weight_sizes(model, include=[n for n, _ in nz.compressed_parameters(model)]).held_bytes

@@ -83,7 +83,9 @@ def _build(cfg: dict[str, Any], dims: dict[str, int]) -> torch.nn.Module:
     config = llama_config(**dims)
     model = build_compressed_from_meta(config) if cfg["method"].startswith("neuzip") else build_dense(config)
     if cfg["checkpointing"]:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        from nz_lightning.lm.checkpointing import enable_activation_checkpointing
+
+        enable_activation_checkpointing(model)
     return model
 
 

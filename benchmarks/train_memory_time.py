@@ -43,7 +43,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     steps = {}
     for name in CONFIGS:
         model = build_compressed_from_meta(config) if name.startswith("neuzip") else build_dense(config)
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        from nz_lightning.lm.checkpointing import enable_activation_checkpointing
+
+        enable_activation_checkpointing(model)
         opt = nz.fused_optimizer(model, "sgd", lr=1e-4, blocked_head=name.endswith("blocked"))
         steps[name] = (model, opt)
     gen = torch.Generator().manual_seed(0)

@@ -18,6 +18,7 @@ from torch import nn
 from torchmetrics import MeanMetric
 from torchmetrics.text import BLEUScore
 
+from nz_lightning.lm.checkpointing import enable_activation_checkpointing
 from nz_lightning.lm.data import IGNORE_INDEX
 from nz_lightning.lm.lora import apply_lora
 from nz_lightning.lm.optimizer_config import build_optimizer, build_scheduler
@@ -36,18 +37,6 @@ def hf_config(config: Mapping[str, Any]) -> Any:
     if model_type is None:
         raise ValueError("the model config needs a `model_type` (e.g. 'llama', 'gpt_neo', 't5')")
     return AutoConfig.for_model(model_type, **options)
-
-
-def enable_checkpointing(model: Any) -> None:
-    """Turn on non-reentrant activation checkpointing of an HF model (either transformers API generation)."""
-    config = getattr(model, "config", None)
-    if config is not None:
-        config.use_cache = False
-    kwargs = {"use_reentrant": False}
-    if hasattr(model, "activation_checkpointing_enable"):
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
-    else:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
 def _dtype(name: str | None) -> torch.dtype | None:
@@ -152,7 +141,7 @@ class _HFLMModule(pl.LightningModule):
         else:
             model = auto.from_config(config, **kwargs)
         if self.gradient_checkpointing:
-            enable_checkpointing(model)
+            enable_activation_checkpointing(model)
         if self.lora_config is not None:
             model = apply_lora(model, self.lora_config, self.peft_task)
         self.model = model

@@ -7,13 +7,13 @@ losses and state dicts must be equal (``torch.equal``), and every compressed wei
 
 from __future__ import annotations
 
-import warnings
 from typing import Any
 
 import pytest
 import torch
 
 from nz_lightning.kernels.backends import default_backend
+from nz_lightning.lm.checkpointing import enable_activation_checkpointing
 from nz_lightning.optim import fused_optimizer
 from nz_lightning.tensor.convert import compress_model
 from nz_lightning.tensor.parameter import is_compressed
@@ -29,10 +29,7 @@ def build_on_device(kind: str, compressed: bool = False, checkpointing: bool = F
 
     model = build(kind).to(DEVICE)
     if checkpointing:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # gradient_checkpointing_enable is a deprecated alias in transformers 5
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.config.use_cache = False
+        enable_activation_checkpointing(model)
     return compress_model(model) if compressed else model
 
 

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from nz_lightning.lm.checkpointing import enable_activation_checkpointing
 from nz_lightning.optim import AdaLomo, AdamW, fused_optimizer, stochastic_round_to_bf16
 from nz_lightning.tensor.convert import compress_model
 from nz_lightning.tensor.parameter import is_compressed
@@ -48,11 +49,8 @@ def test_compressed_training_bit_identical(kind: str, rule: str) -> None:
 @pytest.mark.parametrize("use_reentrant", [False, True])
 def test_gradient_checkpointing_bit_identical(use_reentrant: bool) -> None:
     models = [build("llama-tied-bf16"), build("llama-tied-bf16", compressed=True), build("llama-tied-bf16")]
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # gradient_checkpointing_enable is a deprecated alias in transformers 5
-        for model in models[:2]:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": use_reentrant})
-            model.config.use_cache = False
+    for model in models[:2]:
+        enable_activation_checkpointing(model, use_reentrant=use_reentrant)
     data = batches(3)
     losses = [train(m, fused_optimizer(m, "adamw", lr=1e-2, max_grad_norm=1.0), data) for m in models]
     assert losses[0] == losses[1] == losses[2]  # checkpointed (dense, compressed) == not checkpointed

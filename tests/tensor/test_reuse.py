@@ -7,6 +7,7 @@ from collections.abc import Iterator
 import pytest
 import torch
 
+from nz_lightning.lm.checkpointing import enable_activation_checkpointing
 from nz_lightning.optim import fused_optimizer
 from nz_lightning.tensor.convert import compress_model
 from nz_lightning.tensor.parameter import NZParameter, WeightStore
@@ -165,7 +166,7 @@ def _run_checkpointed(reuse: bool, capacity: int) -> tuple[list[float], torch.nn
     REUSE.capacity = capacity
     try:
         model = build("llama-bf16", compressed=True)
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_activation_checkpointing(model)
         model.train()
         opt = fused_optimizer(model, "sgd", lr=0.5)
         CODEC_STATS.reset()
